@@ -1,0 +1,1 @@
+"""imagegate's embedded REST front: transcodes OpenAI-shaped JSON to ImageService gRPC."""

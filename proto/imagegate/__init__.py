@@ -1,0 +1,1 @@
+"""imagegate: the generated gRPC contract (package imagegate.v1)."""

@@ -1,0 +1,1 @@
+"""Generated code for imagegate.v1; regenerate with `make proto`."""

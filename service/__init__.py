@@ -1,0 +1,1 @@
+"""imagegate's ImageService: domain core, stores, providers and the grpc.aio server."""

@@ -1,0 +1,80 @@
+"""The one domain error hierarchy; servicer/grpc_errors.py maps it to gRPC once."""
+
+from __future__ import annotations
+
+
+class ImagegateError(Exception):
+    """Base of every error the service reports to a caller on purpose."""
+
+    reason: str = "INTERNAL"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidParameter(ImagegateError):
+    """A parameter is missing or has a value the model does not accept."""
+
+    reason = "INVALID_PARAMETER"
+
+    def __init__(self, message: str, *, param: str, missing: bool = False) -> None:
+        super().__init__(message, param=param)
+        self.missing = missing
+
+
+class ModelNotSupported(ImagegateError):
+    reason = "MODEL_NOT_SUPPORTED"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="model")
+
+
+class ContentPolicy(ImagegateError):
+    """The upstream refused the prompt; never retried on another model."""
+
+    reason = "CONTENT_POLICY"
+
+
+class InvalidApiKey(ImagegateError):
+    reason = "INVALID_API_KEY"
+
+
+class ModelNotAllowed(ImagegateError):
+    reason = "MODEL_NOT_ALLOWED"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="model")
+
+
+class InsufficientBalance(ImagegateError):
+    reason = "INSUFFICIENT_BALANCE"
+
+
+class IdempotencyConflict(ImagegateError):
+    reason = "IDEMPOTENCY_CONFLICT"
+
+
+class RateLimited(ImagegateError):
+    reason = "RATE_LIMITED"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class UpstreamError(ImagegateError):
+    """The provider failed: 5xx, timeout, bad reply, unreachable, or refused our credentials."""
+
+    reason = "UPSTREAM_ERROR"
+
+
+class DeadlineExceeded(ImagegateError):
+    reason = "DEADLINE_EXCEEDED"
+
+
+class ImageNotFound(ImagegateError):
+    """Unknown image, bad signature or expired link: all look the same to the caller."""
+
+    reason = "IMAGE_NOT_FOUND"

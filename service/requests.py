@@ -1,0 +1,193 @@
+"""Generation requests: raw caller parameters, and their validation against the catalog."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.catalog import Catalog, ModelSpec
+from service.errors import InvalidParameter, ModelNotSupported
+
+RESPONSE_FORMATS = ("url", "b64_json")
+DEFAULT_OUTPUT_FORMAT = "png"
+# Formats that can carry an alpha channel (OpenAI: transparent needs png or webp).
+ALPHA_FORMATS = ("png", "webp")
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """What the caller sent, before any defaults; None or "" means not sent."""
+
+    prompt: str = ""
+    model: str = ""
+    n: int | None = None
+    size: str = ""
+    quality: str = ""
+    response_format: str = ""
+    style: str = ""
+    user: str = ""
+    background: str = ""
+    output_format: str = ""
+    output_compression: int | None = None
+    moderation: str = ""
+    stream: bool = False
+    partial_images: int | None = None
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """A validated request with every default applied: what a provider receives."""
+
+    model: ModelSpec
+    prompt: str
+    n: int
+    size: str
+    quality: str
+    response_format: str
+    output_format: str
+    style: str | None = None
+    background: str | None = None
+    output_compression: int | None = None
+    moderation: str | None = None
+    user: str = ""
+
+    @property
+    def width(self) -> int:
+        return int(self.size.split("x")[0])
+
+    @property
+    def height(self) -> int:
+        return int(self.size.split("x")[1])
+
+    @property
+    def unit_price(self) -> int:
+        price = self.model.unit_price(self.size, self.quality)
+        assert price is not None, "validate() refuses unpriced requests"
+        return price
+
+    @property
+    def quote(self) -> int:
+        return self.n * self.unit_price
+
+
+def validate(params: GenerationParams, catalog: Catalog, default_model: str) -> ImageRequest:
+    """Apply the model's rules and defaults; raise InvalidParameter naming the field."""
+    model = _model(params.model or default_model, catalog)
+    prompt = params.prompt
+    if not prompt.strip():
+        raise InvalidParameter(
+            "Missing required parameter: 'prompt'.", param="prompt", missing=True
+        )
+    if len(prompt) > model.prompt_max_chars:
+        raise InvalidParameter(
+            f"Invalid 'prompt': string too long. Expected a string with maximum length "
+            f"{model.prompt_max_chars} for model '{model.id}', but got a string with length "
+            f"{len(prompt)} instead.",
+            param="prompt",
+        )
+    if params.stream:
+        raise InvalidParameter(
+            "Streaming is not supported by this gateway yet; send 'stream': false.",
+            param="stream",
+        )
+    if params.partial_images is not None:
+        raise InvalidParameter(
+            "'partial_images' is only used with streaming, which this gateway does not "
+            "support yet.",
+            param="partial_images",
+        )
+    n = 1 if params.n is None else params.n
+    if not 1 <= n <= model.n_max:
+        raise InvalidParameter(
+            f"Invalid 'n': {n}. Model '{model.id}' makes between 1 and {model.n_max} "
+            f"image{'s' if model.n_max > 1 else ''} per request.",
+            param="n",
+        )
+    size = _choice("size", params.size or model.default_size, model.sizes, model)
+    quality = _choice("quality", params.quality or model.default_quality, model.qualities, model)
+    response_format = _choice(
+        "response_format", params.response_format or "url", RESPONSE_FORMATS, model
+    )
+    style = _optional("style", params.style, model.styles, model)
+    moderation = _optional("moderation", params.moderation, model.moderations, model)
+    background = _optional("background", params.background, model.backgrounds, model)
+    output_format = (
+        _optional("output_format", params.output_format, model.output_formats, model)
+        or DEFAULT_OUTPUT_FORMAT
+    )
+    if background == "transparent" and output_format not in ALPHA_FORMATS:
+        raise InvalidParameter(
+            "Transparent background requires output_format 'png' or 'webp'.",
+            param="background",
+        )
+    compression = _compression(params.output_compression, output_format, model)
+    if model.unit_price(size, quality) is None:
+        raise InvalidParameter(
+            f"Model '{model.id}' has no price for size '{size}' at quality '{quality}'; "
+            "choose another size or quality.",
+            param="size",
+        )
+    return ImageRequest(
+        model=model,
+        prompt=prompt,
+        n=n,
+        size=size,
+        quality=quality,
+        response_format=response_format,
+        output_format=output_format,
+        style=style,
+        background=background,
+        output_compression=compression,
+        moderation=moderation,
+        user=params.user,
+    )
+
+
+def _model(model_id: str, catalog: Catalog) -> ModelSpec:
+    model = catalog.get(model_id)
+    if model is None:
+        raise ModelNotSupported(
+            f"The model '{model_id}' does not exist or is not an image model served here. "
+            f"Available models: {', '.join(catalog.ids())}."
+        )
+    return model
+
+
+def _choice(param: str, value: str, allowed: tuple[str, ...], model: ModelSpec) -> str:
+    if value not in allowed:
+        raise InvalidParameter(
+            f"Invalid value for '{param}': '{value}'. Model '{model.id}' supports: "
+            f"{', '.join(repr(a) for a in allowed)}.",
+            param=param,
+        )
+    return value
+
+
+def _optional(param: str, value: str, allowed: tuple[str, ...], model: ModelSpec) -> str | None:
+    if not value:
+        return None
+    if not allowed:
+        raise InvalidParameter(
+            f"'{param}' is not supported with model '{model.id}'.", param=param
+        )
+    return _choice(param, value, allowed, model)
+
+
+def _compression(value: int | None, output_format: str, model: ModelSpec) -> int | None:
+    if value is None:
+        return None
+    if not model.output_formats:
+        raise InvalidParameter(
+            f"'output_compression' is not supported with model '{model.id}'.",
+            param="output_compression",
+        )
+    if output_format == "png":
+        raise InvalidParameter(
+            "'output_compression' applies to output_format 'jpeg' or 'webp', not 'png'.",
+            param="output_compression",
+        )
+    if not 0 <= value <= 100:
+        raise InvalidParameter(
+            f"Invalid 'output_compression': {value}. Expected an integer from 0 to 100.",
+            param="output_compression",
+        )
+    return value
