@@ -1,0 +1,46 @@
+# imagegate: `make run` starts the gateway on embedded defaults; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install install-dev run test proto envoy lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Stamps make repeated runs instant; they are redone when pyproject.toml changes.
+$(VENV)/.run-deps: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.dev-deps: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.run-deps
+
+install: $(VENV)/.run-deps
+
+install-dev: $(VENV)/.dev-deps
+
+run: install
+	$(BIN)/imagegate serve --demo
+
+test: install-dev
+	$(BIN)/pytest
+
+proto: install-dev
+	$(BIN)/python proto/generate.py
+
+# Envoy in front of a running `imagegate serve` (or serve-grpc): REST on 127.0.0.1:10000.
+envoy: install-dev
+	$(BIN)/envoy -c envoy.yaml --log-level warn
+
+lint: install-dev
+	$(BIN)/ruff check service gateway tests bench proto/generate.py
+	$(BIN)/mypy
+
+bench: install-dev
+	$(BIN)/python bench/bench_render.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

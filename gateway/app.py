@@ -1,0 +1,191 @@
+"""The aiohttp front: OpenAI-shaped REST in, ImageService gRPC out, by transcoding alone."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+from aiohttp import web
+from google.api import httpbody_pb2
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from imagegate.v1 import images_pb2, images_pb2_grpc
+
+from gateway import errors
+from gateway.config import GatewayConfig
+
+log = logging.getLogger("imagegate.gateway")
+
+STUB: web.AppKey[images_pb2_grpc.ImageServiceStub] = web.AppKey("stub")
+CONFIG: web.AppKey[GatewayConfig] = web.AppKey("config")
+REQUEST_ID = "x-request-id"
+REQUEST_ID_KEY: web.RequestKey[str] = web.RequestKey("request_id")
+# Request headers passed to the service as gRPC metadata, as Envoy does.
+FORWARDED = ("authorization", "idempotency-key")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(config: GatewayConfig) -> web.Application:
+    app = web.Application(
+        client_max_size=config.max_body_bytes, middlewares=[request_id_and_errors]
+    )
+    app[CONFIG] = config
+    app.cleanup_ctx.append(_channel)
+    app.router.add_post("/v1/images/generations", generate_images)
+    app.router.add_get("/v1/models", list_models, allow_head=False)
+    app.router.add_get("/v1/images/files/{image_id}", get_image, allow_head=False)
+    return app
+
+
+async def _channel(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    size = config.max_message_bytes
+    channel = grpc.aio.insecure_channel(
+        config.grpc_target,
+        options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
+    )
+    app[STUB] = images_pb2_grpc.ImageServiceStub(channel)
+    yield
+    await channel.close()
+
+
+async def generate_images(request: web.Request) -> web.Response:
+    message = _parse_body(await request.read(), images_pb2.GenerateImagesRequest())
+    reply = await request.app[STUB].GenerateImages(message, **_call_options(request))
+    return _json(reply)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    reply = await request.app[STUB].ListModels(
+        images_pb2.ListModelsRequest(), **_call_options(request)
+    )
+    return _json(reply)
+
+
+async def get_image(request: web.Request) -> web.Response:
+    message = images_pb2.GetImageRequest(
+        image_id=request.match_info["image_id"],
+        expires=request.query.get("expires", ""),
+        signature=request.query.get("signature", ""),
+    )
+    body: httpbody_pb2.HttpBody = await request.app[STUB].GetImage(
+        message, **_call_options(request)
+    )
+    return web.Response(body=body.data, headers={"Content-Type": body.content_type})
+
+
+def _parse_body(raw: bytes, message: Message) -> Message:
+    """JSON -> protobuf as Envoy's transcoder does: unknown fields ignored, empty is {}."""
+    try:
+        data = json.loads(raw) if raw.strip() else {}
+        if not isinstance(data, dict):
+            raise ValueError("body is not a JSON object")
+        json_format.ParseDict(data, message, ignore_unknown_fields=True)
+    except (ValueError, json_format.ParseError, RecursionError):
+        raise _Failure(errors.INVALID_JSON) from None
+    return message
+
+
+def _call_options(request: web.Request) -> dict[str, object]:
+    metadata = [(name, request.headers[name]) for name in FORWARDED if name in request.headers]
+    metadata += [
+        (REQUEST_ID, request[REQUEST_ID_KEY]),
+        # Where the client reached us, so image URLs point back here.
+        ("x-forwarded-host", request.host),
+        ("x-forwarded-proto", request.scheme),
+    ]
+    return {"metadata": metadata, "timeout": request.app[CONFIG].timeout_s}
+
+
+def _json(message: Message) -> web.Response:
+    data = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return _json_bytes(200, json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def _json_bytes(status: int, body: bytes, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=body, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+
+
+class _Failure(Exception):
+    """A front-detected error row, raised from a handler."""
+
+    def __init__(self, row: errors.Row) -> None:
+        self.row = row
+
+
+@web.middleware
+async def request_id_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request[REQUEST_ID_KEY] = request.headers.get(REQUEST_ID) or str(uuid.uuid4())
+    try:
+        response = await handler(request)
+    except _Failure as failure:
+        response = _json_bytes(failure.row.status, errors.error_body(failure.row))
+    except grpc.aio.AioRpcError as err:
+        response = _from_grpc(err)
+    except web.HTTPException as exc:
+        response = _from_http(request, exc)
+    except Exception:
+        log.exception("request %s failed in the front", request[REQUEST_ID_KEY])
+        response = _json_bytes(errors.INTERNAL.status, errors.error_body(errors.INTERNAL))
+    response.headers[REQUEST_ID] = request[REQUEST_ID_KEY]
+    # The path only: a query may carry an image URL's signature.
+    log.info("%s %s %d request_id=%s", request.method, request.rel_url.raw_path,
+             response.status, request[REQUEST_ID_KEY])
+    return response
+
+
+def _from_grpc(err: grpc.aio.AioRpcError) -> web.Response:
+    info = _error_info(err)
+    if info is None:
+        row = errors.BY_CODE.get(err.code(), errors.INTERNAL)
+        if row is errors.INTERNAL:
+            log.error("service answered %s without an imagegate reason", err.code().name)
+        return _json_bytes(row.status, errors.error_body(row))
+    row = errors.BY_REASON.get(info.reason, errors.INTERNAL)
+    headers = {}
+    retry_after = dict(err.trailing_metadata() or ()).get("retry-after")
+    if isinstance(retry_after, str):
+        headers["Retry-After"] = retry_after
+    body = errors.error_body(
+        row,
+        message=err.details() if row is not errors.INTERNAL else None,
+        param=info.metadata.get("param"),
+        code=info.metadata.get("code"),
+    )
+    return _json_bytes(row.status, body, headers)
+
+
+def _error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
+    try:
+        status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    except ValueError:
+        return None
+    for detail in status.details if status else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info) and info.domain == "imagegate":
+            return info
+    return None
+
+
+def _from_http(request: web.Request, exc: web.HTTPException) -> web.Response:
+    headers = {}
+    path = request.rel_url.raw_path
+    if exc.status == 405:
+        row, message = errors.WRONG_METHOD, errors.wrong_method_message(request.method, path)
+        headers["Allow"] = exc.headers.get("Allow", "")
+    elif exc.status == 413:
+        row, message = errors.TOO_LARGE, None
+    elif exc.status == 404:
+        row, message = errors.UNKNOWN_URL, errors.unknown_url_message(request.method, path)
+    else:
+        raise exc
+    return _json_bytes(row.status, errors.error_body(row, message), headers)

@@ -1,0 +1,36 @@
+"""Front configuration: read from IMAGEGATE_* once, then passed down as a value."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    grpc_target: str = "127.0.0.1:50051"
+    host: str = "127.0.0.1"
+    rest_port: int = 8080
+    # Generation requests are small JSON; Envoy's front enforces the same limit.
+    max_body_bytes: int = 1 * MiB
+    # Must match the service's limit: responses carry whole images.
+    max_message_bytes: int = 64 * MiB
+    # Deadline for one call to the service when the client sets none; Envoy's
+    # route timeout is the same, and slow models need minutes.
+    timeout_s: float = 300.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> GatewayConfig:
+        env = os.environ if env is None else env
+        config = cls()
+        values: dict[str, Any] = {}
+        for name, default in config.__dict__.items():
+            raw = env.get(f"IMAGEGATE_{name.upper()}")
+            if raw:
+                values[name] = type(default)(raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return replace(config, **values)

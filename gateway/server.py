@@ -1,0 +1,24 @@
+"""Run the aiohttp front on its own (serve-rest) or beside the service (serve)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.config import GatewayConfig
+
+
+async def start_gateway(config: GatewayConfig, port: int | None = None) -> web.AppRunner:
+    """Start on config.host:port (config.rest_port by default; 0 picks a free port)."""
+    # The front logs each request itself, without query strings (they carry signatures).
+    runner = web.AppRunner(create_app(config), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.rest_port if port is None else port)
+    await site.start()
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    for address in runner.addresses:
+        return int(address[1])
+    raise RuntimeError("gateway is not listening")

@@ -1,0 +1,324 @@
+"""The `imagegate` command: run the servers, and manage accounts, credit and keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from service import keys
+from service.config import Config
+from service.money import format_usd, usd_to_micros
+from service.server import Service, open_store, start_service
+from service.store.base import AccountExists, Store, UnknownAccount
+
+DEMO_ACCOUNT = "demo"
+DEMO_CREDIT = "5.00"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        return int(asyncio.run(args.func(args)) or 0)
+    except (UnknownAccount, AccountExists, ValueError) as exc:
+        print(f"imagegate: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagegate", description="OpenAI-compatible image-generation gateway."
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable[..., Awaitable[int]], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    serve = command("serve", _serve, "Run gRPC and the REST front in one process.")
+    _service_flags(serve)
+    _rest_flags(serve)
+    serve.add_argument("--demo", action="store_true",
+                       help="on an empty database, create a 'demo' account and key and print them")
+    _service_flags(command("serve-grpc", _serve_grpc, "Run only the gRPC ImageService."))
+    rest = command("serve-rest", _serve_rest, "Run only the REST front, in front of --grpc-target.")
+    rest.add_argument("--host", help="address to bind [IMAGEGATE_HOST, 127.0.0.1]")
+    _rest_flags(rest)
+    rest.add_argument("--grpc-target", help="HOST:PORT of ImageService [IMAGEGATE_GRPC_TARGET]")
+
+    accounts = sub.add_parser("accounts", help="Create and show accounts.").add_subparsers(
+        required=True, metavar="ACTION")
+    p = accounts.add_parser("create", help="Create an account.")
+    p.set_defaults(func=_accounts_create)
+    p.add_argument("name")
+    p.add_argument("--credit", default="0", help="initial credit in USD, e.g. 10 or 2.50")
+    _store_flags(p)
+    p = accounts.add_parser("show", help="Show an account's balance.")
+    p.set_defaults(func=_accounts_show)
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    _store_flags(p)
+
+    credit = sub.add_parser("credit", help="Add prepaid credit.").add_subparsers(
+        required=True, metavar="ACTION")
+    p = credit.add_parser("add", help="Add credit in USD to an account.")
+    p.set_defaults(func=_credit_add)
+    p.add_argument("name")
+    p.add_argument("usd")
+    _store_flags(p)
+
+    keys_cmd = sub.add_parser("keys", help="Create, list and revoke API keys.").add_subparsers(
+        required=True, metavar="ACTION")
+    p = keys_cmd.add_parser("create", help="Create a key; it is shown once.")
+    p.set_defaults(func=_keys_create)
+    p.add_argument("account")
+    p.add_argument("--models", help="comma-separated model ids this key may use (default: all)")
+    p.add_argument("--name", default="", help="a label to recognise the key by")
+    _store_flags(p)
+    p = keys_cmd.add_parser("list", help="List an account's keys (never the keys themselves).")
+    p.set_defaults(func=_keys_list)
+    p.add_argument("account")
+    _store_flags(p)
+    p = keys_cmd.add_parser("revoke", help="Revoke a key by its id (key_...).")
+    p.set_defaults(func=_keys_revoke)
+    p.add_argument("key_id")
+    _store_flags(p)
+
+    p = command("usage", _usage, "Show an account's recent requests and their cost.")
+    p.add_argument("account")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    _store_flags(p)
+    return parser
+
+
+def _store_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, help="data directory [IMAGEGATE_DATA_DIR, ./.imagegate]")
+    p.add_argument("--database-url", help="sqlite:///PATH [IMAGEGATE_DATABASE_URL]")
+
+
+def _service_flags(p: argparse.ArgumentParser) -> None:
+    _store_flags(p)
+    p.add_argument("--host", help="address to bind [IMAGEGATE_HOST, 127.0.0.1]")
+    p.add_argument("--grpc-port", type=int, help="gRPC port [IMAGEGATE_GRPC_PORT, 50051]")
+    p.add_argument("--catalog", type=Path, help="your model catalog TOML [IMAGEGATE_CATALOG]")
+    p.add_argument("--public-url", help="base of image URLs when no front says [IMAGEGATE_PUBLIC_URL]")
+
+
+def _rest_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rest-port", type=int, help="REST port [IMAGEGATE_REST_PORT, 8080]")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    fields = ("host", "grpc_port", "data_dir", "database_url", "catalog", "public_url")
+    return Config.from_env(**{f: getattr(args, f, None) for f in fields})
+
+
+@contextlib.asynccontextmanager
+async def _store(args: argparse.Namespace) -> AsyncIterator[Store]:
+    store = open_store(_config(args))
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+# Servers
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from gateway.server import start_gateway  # the CLI is the one place both halves meet
+
+    config = _config(args)
+    service = await start_service(config)
+    gateway_config = _gateway_config(args, grpc_target=f"127.0.0.1:{service.port}")
+    runner = await start_gateway(gateway_config)
+    try:
+        rest_url = f"http://{_url_host(gateway_config.host)}:{gateway_config.rest_port}"
+        if args.demo:
+            await _demo(service, rest_url)
+        print(f"imagegate: REST on {rest_url}, gRPC on {config.host}:{service.port}. "
+              "Ctrl-C stops.", flush=True)
+        await _until_signal()
+    finally:
+        await runner.cleanup()
+        await service.stop()
+    return 0
+
+
+async def _serve_grpc(args: argparse.Namespace) -> int:
+    service = await start_service(_config(args))
+    try:
+        print(f"imagegate: gRPC on {service.config.host}:{service.port}. Ctrl-C stops.", flush=True)
+        await _until_signal()
+    finally:
+        await service.stop()
+    return 0
+
+
+async def _serve_rest(args: argparse.Namespace) -> int:
+    from gateway.server import start_gateway
+
+    config = _gateway_config(args, grpc_target=args.grpc_target)
+    runner = await start_gateway(config)
+    try:
+        print(f"imagegate: REST on {config.host}:{config.rest_port} -> gRPC {config.grpc_target}. "
+              "Ctrl-C stops.", flush=True)
+        await _until_signal()
+    finally:
+        await runner.cleanup()
+    return 0
+
+
+def _gateway_config(args: argparse.Namespace, grpc_target: str | None) -> Any:
+    from gateway.config import GatewayConfig
+
+    return GatewayConfig.from_env(host=args.host, rest_port=args.rest_port, grpc_target=grpc_target)
+
+
+def _url_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+async def _until_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _demo(service: Service, rest_url: str) -> None:
+    store = service.store
+    if await store.get_account(DEMO_ACCOUNT) is not None:
+        print(f"imagegate: the '{DEMO_ACCOUNT}' account exists already; its key was shown when "
+              f"it was made. For a new one: imagegate keys create {DEMO_ACCOUNT}", flush=True)
+        return
+    await store.create_account(DEMO_ACCOUNT, usd_to_micros(DEMO_CREDIT))
+    key = keys.new_key()
+    await store.create_key(DEMO_ACCOUNT, keys.hash_key(key), keys.display_prefix(key), "demo", None)
+    print(
+        f"\nimagegate: created account '{DEMO_ACCOUNT}' with ${DEMO_CREDIT} of credit.\n"
+        f"Your API key (shown once, keep it): {key}\n\nTry it:\n"
+        f"  curl {rest_url}/v1/images/generations \\\n"
+        f"    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n"
+        """    -d '{"model": "local", "prompt": "a lighthouse at dusk", "size": "512x512"}'\n""",
+        flush=True,
+    )
+
+
+# Admin commands
+
+
+async def _accounts_create(args: argparse.Namespace) -> int:
+    async with _store(args) as store:
+        account = await store.create_account(args.name, usd_to_micros(args.credit))
+    print(f"created account {account.name} with {format_usd(account.balance_micros)}")
+    return 0
+
+
+async def _accounts_show(args: argparse.Namespace) -> int:
+    async with _store(args) as store:
+        account = await store.get_account(args.name)
+        if account is None:
+            raise UnknownAccount(f"no account named {args.name!r}")
+        ledger = await store.ledger_sum(account.id)
+    info = {
+        "name": account.name,
+        "balance_usd": format_usd(account.balance_micros),
+        "balance_micros": account.balance_micros,
+        "ledger_sum_micros": ledger,
+        "created_at": _iso(account.created_at),
+    }
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for k, v in info.items():
+            print(f"{k:18} {v}")
+    return 0
+
+
+async def _credit_add(args: argparse.Namespace) -> int:
+    micros = usd_to_micros(args.usd)
+    if micros <= 0:
+        raise ValueError("credit must be a positive amount")
+    async with _store(args) as store:
+        account = await store.add_credit(args.name, micros, "credit add")
+    print(f"{account.name}: added {format_usd(micros)}, balance {format_usd(account.balance_micros)}")
+    return 0
+
+
+async def _keys_create(args: argparse.Namespace) -> int:
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None
+    key = keys.new_key()
+    async with _store(args) as store:
+        record = await store.create_key(
+            args.account, keys.hash_key(key), keys.display_prefix(key), args.name, models
+        )
+    print(f"created {record.id} for {record.account_name}"
+          f"{' (models: ' + ', '.join(models) + ')' if models else ''}")
+    print(f"key (shown once): {key}")
+    return 0
+
+
+async def _keys_list(args: argparse.Namespace) -> int:
+    async with _store(args) as store:
+        if await store.get_account(args.account) is None:
+            raise UnknownAccount(f"no account named {args.account!r}")
+        records = await store.list_keys(args.account)
+    print(f"{'id':22} {'key':16} {'name':12} {'models':20} {'created':20} status")
+    for r in records:
+        status = f"revoked {_iso(r.revoked_at)}" if r.revoked_at else "active"
+        models = ",".join(r.models) if r.models is not None else "*"
+        print(f"{r.id:22} {r.prefix:16} {r.name:12} {models:20} {_iso(r.created_at):20} {status}")
+    return 0
+
+
+async def _keys_revoke(args: argparse.Namespace) -> int:
+    async with _store(args) as store:
+        revoked = await store.revoke_key(args.key_id)
+    if not revoked:
+        print(f"imagegate: no active key {args.key_id}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.key_id}")
+    return 0
+
+
+async def _usage(args: argparse.Namespace) -> int:
+    async with _store(args) as store:
+        if await store.get_account(args.account) is None:
+            raise UnknownAccount(f"no account named {args.account!r}")
+        rows = await store.usage(args.account, args.limit)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rows]))
+        return 0
+    print(f"{'time':20} {'model':14} {'n':>2} {'size':10} {'quality':8} {'cost':>10} status")
+    for r in rows:
+        print(f"{_iso(r.created_at):20} {r.model:14} {r.n:>2} {r.size:10} {r.quality:8} "
+              f"{format_usd(r.cost_micros):>10} {r.status}")
+    return 0
+
+
+def _iso(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) if ts else ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Service configuration: read from IMAGEGATE_* once, then passed down as a value."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    data_dir: Path = Path(".imagegate")
+    # sqlite:///path or postgresql://... ; empty means SQLite in data_dir.
+    database_url: str = ""
+    catalog: Path | None = None
+    default_model: str = "local"
+    # Base of returned image URLs when the front does not say where it is.
+    public_url: str = "http://127.0.0.1:8080"
+    image_ttl_s: int = 3600
+    # Empty: generated once and kept in data_dir (set it when replicas share links).
+    url_secret: str = field(default="", repr=False)
+    # gRPC messages carry whole images: n=10 large PNGs need far more than 4 MB.
+    max_message_bytes: int = 64 * MiB
+    # Longest an upstream call may take; slow models need minutes.
+    upstream_timeout_s: float = 300.0
+    # How often held reservations past their expiry are released and old images deleted.
+    sweep_interval_s: float = 60.0
+
+    @property
+    def sqlite_path(self) -> Path:
+        url = self.database_url
+        if not url:
+            return self.data_dir / "imagegate.db"
+        if url.startswith("sqlite:///"):
+            return Path(url.removeprefix("sqlite:///"))
+        raise ValueError(
+            f"unsupported database URL {url!r}: use sqlite:///PATH "
+            "(PostgreSQL support is planned, not built yet)"
+        )
+
+    @property
+    def reservation_ttl_s(self) -> float:
+        # A held reservation outlives any request that could still settle it.
+        return self.upstream_timeout_s + 600
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        """Defaults, then IMAGEGATE_* variables, then explicit overrides (CLI flags)."""
+        env = os.environ if env is None else env
+        config = cls()
+        values: dict[str, Any] = {}
+        for name, default in config.__dict__.items():
+            raw = env.get(f"IMAGEGATE_{name.upper()}")
+            if raw is not None and raw != "":
+                values[name] = _coerce(name, raw, default)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return replace(config, **values)
+
+
+def _coerce(name: str, raw: str, default: object) -> object:
+    try:
+        if isinstance(default, bool):
+            return raw.lower() in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, Path) or name == "catalog":
+            return Path(raw)
+    except ValueError as exc:
+        raise ValueError(f"IMAGEGATE_{name.upper()}={raw!r}: {exc}") from exc
+    return raw

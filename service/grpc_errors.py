@@ -1,0 +1,80 @@
+"""Domain errors -> gRPC status with google.rpc.ErrorInfo: the service's one error table."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from service import errors
+
+DOMAIN = "imagegate"
+
+CODES: dict[type[errors.ImagegateError], grpc.StatusCode] = {
+    errors.InvalidParameter: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ModelNotSupported: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ContentPolicy: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.InvalidApiKey: grpc.StatusCode.UNAUTHENTICATED,
+    errors.ModelNotAllowed: grpc.StatusCode.PERMISSION_DENIED,
+    errors.InsufficientBalance: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.IdempotencyConflict: grpc.StatusCode.ALREADY_EXISTS,
+    errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.UpstreamError: grpc.StatusCode.UNAVAILABLE,
+    errors.ImageNotFound: grpc.StatusCode.NOT_FOUND,
+    # The table gives these no reason: a front maps them by code alone.
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+_WITHOUT_REASON = (errors.DeadlineExceeded,)
+
+
+def to_status(err: errors.ImagegateError) -> grpc.Status:
+    """The rich status, plus the ErrorInfo facts as plain trailing metadata.
+
+    The metadata copy (imagegate-reason/-param/-code, retry-after) is for fronts
+    that cannot decode protobuf details, namely Envoy's Lua filter.
+    """
+    code = CODES[type(err)]
+    status = status_pb2.Status(code=code.value[0], message=err.message)
+    trailers: list[tuple[str, str]] = []
+    if not isinstance(err, _WITHOUT_REASON):
+        metadata = {}
+        if err.param:
+            metadata["param"] = err.param
+        if isinstance(err, errors.InvalidParameter):
+            metadata["code"] = "missing_required_parameter" if err.missing else "invalid_value"
+        info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=metadata)
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        status.details.append(detail)
+        trailers.append(("imagegate-reason", err.reason))
+        trailers.extend((f"imagegate-{k}", v) for k, v in metadata.items())
+    if isinstance(err, errors.RateLimited):
+        trailers.append(("retry-after", str(err.retry_after_s)))
+    rich = rpc_status.to_status(status)
+    return _Status(rich.code, rich.details, (*rich.trailing_metadata, *trailers))
+
+
+INTERNAL_MESSAGE = "internal error"
+
+
+def internal_status() -> grpc.Status:
+    """For bugs: no detail of what went wrong leaves the process."""
+    return _Status(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, ())
+
+
+async def abort(context: grpc.aio.ServicerContext, status: grpc.Status) -> NoReturn:
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    raise AssertionError("unreachable: abort raises")
+
+
+class _Status(grpc.Status):
+    def __init__(
+        self, code: grpc.StatusCode, details: str, trailing_metadata: tuple[tuple[str, str], ...]
+    ) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
+

@@ -1,0 +1,94 @@
+"""Images served by URL: files under the data dir, behind HMAC-signed expiring links."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from service.errors import ImageNotFound
+
+ROUTE = "/v1/images/files/"
+EXTENSIONS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
+CONTENT_TYPES = {ext: ctype for ctype, ext in EXTENSIONS.items()}
+# 24 random bytes, URL-safe: unguessable even without the signature.
+_ID_BYTES = 24
+NOT_FOUND = "No such image, or its link has expired or was altered."
+
+
+class ImageStore:
+    def __init__(
+        self, root: Path, secret: bytes, ttl_s: int, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._root = root
+        self._secret = secret
+        self.ttl_s = ttl_s
+        self._clock = clock
+
+    async def put(self, data: bytes, content_type: str) -> str:
+        image_id = f"{secrets.token_urlsafe(_ID_BYTES)}.{EXTENSIONS[content_type]}"
+        await asyncio.to_thread(self._write, image_id, data)
+        return image_id
+
+    def _write(self, image_id: str, data: bytes) -> None:
+        self._root.mkdir(parents=True, exist_ok=True)
+        tmp = self._root / f".{image_id}.tmp"
+        tmp.write_bytes(data)
+        # Rename so a concurrent GET never sees a half-written file.
+        tmp.replace(self._root / image_id)
+
+    def signed_path(self, image_id: str) -> str:
+        """The path and query of a link valid for ttl_s from now."""
+        expires = str(int(self._clock()) + self.ttl_s)
+        return f"{ROUTE}{image_id}?expires={expires}&signature={self._sign(image_id, expires)}"
+
+    def _sign(self, image_id: str, expires: str) -> str:
+        message = f"{image_id}\n{expires}".encode()
+        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+
+    async def get(self, image_id: str, expires: str, signature: str) -> tuple[bytes, str]:
+        """The image bytes and MIME type, or ImageNotFound for any bad or stale link."""
+        valid = (
+            expires.isdigit()
+            and int(expires) >= self._clock()
+            and hmac.compare_digest(self._sign(image_id, expires), signature)
+        )
+        ext = image_id.rpartition(".")[2]
+        if not valid or ext not in CONTENT_TYPES or "/" in image_id or image_id.startswith("."):
+            raise ImageNotFound(NOT_FOUND)
+        try:
+            data = await asyncio.to_thread((self._root / image_id).read_bytes)
+        except FileNotFoundError:
+            raise ImageNotFound(NOT_FOUND) from None
+        return data, CONTENT_TYPES[ext]
+
+    async def sweep(self) -> int:
+        """Delete images older than the link lifetime: nobody can fetch them any more."""
+        return await asyncio.to_thread(self._sweep, self._clock() - self.ttl_s)
+
+    def _sweep(self, cutoff: float) -> int:
+        removed = 0
+        if not self._root.is_dir():
+            return 0
+        for entry in os.scandir(self._root):
+            if entry.is_file() and entry.stat().st_mtime < cutoff:
+                Path(entry.path).unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """The URL-signing key: kept in the data dir so links survive a restart."""
+    if path.exists():
+        return path.read_bytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret)
+    return secret

@@ -1,0 +1,130 @@
+"""Server wiring: open the store, build the core, serve ImageService, health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field, replace
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from imagegate.v1 import images_pb2, images_pb2_grpc
+
+from service.catalog import Catalog, load_catalog
+from service.config import Config
+from service.core import ImageCore
+from service.images import ImageStore, load_or_create_secret
+from service.providers.base import Provider
+from service.providers.local import LocalProvider
+from service.servicer import ImageServicer
+from service.store.base import Store
+from service.store.sqlite import SqliteStore
+
+log = logging.getLogger("imagegate.server")
+SERVICE_NAME = images_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
+
+
+def message_size_options(limit: int) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+
+
+def open_store(config: Config) -> Store:
+    return SqliteStore(config.sqlite_path)
+
+
+def build_providers(config: Config) -> dict[str, Provider]:
+    return {"local": LocalProvider()}
+
+
+def servable(catalog: Catalog, providers: dict[str, Provider]) -> Catalog:
+    """Only models whose provider is configured: the others would fail every call."""
+    kept = {}
+    for model_id, spec in catalog.models.items():
+        if spec.provider in providers:
+            kept[model_id] = spec
+        else:
+            log.warning("model %s skipped: provider %s is not configured", model_id, spec.provider)
+    return replace(catalog, models=kept)
+
+
+@dataclass
+class Service:
+    """A running ImageService and everything it owns; stop() releases all of it."""
+
+    config: Config
+    store: Store
+    core: ImageCore
+    server: grpc.aio.Server
+    port: int
+    providers: dict[str, Provider]
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.server.stop(grace)
+        for provider in self.providers.values():
+            await provider.aclose()
+        await self.store.close()
+
+
+async def start_service(config: Config, port: int | None = None) -> Service:
+    """Start on config.host:port (config.grpc_port by default; 0 picks a free port)."""
+    catalog = load_catalog(config.catalog)
+    store = open_store(config)
+    await store.open()
+    providers = build_providers(config)
+    secret = config.url_secret.encode() or load_or_create_secret(config.data_dir / "url_secret")
+    core = ImageCore(
+        catalog=servable(catalog, providers),
+        store=store,
+        providers=providers,
+        images=ImageStore(config.data_dir / "images", secret, config.image_ttl_s),
+        default_model=config.default_model,
+        upstream_timeout_s=config.upstream_timeout_s,
+        reservation_ttl_s=config.reservation_ttl_s,
+    )
+    # Reservations left held by a crash are released before serving anything.
+    await core.sweep()
+    server, bound = await create_server(
+        config, core, config.grpc_port if port is None else port
+    )
+    await server.start()
+    service = Service(config, store, core, server, bound, providers)
+    service._tasks.append(asyncio.create_task(_sweep_forever(core, config.sweep_interval_s)))
+    log.info("ImageService listening on %s:%d", config.host, bound)
+    return service
+
+
+async def create_server(config: Config, core: ImageCore, port: int) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(options=message_size_options(config.max_message_bytes))
+    images_pb2_grpc.add_ImageServiceServicer_to_server(
+        ImageServicer(core, config.public_url), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    bound = server.add_insecure_port(f"{config.host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC to {config.host}:{port}")
+    return server, bound
+
+
+async def _sweep_forever(core: ImageCore, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await core.sweep()
+        except Exception:
+            log.exception("sweep failed; retrying next interval")

@@ -1,0 +1,139 @@
+"""ImageService over gRPC: protobuf in, domain call, protobuf out. Nothing else."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+from google.api import httpbody_pb2
+from imagegate.v1 import images_pb2, images_pb2_grpc
+
+from service.core import Caller, Generation, ImageCore, RequestContext
+from service.errors import ImagegateError
+from service.grpc_errors import abort, internal_status, to_status
+from service.requests import GenerationParams
+
+log = logging.getLogger("imagegate.servicer")
+T = TypeVar("T")
+# Host header values we are willing to echo into image URLs.
+_HOST_RE = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
+
+
+class ImageServicer(images_pb2_grpc.ImageServiceServicer):
+    def __init__(self, core: ImageCore, public_url: str) -> None:
+        self._core = core
+        self._public_url = public_url.rstrip("/")
+
+    async def GenerateImages(
+        self, request: images_pb2.GenerateImagesRequest, context: grpc.aio.ServicerContext
+    ) -> images_pb2.ImagesResponse:
+        async def call() -> images_pb2.ImagesResponse:
+            caller = await self._caller(context)
+            ctx = RequestContext(self._request_id(context), self._base_url(context))
+            return _response(await self._core.generate(caller, _params(request), ctx))
+
+        return await self._run(context, call)
+
+    async def ListModels(
+        self, request: images_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> images_pb2.ModelList:
+        async def call() -> images_pb2.ModelList:
+            caller = await self._caller(context)
+            models = [
+                images_pb2.Model(id=m.id, object="model", created=m.created, owned_by=m.owned_by)
+                for m in self._core.list_models(caller)
+            ]
+            return images_pb2.ModelList(object="list", data=models)
+
+        return await self._run(context, call)
+
+    async def GetImage(
+        self, request: images_pb2.GetImageRequest, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        async def call() -> httpbody_pb2.HttpBody:
+            data, content_type = await self._core.get_image(
+                request.image_id, request.expires, request.signature
+            )
+            return httpbody_pb2.HttpBody(content_type=content_type, data=data)
+
+        return await self._run(context, call)
+
+    async def _run(
+        self, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]
+    ) -> T:
+        try:
+            return await call()
+        except ImagegateError as err:
+            await abort(context, to_status(err))
+        except Exception:
+            log.exception("request %s failed", _metadata(context, "x-request-id"))
+            await abort(context, internal_status())
+
+    async def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        return await self._core.authenticate(_metadata(context, "authorization"))
+
+    def _request_id(self, context: grpc.aio.ServicerContext) -> str:
+        return _metadata(context, "x-request-id") or uuid.uuid4().hex
+
+    def _base_url(self, context: grpc.aio.ServicerContext) -> str:
+        host = _metadata(context, "x-forwarded-host")
+        proto = _metadata(context, "x-forwarded-proto")
+        if host and _HOST_RE.fullmatch(host) and proto in ("http", "https"):
+            return f"{proto}://{host}"
+        return self._public_url
+
+
+def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    for k, v in context.invocation_metadata() or ():
+        if k == key and isinstance(v, str):
+            return v
+    return None
+
+
+def _params(request: images_pb2.GenerateImagesRequest) -> GenerationParams:
+    return GenerationParams(
+        prompt=request.prompt,
+        model=request.model,
+        n=request.n if request.HasField("n") else None,
+        size=request.size,
+        quality=request.quality,
+        response_format=request.response_format,
+        style=request.style,
+        user=request.user,
+        background=request.background,
+        output_format=request.output_format,
+        output_compression=(
+            request.output_compression if request.HasField("output_compression") else None
+        ),
+        moderation=request.moderation,
+        stream=request.stream,
+        partial_images=request.partial_images if request.HasField("partial_images") else None,
+    )
+
+
+def _response(gen: Generation) -> images_pb2.ImagesResponse:
+    response = images_pb2.ImagesResponse(
+        created=gen.created,
+        usage=images_pb2.Usage(
+            prompt_tokens=gen.usage.prompt_tokens,
+            completion_tokens=gen.usage.completion_tokens,
+            total_tokens=gen.usage.total_tokens,
+        ),
+    )
+    for image in gen.images:
+        item = response.data.add()
+        if image.url is not None:
+            item.url = image.url
+        if image.data is not None:
+            item.b64_json = image.data
+        if image.revised_prompt is not None:
+            item.revised_prompt = image.revised_prompt
+    for name in ("background", "output_format", "quality", "size"):
+        value = getattr(gen, name)
+        if value is not None:
+            setattr(response, name, value)
+    return response

@@ -1,0 +1,1 @@
+"""Persistence: accounts, keys, and the ledger behind one interface (store.base.Store)."""

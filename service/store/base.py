@@ -1,0 +1,104 @@
+"""The store interface the domain core uses; SQLite now, PostgreSQL for many replicas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Account:
+    id: int
+    name: str
+    balance_micros: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    id: str
+    account_id: int
+    account_name: str
+    name: str
+    prefix: str
+    key_hash: bytes
+    # None: every model; otherwise the model ids this key may use.
+    models: tuple[str, ...] | None
+    created_at: float
+    revoked_at: float | None
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What a reservation is for; kept with it as the account's usage record."""
+
+    request_id: str
+    key_id: str
+    model: str
+    n: int
+    size: str
+    quality: str
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    created_at: float
+    request_id: str
+    model: str
+    n: int
+    size: str
+    quality: str
+    quoted_micros: int
+    cost_micros: int
+    # held (in flight), settled (charged `cost`), released (nothing charged)
+    status: str
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def create_account(self, name: str, credit_micros: int = 0) -> Account: ...
+
+    async def get_account(self, name: str) -> Account | None: ...
+
+    async def add_credit(self, name: str, micros: int, note: str = "") -> Account: ...
+
+    async def create_key(
+        self, account_name: str, key_hash: bytes, prefix: str, name: str,
+        models: tuple[str, ...] | None,
+    ) -> KeyRecord: ...
+
+    async def find_key(self, key_hash: bytes) -> KeyRecord | None: ...
+
+    async def list_keys(self, account_name: str) -> list[KeyRecord]: ...
+
+    async def revoke_key(self, key_id: str) -> bool: ...
+
+    async def reserve(self, account_id: int, amount: int, charge: Charge,
+                      expires_at: float) -> str:
+        """Hold `amount` atomically; InsufficientBalance if the balance is lower."""
+        ...
+
+    async def settle(self, reservation_id: str, cost: int) -> None:
+        """Charge `cost` (<= the held amount) and give back the rest; once only."""
+        ...
+
+    async def release(self, reservation_id: str) -> None:
+        """Give back everything held; once only."""
+        ...
+
+    async def release_expired(self, now: float) -> int: ...
+
+    async def ledger_sum(self, account_id: int) -> int: ...
+
+    async def usage(self, account_name: str, limit: int = 20) -> list[UsageRow]: ...
+
+
+class UnknownAccount(LookupError):
+    """An admin command named an account that does not exist."""
+
+
+class AccountExists(ValueError):
+    """`accounts create` for a name that is taken."""

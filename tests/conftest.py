@@ -1,0 +1,133 @@
+"""Real servers on 127.0.0.1: the grpc.aio service, the aiohttp front, and Envoy."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import openai
+import pytest
+from imagegate.v1 import images_pb2_grpc
+
+from gateway.config import GatewayConfig
+from gateway.server import bound_port, start_gateway
+from service import keys
+from service.config import Config
+from service.money import usd_to_micros
+from service.server import Service, message_size_options, start_service
+
+_names = itertools.count()
+
+
+def service_config(data_dir: Path, **overrides: object) -> Config:
+    return Config(data_dir=data_dir, **overrides)  # type: ignore[arg-type]
+
+
+@dataclass
+class Stack:
+    """One service and its fronts, shared by a test module."""
+
+    service: Service
+    fronts: dict[str, str]
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.service.port}"
+
+
+@dataclass
+class Tenant:
+    """An account with a key, made fresh for each test so balances never collide."""
+
+    account: str
+    account_id: int
+    key: str
+    key_id: str
+
+
+async def start_stack(data_dir: Path, *, envoy: bool, **config: object) -> tuple[Stack, list]:
+    service = await start_service(service_config(data_dir, **config), port=0)
+    runner = await start_gateway(
+        GatewayConfig(grpc_target=f"127.0.0.1:{service.port}"), port=0
+    )
+    fronts = {"aiohttp": f"http://127.0.0.1:{bound_port(runner)}"}
+    closers: list[Callable[[], Awaitable[object]]] = [runner.cleanup, service.stop]
+    if envoy:
+        from tests.envoy_harness import envoy_front
+
+        cm = envoy_front(service.port)
+        fronts["envoy"] = await cm.__aenter__()
+        closers.insert(0, lambda: cm.__aexit__(None, None, None))
+    return Stack(service, fronts), closers
+
+
+# Both fronts by default; IMAGEGATE_TEST_FRONTS=aiohttp narrows a quick local run.
+FRONTS = os.environ.get("IMAGEGATE_TEST_FRONTS", "aiohttp,envoy").split(",")
+
+
+@pytest.fixture(scope="session")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    stack, closers = await start_stack(tmp_path_factory.mktemp("stack"), envoy="envoy" in FRONTS)
+    yield stack
+    for close in closers:
+        await close()
+
+
+@pytest.fixture(params=FRONTS)
+def base_url(request: pytest.FixtureRequest, stack: Stack) -> str:
+    """Each REST contract test runs once per front, with identical expectations."""
+    return stack.fronts[request.param]
+
+
+async def make_tenant(
+    service: Service, credit_usd: str = "1", models: tuple[str, ...] | None = None
+) -> Tenant:
+    name = f"acct{next(_names)}"
+    account = await service.store.create_account(name, usd_to_micros(credit_usd))
+    key = keys.new_key()
+    record = await service.store.create_key(
+        name, keys.hash_key(key), keys.display_prefix(key), "test", models
+    )
+    return Tenant(name, account.id, key, record.id)
+
+
+@pytest.fixture
+async def tenant(stack: Stack) -> Tenant:
+    return await make_tenant(stack.service)
+
+
+_clients: list[openai.AsyncOpenAI] = []
+
+
+def sdk(base_url: str, key: str) -> openai.AsyncOpenAI:
+    """The official SDK pointed at a front; closed after the test."""
+    # No retries: a test must see the first answer, not a retried one.
+    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0)
+    _clients.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+async def _close_sdk_clients() -> AsyncIterator[None]:
+    yield
+    while _clients:
+        await _clients.pop().close()
+
+
+@pytest.fixture
+async def grpc_stub(stack: Stack) -> AsyncIterator[images_pb2_grpc.ImageServiceStub]:
+    channel = grpc.aio.insecure_channel(
+        stack.grpc_target, options=message_size_options(64 * 1024 * 1024)
+    )
+    yield images_pb2_grpc.ImageServiceStub(channel)
+    await channel.close()
+
+
+async def balance(service: Service, account: str) -> int:
+    acct = await service.store.get_account(account)
+    assert acct is not None
+    return acct.balance_micros

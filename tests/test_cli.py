@@ -1,0 +1,107 @@
+"""The `imagegate` command as a user runs it: admin commands and `serve --demo`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.rest import call
+
+KEY_RE = re.compile(r"sk-[A-Za-z0-9_-]{43}")
+
+
+def run(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args, "--data-dir", str(data_dir)],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_accounts_credit_keys_usage(tmp_path: Path) -> None:
+    assert run(tmp_path, "accounts", "create", "acme", "--credit", "2.5").returncode == 0
+    dup = run(tmp_path, "accounts", "create", "acme")
+    assert dup.returncode == 1 and "already exists" in dup.stderr
+    assert run(tmp_path, "credit", "add", "acme", "0.75").returncode == 0
+    shown = json.loads(run(tmp_path, "accounts", "show", "acme", "--json").stdout)
+    assert shown["balance_micros"] == 3_250_000 == shown["ledger_sum_micros"]
+    assert shown["balance_usd"] == "$3.25"
+
+    created = run(tmp_path, "keys", "create", "acme", "--models", "local", "--name", "ci")
+    assert created.returncode == 0
+    key = KEY_RE.search(created.stdout)
+    key_id = re.search(r"key_[0-9a-f]{16}", created.stdout)
+    assert key and key_id
+    listed = run(tmp_path, "keys", "list", "acme").stdout
+    assert key_id.group() in listed and "active" in listed and "local" in listed
+    assert key.group() not in listed
+    assert run(tmp_path, "keys", "revoke", key_id.group()).returncode == 0
+    assert "revoked" in run(tmp_path, "keys", "list", "acme").stdout
+    assert run(tmp_path, "keys", "revoke", key_id.group()).returncode == 1
+
+    assert run(tmp_path, "usage", "acme", "--json").stdout.strip() == "[]"
+    missing = run(tmp_path, "accounts", "show", "nobody")
+    assert missing.returncode == 1 and "no account" in missing.stderr
+    bad = run(tmp_path, "credit", "add", "acme", "0.0000001")
+    assert bad.returncode == 1 and "micro-USD" in bad.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_serve_demo_prints_a_working_key(tmp_path: Path) -> None:
+    rest, grpc_port = _free_port(), _free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", "serve", "--demo", "--data-dir", str(tmp_path),
+        "--rest-port", str(rest), "--grpc-port", str(grpc_port),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout
+        output = ""
+        async with asyncio.timeout(30):
+            while "Ctrl-C stops" not in output:
+                line = await proc.stdout.readline()
+                assert line, f"serve exited early:\n{output}"
+                output += line.decode()
+        key = KEY_RE.search(output)
+        assert key, output
+        assert f"curl http://127.0.0.1:{rest}/v1/images/generations" in output
+        reply = await call("POST", f"http://127.0.0.1:{rest}/v1/images/generations",
+                           key=key.group(), json_body={"model": "local", "prompt": "hi",
+                                                       "size": "256x256"})
+        assert reply.status == 200, reply.body
+        url = reply.json()["data"][0]["url"]
+        assert url.startswith(f"http://127.0.0.1:{rest}/v1/images/files/")
+        assert (await call("GET", url)).status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    # A second start finds the demo account and does not mint credentials again.
+    second = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", "serve", "--demo", "--data-dir", str(tmp_path),
+        "--rest-port", str(rest), "--grpc-port", str(grpc_port),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        assert second.stdout
+        out = ""
+        async with asyncio.timeout(30):
+            while "Ctrl-C stops" not in out:
+                line = await second.stdout.readline()
+                assert line, out
+                out += line.decode()
+        assert "exists already" in out and not KEY_RE.search(out)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(second.wait(), 15)

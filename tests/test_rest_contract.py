@@ -1,0 +1,270 @@
+"""The REST contract, run against both fronts (aiohttp and Envoy) with one set of expectations."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import openai
+import pytest
+from PIL import Image
+
+from tests.conftest import Stack, Tenant, balance, make_tenant, sdk
+from tests.rest import assert_error, call
+
+PROMPT = "a lighthouse at dusk, watercolour"
+
+
+def _image(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+@pytest.mark.parametrize("n", [1, 3])
+async def test_sdk_generate_url(base_url: str, stack: Stack, tenant: Tenant, n: int) -> None:
+    client = sdk(base_url, tenant.key)
+    result = await client.images.generate(
+        model="local", prompt=PROMPT, n=n, size="512x512", response_format="url"
+    )
+    assert len(result.data) == n
+    for item in result.data:
+        assert item.b64_json is None
+        assert item.url and item.url.startswith(base_url + "/v1/images/files/")
+        assert item.revised_prompt and PROMPT in item.revised_prompt
+        reply = await call("GET", item.url)  # the signed URL is the credential: no key
+        assert reply.status == 200
+        assert reply.headers["Content-Type"] == "image/png"
+        image = _image(reply.body)
+        assert (image.format, image.size) == ("PNG", (512, 512))
+    # Distinct images (index varies), all charged: 1000 micro-USD each.
+    assert len({item.url for item in result.data}) == n
+    assert await balance(stack.service, tenant.account) == 1_000_000 - n * 1000
+
+
+@pytest.mark.parametrize(("n", "fmt", "mime"), [(1, "webp", "WEBP"), (3, "jpeg", "JPEG")])
+async def test_sdk_generate_b64(
+    base_url: str, tenant: Tenant, n: int, fmt: str, mime: str
+) -> None:
+    client = sdk(base_url, tenant.key)
+    result = await client.images.generate(
+        model="local", prompt=PROMPT, n=n, size="1024x1536", response_format="b64_json",
+        output_format=fmt,  # type: ignore[arg-type]
+    )
+    assert len(result.data) == n
+    for item in result.data:
+        assert item.url is None and item.b64_json
+        image = _image(base64.b64decode(item.b64_json, validate=True))
+        assert (image.format, image.size) == (mime, (1024, 1536))
+    assert (result.size, result.quality, result.output_format) == ("1024x1536", "standard", fmt)
+
+
+async def test_models_list(base_url: str, tenant: Tenant) -> None:
+    models = await sdk(base_url, tenant.key).models.list()
+    ids = [m.id for m in models.data]
+    assert "local" in ids
+    local = next(m for m in models.data if m.id == "local")
+    assert (local.object, local.owned_by) == ("model", "imagegate")
+    assert isinstance(local.created, int)
+
+
+async def test_models_list_respects_key_allowlist(base_url: str, stack: Stack) -> None:
+    limited = await make_tenant(stack.service, models=("nonexistent-model",))
+    reply = await call("GET", f"{base_url}/v1/models", key=limited.key)
+    assert reply.status == 200
+    assert reply.json() == {"object": "list", "data": []}
+
+
+async def test_exact_json_shape(base_url: str, tenant: Tenant) -> None:
+    reply = await call(
+        "POST", f"{base_url}/v1/images/generations", key=tenant.key,
+        json_body={"model": "local", "prompt": PROMPT, "size": "256x256",
+                   "response_format": "b64_json"},
+    )
+    assert reply.status == 200, reply.body[:300]
+    assert reply.headers["Content-Type"] == "application/json"
+    body = reply.json()
+    assert list(body) == ["created", "data", "usage", "background", "output_format", "quality",
+                          "size"]
+    assert isinstance(body["created"], int)  # a number, not proto3's string for 64-bit ints
+    assert body["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    (item,) = body["data"]
+    assert set(item) == {"b64_json", "revised_prompt"}
+    assert len(item["b64_json"]) % 4 == 0  # standard padded base64
+    assert _image(base64.b64decode(item["b64_json"], validate=True)).size == (256, 256)
+    for name in reply.headers:
+        assert not name.lower().startswith("grpc-"), name
+
+
+async def test_fronts_answer_byte_for_byte_the_same(stack: Stack, tenant: Tenant) -> None:
+    if "envoy" not in stack.fronts:
+        pytest.skip("IMAGEGATE_TEST_FRONTS excludes envoy")
+    request = {"model": "local", "prompt": 'é<>&"\\ \u2028 ünïcode ☃', "size": "256x256",
+               "response_format": "b64_json", "n": 2}
+    bodies = []
+    for front in ("aiohttp", "envoy"):
+        reply = await call("POST", f"{stack.fronts[front]}/v1/images/generations",
+                           key=tenant.key, json_body=request)
+        assert reply.status == 200
+        created = str(reply.json()["created"]).encode()
+        bodies.append(reply.body.replace(b'"created":' + created, b'"created":0', 1))
+    assert bodies[0] == bodies[1]
+
+
+async def test_unknown_fields_are_ignored(base_url: str, tenant: Tenant) -> None:
+    reply = await call(
+        "POST", f"{base_url}/v1/images/generations", key=tenant.key,
+        json_body={"model": "local", "prompt": PROMPT, "size": "256x256",
+                   "not_a_field": 1, "extra": {"nested": [1, 2]}},
+    )
+    assert reply.status == 200, reply.body[:300]
+    assert len(reply.json()["data"]) == 1
+
+
+async def test_request_id_is_echoed_or_generated(base_url: str, tenant: Tenant) -> None:
+    sent = await call("GET", f"{base_url}/v1/models", key=tenant.key,
+                      headers={"x-request-id": "trace-abc-123"})
+    assert sent.headers["x-request-id"] == "trace-abc-123"
+    fresh = await call("GET", f"{base_url}/v1/models", key=tenant.key)
+    assert len(fresh.headers["x-request-id"]) >= 16
+    error = await call("GET", f"{base_url}/v1/nope", headers={"x-request-id": "err-1"})
+    assert error.headers["x-request-id"] == "err-1"
+
+
+# Error rows: (json body, status, type, code, param, SDK exception)
+PARAM_ERRORS = [
+    ({"model": "local"}, 400, "invalid_request_error", "missing_required_parameter", "prompt",
+     openai.BadRequestError),
+    ({"model": "local", "prompt": PROMPT, "size": "999x999"}, 400, "invalid_request_error",
+     "invalid_value", "size", openai.BadRequestError),
+    ({"model": "local", "prompt": PROMPT, "n": 11}, 400, "invalid_request_error",
+     "invalid_value", "n", openai.BadRequestError),
+    ({"model": "local", "prompt": PROMPT, "quality": "ultra"}, 400, "invalid_request_error",
+     "invalid_value", "quality", openai.BadRequestError),
+    ({"model": "local", "prompt": PROMPT, "response_format": "gif"}, 400,
+     "invalid_request_error", "invalid_value", "response_format", openai.BadRequestError),
+    ({"model": "local", "prompt": PROMPT, "output_format": "jpeg", "background": "transparent"},
+     400, "invalid_request_error", "invalid_value", "background", openai.BadRequestError),
+    ({"model": "local", "prompt": PROMPT, "stream": True}, 400, "invalid_request_error",
+     "invalid_value", "stream", openai.BadRequestError),
+    ({"model": "local", "prompt": "x" * 32001}, 400, "invalid_request_error", "invalid_value",
+     "prompt", openai.BadRequestError),
+    ({"model": "dall-e-9", "prompt": PROMPT}, 400, "invalid_request_error", "model_not_found",
+     "model", openai.BadRequestError),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "type_", "code", "param", "exc"), PARAM_ERRORS)
+async def test_parameter_errors(
+    base_url: str, stack: Stack, tenant: Tenant, body: dict[str, object], status: int,
+    type_: str, code: str, param: str, exc: type[openai.APIStatusError],
+) -> None:
+    url = f"{base_url}/v1/images/generations"
+    assert_error(await call("POST", url, key=tenant.key, json_body=body),
+                 status, type_, code, param)
+    with pytest.raises(exc) as raised:
+        # The SDK insists on a prompt argument; an empty one is "missing" to the service too.
+        await sdk(base_url, tenant.key).images.generate(**{"prompt": "", **body})  # type: ignore[arg-type]
+    assert raised.value.status_code == status
+    assert await balance(stack.service, tenant.account) == 1_000_000  # never charged
+
+
+async def test_missing_and_malformed_keys_are_401(base_url: str, tenant: Tenant) -> None:
+    url = f"{base_url}/v1/images/generations"
+    body = {"model": "local", "prompt": PROMPT}
+    assert_error(await call("POST", url, json_body=body), 401, "invalid_request_error",
+                 "invalid_api_key")
+    for header in ("Bearer sk-short", "Basic abc", "Bearer " + "sk-" + "A" * 43,
+                   tenant.key):  # the last one without the Bearer scheme
+        reply = await call("POST", url, json_body=body, headers={"Authorization": header})
+        error = assert_error(reply, 401, "invalid_request_error", "invalid_api_key")
+        assert tenant.key not in error["message"]
+    with pytest.raises(openai.AuthenticationError):
+        await sdk(base_url, "sk-" + "B" * 43).images.generate(model="local", prompt=PROMPT)
+    assert_error(await call("GET", f"{base_url}/v1/models"), 401, "invalid_request_error",
+                 "invalid_api_key")
+
+
+async def test_revoked_key_is_401(base_url: str, stack: Stack) -> None:
+    tenant = await make_tenant(stack.service)
+    client = sdk(base_url, tenant.key)
+    await client.images.generate(model="local", prompt=PROMPT, size="256x256")
+    assert await stack.service.store.revoke_key(tenant.key_id)
+    with pytest.raises(openai.AuthenticationError) as raised:
+        await client.images.generate(model="local", prompt=PROMPT, size="256x256")
+    assert raised.value.code == "invalid_api_key"
+    assert await balance(stack.service, tenant.account) == 1_000_000 - 1000
+
+
+async def test_model_not_allowed_is_403(base_url: str, stack: Stack) -> None:
+    limited = await make_tenant(stack.service, models=("some-other-model",))
+    reply = await call("POST", f"{base_url}/v1/images/generations", key=limited.key,
+                       json_body={"model": "local", "prompt": PROMPT})
+    assert_error(reply, 403, "invalid_request_error", "model_not_allowed", "model")
+    with pytest.raises(openai.PermissionDeniedError):
+        await sdk(base_url, limited.key).images.generate(model="local", prompt=PROMPT)
+    assert await balance(stack.service, limited.account) == 1_000_000
+
+
+async def test_insufficient_balance_is_402(base_url: str, stack: Stack) -> None:
+    poor = await make_tenant(stack.service, credit_usd="0.0025")  # 2 images of 1000 µ$
+    url = f"{base_url}/v1/images/generations"
+    reply = await call("POST", url, key=poor.key,
+                       json_body={"model": "local", "prompt": PROMPT, "n": 3})
+    assert_error(reply, 402, "insufficient_quota", "insufficient_quota")
+    with pytest.raises(openai.APIStatusError) as raised:
+        await sdk(base_url, poor.key).images.generate(model="local", prompt=PROMPT, n=3)
+    assert raised.value.status_code == 402
+    assert type(raised.value) is openai.APIStatusError
+    assert await balance(stack.service, poor.account) == 2500
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b'"a string"', b'{"n": "abc"}',
+                                 b'{"prompt": 5.5, "n": 1.5}'])
+async def test_malformed_json_is_400(base_url: str, stack: Stack, tenant: Tenant,
+                                     raw: bytes) -> None:
+    reply = await call("POST", f"{base_url}/v1/images/generations", key=tenant.key, body=raw,
+                       headers={"Content-Type": "application/json"})
+    assert_error(reply, 400, "invalid_request_error", "invalid_json")
+    assert await balance(stack.service, tenant.account) == 1_000_000
+
+
+async def test_oversized_body_is_413(base_url: str, stack: Stack, tenant: Tenant) -> None:
+    body = json.dumps({"model": "local", "prompt": "x" * (1024 * 1024 + 10)}).encode()
+    reply = await call("POST", f"{base_url}/v1/images/generations", key=tenant.key, body=body,
+                       headers={"Content-Type": "application/json"})
+    assert_error(reply, 413, "invalid_request_error", "request_too_large")
+    assert await balance(stack.service, tenant.account) == 1_000_000
+
+
+async def test_unknown_route_is_404_and_wrong_method_405(base_url: str, tenant: Tenant) -> None:
+    reply = await call("POST", f"{base_url}/v1/images/nope?x=1", key=tenant.key, json_body={})
+    error = assert_error(reply, 404, "invalid_request_error", "unknown_url")
+    assert error["message"] == "Invalid URL (POST /v1/images/nope)"
+    reply = await call("GET", f"{base_url}/v1/images/generations", key=tenant.key)
+    error = assert_error(reply, 405, "invalid_request_error", "method_not_allowed")
+    assert error["message"] == "Method not allowed (GET /v1/images/generations)"
+    assert reply.headers["Allow"] == "POST"
+    reply = await call("DELETE", f"{base_url}/v1/models", key=tenant.key)
+    assert_error(reply, 405, "invalid_request_error", "method_not_allowed")
+    assert reply.headers["Allow"] == "GET"
+
+
+async def test_tampered_image_url_is_404(base_url: str, tenant: Tenant) -> None:
+    result = await sdk(base_url, tenant.key).images.generate(
+        model="local", prompt=PROMPT, size="256x256"
+    )
+    url = result.data[0].url
+    assert url is not None
+    assert (await call("GET", url)).status == 200
+    sig_at = url.index("signature=") + len("signature=")
+    flipped = "0" if url[sig_at] != "0" else "1"
+    tampered = [
+        url[:sig_at] + flipped + url[sig_at + 1:],
+        url.replace("expires=", "expires=9"),
+        url.split("?")[0],
+        url.replace("/files/", "/files/x"),
+    ]
+    for bad in tampered:
+        assert_error(await call("GET", bad), 404, "invalid_request_error", "image_not_found")
