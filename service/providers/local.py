@@ -1,0 +1,61 @@
+"""The built-in offline provider: deterministic images rendered locally with Pillow."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+from service.providers.base import GeneratedImage, ProviderResult
+from service.providers.local_render import CONTENT_TYPES, render
+from service.requests import ImageRequest
+
+OFFLINE_NOTE = "(Rendered offline by imagegate's local renderer.)"
+
+
+class LocalProvider:
+    """Renders in its own thread pool so image work never blocks the event loop."""
+
+    name = "local"
+
+    def __init__(self, max_workers: int = 2) -> None:
+        # A pool of its own, sized to the cores rather than the loop's default
+        # executor: rendering is CPU-bound, and a burst of n=10 requests should
+        # queue here instead of filling the executor other code relies on.
+        # Pillow releases the GIL while it resizes, blends and encodes, so the
+        # threads do run in parallel.
+        self._pool = ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="imagegate-local"
+        )
+
+    async def generate(self, request: ImageRequest) -> ProviderResult:
+        loop = asyncio.get_running_loop()
+        draw = partial(
+            render,
+            request.prompt,
+            request.width,
+            request.height,
+            output_format=request.output_format,
+            quality=request.quality,
+            background=request.background,
+            compression=request.output_compression,
+        )
+        # All n at once; if the caller gives up, gather cancels the ones not started.
+        blobs = await asyncio.gather(
+            *(loop.run_in_executor(self._pool, partial(draw, index=i)) for i in range(request.n))
+        )
+        content_type = CONTENT_TYPES[request.output_format]
+        revised = revised_prompt(request.prompt)
+        return ProviderResult(
+            images=[GeneratedImage(data, content_type, revised) for data in blobs]
+        )
+
+    async def aclose(self) -> None:
+        # Drop queued renders, and wait for running ones off the loop so
+        # shutdown leaves no worker threads behind.
+        await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
+
+
+def revised_prompt(prompt: str) -> str:
+    """The prompt as drawn (whitespace collapsed), marked as an offline rendering."""
+    return f"{' '.join(prompt.split())} {OFFLINE_NOTE}"
