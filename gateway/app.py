@@ -138,8 +138,13 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
         response = _json_bytes(errors.INTERNAL.status, errors.error_body(errors.INTERNAL))
     response.headers[REQUEST_ID] = request[REQUEST_ID_KEY]
     # The path only: a query may carry an image URL's signature.
-    log.info("%s %s %d request_id=%s", request.method, request.rel_url.raw_path,
-             response.status, request[REQUEST_ID_KEY])
+    log.info(
+        "%s %s %d request_id=%s",
+        request.method,
+        request.rel_url.raw_path,
+        response.status,
+        request[REQUEST_ID_KEY],
+    )
     return response
 
 
@@ -166,7 +171,7 @@ def _from_grpc(err: grpc.aio.AioRpcError) -> web.Response:
 
 def _error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
     try:
-        status = rpc_status.from_call(err)  # type: ignore[arg-type]
+        status = rpc_status.from_call(err)
     except ValueError:
         return None
     for detail in status.details if status else ():

@@ -37,7 +37,9 @@ BY_REASON: dict[str, Row] = {
 }
 
 # gRPC status without an imagegate reason -> HTTP, with a fixed message.
-DEADLINE = Row(504, "server_error", "timeout", "The request timed out before the images were ready.")
+DEADLINE = Row(
+    504, "server_error", "timeout", "The request timed out before the images were ready."
+)
 UNAVAILABLE = Row(
     503,
     "server_error",
@@ -58,9 +60,7 @@ INVALID_JSON = Row(
     "We could not parse the JSON body of your request. Send a JSON object with this "
     "endpoint's parameters and the header Content-Type: application/json.",
 )
-TOO_LARGE = Row(
-    413, "invalid_request_error", "request_too_large", "The request body is too large."
-)
+TOO_LARGE = Row(413, "invalid_request_error", "request_too_large", "The request body is too large.")
 UNKNOWN_URL = Row(404, "invalid_request_error", "unknown_url")
 WRONG_METHOD = Row(405, "invalid_request_error", "method_not_allowed")
 
@@ -73,8 +73,9 @@ def wrong_method_message(method: str, path: str) -> str:
     return f"Method not allowed ({method} {path})"
 
 
-def error_body(row: Row, message: str | None = None, param: str | None = None,
-               code: str | None = None) -> bytes:
+def error_body(
+    row: Row, message: str | None = None, param: str | None = None, code: str | None = None
+) -> bytes:
     """Serialise exactly as Envoy's Lua filter does: compact, UTF-8, fixed key order."""
     error = {
         "message": message if message is not None else row.message,

@@ -46,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    def command(name: str, func: Callable[..., Awaitable[int]], help: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, func: Callable[..., Awaitable[int]], help: str
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
         return p
@@ -54,8 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     serve = command("serve", _serve, "Run gRPC and the REST front in one process.")
     _service_flags(serve)
     _rest_flags(serve)
-    serve.add_argument("--demo", action="store_true",
-                       help="on an empty database, create a 'demo' account and key and print them")
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="on an empty database, create a 'demo' account and key and print them",
+    )
     _service_flags(command("serve-grpc", _serve_grpc, "Run only the gRPC ImageService."))
     rest = command("serve-rest", _serve_rest, "Run only the REST front, in front of --grpc-target.")
     rest.add_argument("--host", help="address to bind [IMAGEGATE_HOST, 127.0.0.1]")
@@ -63,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     rest.add_argument("--grpc-target", help="HOST:PORT of ImageService [IMAGEGATE_GRPC_TARGET]")
 
     accounts = sub.add_parser("accounts", help="Create and show accounts.").add_subparsers(
-        required=True, metavar="ACTION")
+        required=True, metavar="ACTION"
+    )
     p = accounts.add_parser("create", help="Create an account.")
     p.set_defaults(func=_accounts_create)
     p.add_argument("name")
@@ -76,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     _store_flags(p)
 
     credit = sub.add_parser("credit", help="Add prepaid credit.").add_subparsers(
-        required=True, metavar="ACTION")
+        required=True, metavar="ACTION"
+    )
     p = credit.add_parser("add", help="Add credit in USD to an account.")
     p.set_defaults(func=_credit_add)
     p.add_argument("name")
@@ -84,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     _store_flags(p)
 
     keys_cmd = sub.add_parser("keys", help="Create, list and revoke API keys.").add_subparsers(
-        required=True, metavar="ACTION")
+        required=True, metavar="ACTION"
+    )
     p = keys_cmd.add_parser("create", help="Create a key; it is shown once.")
     p.set_defaults(func=_keys_create)
     p.add_argument("account")
@@ -109,7 +117,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _store_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", type=Path, help="data directory [IMAGEGATE_DATA_DIR, ./.imagegate]")
+    p.add_argument(
+        "--data-dir", type=Path, help="data directory [IMAGEGATE_DATA_DIR, ./.imagegate]"
+    )
     p.add_argument("--database-url", help="sqlite:///PATH [IMAGEGATE_DATABASE_URL]")
 
 
@@ -118,7 +128,9 @@ def _service_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="address to bind [IMAGEGATE_HOST, 127.0.0.1]")
     p.add_argument("--grpc-port", type=int, help="gRPC port [IMAGEGATE_GRPC_PORT, 50051]")
     p.add_argument("--catalog", type=Path, help="your model catalog TOML [IMAGEGATE_CATALOG]")
-    p.add_argument("--public-url", help="base of image URLs when no front says [IMAGEGATE_PUBLIC_URL]")
+    p.add_argument(
+        "--public-url", help="base of image URLs when no front says [IMAGEGATE_PUBLIC_URL]"
+    )
 
 
 def _rest_flags(p: argparse.ArgumentParser) -> None:
@@ -154,8 +166,10 @@ async def _serve(args: argparse.Namespace) -> int:
         rest_url = f"http://{_url_host(gateway_config.host)}:{gateway_config.rest_port}"
         if args.demo:
             await _demo(service, rest_url)
-        print(f"imagegate: REST on {rest_url}, gRPC on {config.host}:{service.port}. "
-              "Ctrl-C stops.", flush=True)
+        print(
+            f"imagegate: REST on {rest_url}, gRPC on {config.host}:{service.port}. Ctrl-C stops.",
+            flush=True,
+        )
         await _until_signal()
     finally:
         await runner.cleanup()
@@ -179,8 +193,11 @@ async def _serve_rest(args: argparse.Namespace) -> int:
     config = _gateway_config(args, grpc_target=args.grpc_target)
     runner = await start_gateway(config)
     try:
-        print(f"imagegate: REST on {config.host}:{config.rest_port} -> gRPC {config.grpc_target}. "
-              "Ctrl-C stops.", flush=True)
+        print(
+            f"imagegate: REST on {config.host}:{config.rest_port} -> gRPC {config.grpc_target}. "
+            "Ctrl-C stops.",
+            flush=True,
+        )
         await _until_signal()
     finally:
         await runner.cleanup()
@@ -208,8 +225,11 @@ async def _until_signal() -> None:
 async def _demo(service: Service, rest_url: str) -> None:
     store = service.store
     if await store.get_account(DEMO_ACCOUNT) is not None:
-        print(f"imagegate: the '{DEMO_ACCOUNT}' account exists already; its key was shown when "
-              f"it was made. For a new one: imagegate keys create {DEMO_ACCOUNT}", flush=True)
+        print(
+            f"imagegate: the '{DEMO_ACCOUNT}' account exists already; its key was shown when "
+            f"it was made. For a new one: imagegate keys create {DEMO_ACCOUNT}",
+            flush=True,
+        )
         return
     await store.create_account(DEMO_ACCOUNT, usd_to_micros(DEMO_CREDIT))
     key = keys.new_key()
@@ -261,7 +281,9 @@ async def _credit_add(args: argparse.Namespace) -> int:
         raise ValueError("credit must be a positive amount")
     async with _store(args) as store:
         account = await store.add_credit(args.name, micros, "credit add")
-    print(f"{account.name}: added {format_usd(micros)}, balance {format_usd(account.balance_micros)}")
+    print(
+        f"{account.name}: added {format_usd(micros)}, balance {format_usd(account.balance_micros)}"
+    )
     return 0
 
 
@@ -272,8 +294,10 @@ async def _keys_create(args: argparse.Namespace) -> int:
         record = await store.create_key(
             args.account, keys.hash_key(key), keys.display_prefix(key), args.name, models
         )
-    print(f"created {record.id} for {record.account_name}"
-          f"{' (models: ' + ', '.join(models) + ')' if models else ''}")
+    print(
+        f"created {record.id} for {record.account_name}"
+        f"{' (models: ' + ', '.join(models) + ')' if models else ''}"
+    )
     print(f"key (shown once): {key}")
     return 0
 
@@ -311,8 +335,10 @@ async def _usage(args: argparse.Namespace) -> int:
         return 0
     print(f"{'time':20} {'model':14} {'n':>2} {'size':10} {'quality':8} {'cost':>10} status")
     for r in rows:
-        print(f"{_iso(r.created_at):20} {r.model:14} {r.n:>2} {r.size:10} {r.quality:8} "
-              f"{format_usd(r.cost_micros):>10} {r.status}")
+        print(
+            f"{_iso(r.created_at):20} {r.model:14} {r.n:>2} {r.size:10} {r.quality:8} "
+            f"{format_usd(r.cost_micros):>10} {r.status}"
+        )
     return 0
 
 

@@ -133,8 +133,15 @@ class ImageCore:
         await asyncio.shield(self._store.settle(reservation, cost))
         log.info(
             "request %s account=%s model=%s n=%d/%d size=%s quality=%s cost=%d latency_ms=%d",
-            ctx.request_id, caller.account_name, request.model.id, len(images), request.n,
-            request.size, request.quality, cost, (self._clock() - started) * 1000,
+            ctx.request_id,
+            caller.account_name,
+            request.model.id,
+            len(images),
+            request.n,
+            request.size,
+            request.quality,
+            cost,
+            (self._clock() - started) * 1000,
         )
         reported = request.model.reports_output
         return Generation(
@@ -171,7 +178,9 @@ class ImageCore:
             return [ResultImage(data=g.data, revised_prompt=g.revised_prompt) for g in generated]
         ids = await asyncio.gather(*(self._images.put(g.data, g.content_type) for g in generated))
         return [
-            ResultImage(url=ctx.base_url + self._images.signed_path(i), revised_prompt=g.revised_prompt)
+            ResultImage(
+                url=ctx.base_url + self._images.signed_path(i), revised_prompt=g.revised_prompt
+            )
             for i, g in zip(ids, generated, strict=True)
         ]
 

@@ -77,4 +77,3 @@ class _Status(grpc.Status):
         self.code = code
         self.details = details
         self.trailing_metadata = trailing_metadata
-

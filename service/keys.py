@@ -16,7 +16,9 @@ MISSING = (
     "You didn't provide an API key. Provide it in the Authorization header "
     "using Bearer auth (Authorization: Bearer YOUR_KEY)."
 )
-INVALID = "Incorrect API key provided. Check the key, or create a new one with `imagegate keys create`."
+INVALID = (
+    "Incorrect API key provided. Check the key, or create a new one with `imagegate keys create`."
+)
 
 
 def new_key() -> str:

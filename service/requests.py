@@ -166,9 +166,7 @@ def _optional(param: str, value: str, allowed: tuple[str, ...], model: ModelSpec
     if not value:
         return None
     if not allowed:
-        raise InvalidParameter(
-            f"'{param}' is not supported with model '{model.id}'.", param=param
-        )
+        raise InvalidParameter(f"'{param}' is not supported with model '{model.id}'.", param=param)
     return _choice(param, value, allowed, model)
 
 

@@ -91,9 +91,7 @@ async def start_service(config: Config, port: int | None = None) -> Service:
     )
     # Reservations left held by a crash are released before serving anything.
     await core.sweep()
-    server, bound = await create_server(
-        config, core, config.grpc_port if port is None else port
-    )
+    server, bound = await create_server(config, core, config.grpc_port if port is None else port)
     await server.start()
     service = Service(config, store, core, server, bound, providers)
     service._tasks.append(asyncio.create_task(_sweep_forever(core, config.sweep_interval_s)))
@@ -111,8 +109,11 @@ async def create_server(config: Config, core: ImageCore, port: int) -> tuple[grp
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME),
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     bound = server.add_insecure_port(f"{config.host}:{port}")

@@ -62,9 +62,7 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
 
         return await self._run(context, call)
 
-    async def _run(
-        self, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]
-    ) -> T:
+    async def _run(self, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
         try:
             return await call()
         except ImagegateError as err:

@@ -51,9 +51,7 @@ class Tenant:
 
 async def start_stack(data_dir: Path, *, envoy: bool, **config: object) -> tuple[Stack, list]:
     service = await start_service(service_config(data_dir, **config), port=0)
-    runner = await start_gateway(
-        GatewayConfig(grpc_target=f"127.0.0.1:{service.port}"), port=0
-    )
+    runner = await start_gateway(GatewayConfig(grpc_target=f"127.0.0.1:{service.port}"), port=0)
     fronts = {"aiohttp": f"http://127.0.0.1:{bound_port(runner)}"}
     closers: list[Callable[[], Awaitable[object]]] = [runner.cleanup, service.stop]
     if envoy:

@@ -22,8 +22,13 @@ class Reply:
 
 
 async def call(
-    method: str, url: str, *, key: str | None = None, body: bytes | None = None,
-    json_body: object = None, headers: dict[str, str] | None = None,
+    method: str,
+    url: str,
+    *,
+    key: str | None = None,
+    body: bytes | None = None,
+    json_body: object = None,
+    headers: dict[str, str] | None = None,
 ) -> Reply:
     hdrs = dict(headers or {})
     if key is not None:
@@ -33,14 +38,16 @@ async def call(
         hdrs.setdefault("Content-Type", "application/json")
     # BytesIO: aiohttp warns that large raw bytes bodies could block the loop.
     data = io.BytesIO(body) if body is not None else None
-    async with aiohttp.ClientSession() as session, session.request(
-        method, url, data=data, headers=hdrs
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, url, data=data, headers=hdrs) as resp,
+    ):
         return Reply(resp.status, resp.headers, await resp.read())
 
 
-def assert_error(reply: Reply, status: int, type_: str, code: str | None,
-                 param: str | None = None) -> dict[str, Any]:
+def assert_error(
+    reply: Reply, status: int, type_: str, code: str | None, param: str | None = None
+) -> dict[str, Any]:
     """The OpenAI error shape: all four keys, exact values, JSON content type."""
     assert reply.status == status, (reply.status, reply.body[:500])
     assert reply.headers["Content-Type"] == "application/json"

@@ -20,7 +20,9 @@ KEY_RE = re.compile(r"sk-[A-Za-z0-9_-]{43}")
 def run(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "service.cli", *args, "--data-dir", str(data_dir)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -61,9 +63,19 @@ def _free_port() -> int:
 async def test_serve_demo_prints_a_working_key(tmp_path: Path) -> None:
     rest, grpc_port = _free_port(), _free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service.cli", "serve", "--demo", "--data-dir", str(tmp_path),
-        "--rest-port", str(rest), "--grpc-port", str(grpc_port),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "service.cli",
+        "serve",
+        "--demo",
+        "--data-dir",
+        str(tmp_path),
+        "--rest-port",
+        str(rest),
+        "--grpc-port",
+        str(grpc_port),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
@@ -77,9 +89,12 @@ async def test_serve_demo_prints_a_working_key(tmp_path: Path) -> None:
         key = KEY_RE.search(output)
         assert key, output
         assert f"curl http://127.0.0.1:{rest}/v1/images/generations" in output
-        reply = await call("POST", f"http://127.0.0.1:{rest}/v1/images/generations",
-                           key=key.group(), json_body={"model": "local", "prompt": "hi",
-                                                       "size": "256x256"})
+        reply = await call(
+            "POST",
+            f"http://127.0.0.1:{rest}/v1/images/generations",
+            key=key.group(),
+            json_body={"model": "local", "prompt": "hi", "size": "256x256"},
+        )
         assert reply.status == 200, reply.body
         url = reply.json()["data"][0]["url"]
         assert url.startswith(f"http://127.0.0.1:{rest}/v1/images/files/")
@@ -89,9 +104,19 @@ async def test_serve_demo_prints_a_working_key(tmp_path: Path) -> None:
         assert await asyncio.wait_for(proc.wait(), 15) == 0
     # A second start finds the demo account and does not mint credentials again.
     second = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service.cli", "serve", "--demo", "--data-dir", str(tmp_path),
-        "--rest-port", str(rest), "--grpc-port", str(grpc_port),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "service.cli",
+        "serve",
+        "--demo",
+        "--data-dir",
+        str(tmp_path),
+        "--rest-port",
+        str(rest),
+        "--grpc-port",
+        str(grpc_port),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     try:
         assert second.stdout

@@ -58,9 +58,14 @@ async def parts(tmp_path: Path):  # type: ignore[no-untyped-def]
     await store.open()
     provider = ScriptedProvider()
     core = ImageCore(
-        catalog=load_catalog(), store=store, providers={"local": provider},
+        catalog=load_catalog(),
+        store=store,
+        providers={"local": provider},
         images=ImageStore(tmp_path / "images", b"secret", 3600, clock=clock),
-        default_model="local", upstream_timeout_s=0.5, reservation_ttl_s=900, clock=clock,
+        default_model="local",
+        upstream_timeout_s=0.5,
+        reservation_ttl_s=900,
+        clock=clock,
     )
     await store.create_account("a", 100_000)
     key = keys.new_key()
@@ -96,8 +101,9 @@ async def test_extra_upstream_images_are_neither_returned_nor_charged(parts) -> 
     assert await _balance(store) == 100_000 - 2000
 
 
-@pytest.mark.parametrize("error", [UpstreamError("boom"), ContentPolicy("refused"),
-                                   RuntimeError("adapter bug")])
+@pytest.mark.parametrize(
+    "error", [UpstreamError("boom"), ContentPolicy("refused"), RuntimeError("adapter bug")]
+)
 async def test_failure_releases_everything(parts, error: Exception) -> None:  # type: ignore[no-untyped-def]
     core, store, provider, caller, _ = parts
     provider.error = error

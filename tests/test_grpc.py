@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2
@@ -10,7 +12,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 from imagegate.v1 import images_pb2, images_pb2_grpc
 from PIL import Image
-import io
 
 from tests.conftest import Stack, Tenant, balance, make_tenant
 
@@ -35,8 +36,9 @@ async def test_generate_returns_raw_image_bytes(
     grpc_stub: images_pb2_grpc.ImageServiceStub, tenant: Tenant
 ) -> None:
     reply = await grpc_stub.GenerateImages(
-        images_pb2.GenerateImagesRequest(model="local", prompt=PROMPT, n=2, size="512x512",
-                                         response_format="b64_json"),
+        images_pb2.GenerateImagesRequest(
+            model="local", prompt=PROMPT, n=2, size="512x512", response_format="b64_json"
+        ),
         metadata=_auth(tenant.key),
     )
     assert len(reply.data) == 2
@@ -49,21 +51,39 @@ async def test_generate_returns_raw_image_bytes(
 @pytest.mark.parametrize(
     ("request_", "code", "reason", "meta"),
     [
-        (images_pb2.GenerateImagesRequest(model="local"), grpc.StatusCode.INVALID_ARGUMENT,
-         "INVALID_PARAMETER", {"param": "prompt", "code": "missing_required_parameter"}),
-        (images_pb2.GenerateImagesRequest(model="local", prompt=PROMPT, size="1x1"),
-         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PARAMETER",
-         {"param": "size", "code": "invalid_value"}),
-        (images_pb2.GenerateImagesRequest(model="nope", prompt=PROMPT),
-         grpc.StatusCode.INVALID_ARGUMENT, "MODEL_NOT_SUPPORTED", {"param": "model"}),
-        (images_pb2.GenerateImagesRequest(model="local", prompt=PROMPT, n=0),
-         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PARAMETER",
-         {"param": "n", "code": "invalid_value"}),
+        (
+            images_pb2.GenerateImagesRequest(model="local"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_PARAMETER",
+            {"param": "prompt", "code": "missing_required_parameter"},
+        ),
+        (
+            images_pb2.GenerateImagesRequest(model="local", prompt=PROMPT, size="1x1"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_PARAMETER",
+            {"param": "size", "code": "invalid_value"},
+        ),
+        (
+            images_pb2.GenerateImagesRequest(model="nope", prompt=PROMPT),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "MODEL_NOT_SUPPORTED",
+            {"param": "model"},
+        ),
+        (
+            images_pb2.GenerateImagesRequest(model="local", prompt=PROMPT, n=0),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_PARAMETER",
+            {"param": "n", "code": "invalid_value"},
+        ),
     ],
 )
 async def test_parameter_errors(
-    grpc_stub: images_pb2_grpc.ImageServiceStub, stack: Stack, tenant: Tenant,
-    request_: images_pb2.GenerateImagesRequest, code: grpc.StatusCode, reason: str,
+    grpc_stub: images_pb2_grpc.ImageServiceStub,
+    stack: Stack,
+    tenant: Tenant,
+    request_: images_pb2.GenerateImagesRequest,
+    code: grpc.StatusCode,
+    reason: str,
     meta: dict[str, str],
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
@@ -83,14 +103,17 @@ async def test_auth_errors(grpc_stub: images_pb2_grpc.ImageServiceStub, stack: S
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await grpc_stub.GenerateImages(request, metadata=_auth(limited.key))
     assert _reason(raised.value) == (
-        grpc.StatusCode.PERMISSION_DENIED, "MODEL_NOT_ALLOWED", {"param": "model"}
+        grpc.StatusCode.PERMISSION_DENIED,
+        "MODEL_NOT_ALLOWED",
+        {"param": "model"},
     )
 
     poor = await make_tenant(stack.service, credit_usd="0.0005")
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await grpc_stub.GenerateImages(request, metadata=_auth(poor.key))
     assert _reason(raised.value)[:2] == (
-        grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_BALANCE"
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "INSUFFICIENT_BALANCE",
     )
     assert await balance(stack.service, poor.account) == 500
 
@@ -106,7 +129,9 @@ async def test_image_not_found(grpc_stub: images_pb2_grpc.ImageServiceStub) -> N
 async def test_health_and_reflection(stack: Stack) -> None:
     async with grpc.aio.insecure_channel(stack.grpc_target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        reply = await health.Check(health_pb2.HealthCheckRequest(service="imagegate.v1.ImageService"))
+        reply = await health.Check(
+            health_pb2.HealthCheckRequest(service="imagegate.v1.ImageService")
+        )
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
         names: list[str] = []

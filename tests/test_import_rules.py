@@ -8,8 +8,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # The domain core: everything in service/ but the gRPC edge and the process wiring.
 GRPC_EDGE = {"servicer.py", "grpc_errors.py", "server.py", "cli.py"}
-FORBIDDEN_IN_CORE = ("grpc", "grpc_status", "grpc_health", "grpc_reflection", "google",
-                     "imagegate", "openai", "aiohttp", "gateway", "boto3", "replicate")
+FORBIDDEN_IN_CORE = (
+    "grpc",
+    "grpc_status",
+    "grpc_health",
+    "grpc_reflection",
+    "google",
+    "imagegate",
+    "openai",
+    "aiohttp",
+    "gateway",
+    "boto3",
+    "replicate",
+)
 
 
 def _imports(path: Path) -> set[str]:

@@ -14,13 +14,22 @@ PROMPT = "coins on a table"
 async def test_balance_equals_credit_minus_quotes_and_ledger(stack: Stack) -> None:
     tenant = await make_tenant(stack.service, credit_usd="1")
     client = sdk(stack.fronts["aiohttp"], tenant.key)
-    requests = [("256x256", "standard", 1), ("1024x1536", "standard", 2),
-                ("1792x1024", "hd", 1), ("512x512", "hd", 3)]
+    requests = [
+        ("256x256", "standard", 1),
+        ("1024x1536", "standard", 2),
+        ("1792x1024", "hd", 1),
+        ("512x512", "hd", 3),
+    ]
     quotes = 0
     catalog = stack.service.core._catalog  # the prices the service really uses
     for size, quality, n in requests:
-        await client.images.generate(model="local", prompt=PROMPT, size=size,  # type: ignore[arg-type]
-                                     quality=quality, n=n)  # type: ignore[arg-type]
+        await client.images.generate(
+            model="local",
+            prompt=PROMPT,
+            size=size,  # type: ignore[arg-type]
+            quality=quality,
+            n=n,
+        )  # type: ignore[arg-type]
         price = catalog.models["local"].unit_price(size, quality)
         assert price is not None
         quotes += n * price
@@ -39,8 +48,9 @@ async def test_parallel_requests_never_overspend(stack: Stack) -> None:
 
     async def one() -> int:
         try:
-            await client.images.generate(model="local", prompt=PROMPT, size="256x256",
-                                         response_format="b64_json")
+            await client.images.generate(
+                model="local", prompt=PROMPT, size="256x256", response_format="b64_json"
+            )
             return 200
         except openai.APIStatusError as err:
             return err.status_code

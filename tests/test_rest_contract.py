@@ -44,12 +44,14 @@ async def test_sdk_generate_url(base_url: str, stack: Stack, tenant: Tenant, n: 
 
 
 @pytest.mark.parametrize(("n", "fmt", "mime"), [(1, "webp", "WEBP"), (3, "jpeg", "JPEG")])
-async def test_sdk_generate_b64(
-    base_url: str, tenant: Tenant, n: int, fmt: str, mime: str
-) -> None:
+async def test_sdk_generate_b64(base_url: str, tenant: Tenant, n: int, fmt: str, mime: str) -> None:
     client = sdk(base_url, tenant.key)
     result = await client.images.generate(
-        model="local", prompt=PROMPT, n=n, size="1024x1536", response_format="b64_json",
+        model="local",
+        prompt=PROMPT,
+        n=n,
+        size="1024x1536",
+        response_format="b64_json",
         output_format=fmt,  # type: ignore[arg-type]
     )
     assert len(result.data) == n
@@ -78,15 +80,28 @@ async def test_models_list_respects_key_allowlist(base_url: str, stack: Stack) -
 
 async def test_exact_json_shape(base_url: str, tenant: Tenant) -> None:
     reply = await call(
-        "POST", f"{base_url}/v1/images/generations", key=tenant.key,
-        json_body={"model": "local", "prompt": PROMPT, "size": "256x256",
-                   "response_format": "b64_json"},
+        "POST",
+        f"{base_url}/v1/images/generations",
+        key=tenant.key,
+        json_body={
+            "model": "local",
+            "prompt": PROMPT,
+            "size": "256x256",
+            "response_format": "b64_json",
+        },
     )
     assert reply.status == 200, reply.body[:300]
     assert reply.headers["Content-Type"] == "application/json"
     body = reply.json()
-    assert list(body) == ["created", "data", "usage", "background", "output_format", "quality",
-                          "size"]
+    assert list(body) == [
+        "created",
+        "data",
+        "usage",
+        "background",
+        "output_format",
+        "quality",
+        "size",
+    ]
     assert isinstance(body["created"], int)  # a number, not proto3's string for 64-bit ints
     assert body["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     (item,) = body["data"]
@@ -100,12 +115,21 @@ async def test_exact_json_shape(base_url: str, tenant: Tenant) -> None:
 async def test_fronts_answer_byte_for_byte_the_same(stack: Stack, tenant: Tenant) -> None:
     if "envoy" not in stack.fronts:
         pytest.skip("IMAGEGATE_TEST_FRONTS excludes envoy")
-    request = {"model": "local", "prompt": 'é<>&"\\ \u2028 ünïcode ☃', "size": "256x256",
-               "response_format": "b64_json", "n": 2}
+    request = {
+        "model": "local",
+        "prompt": 'é<>&"\\ \u2028 ünïcode ☃',
+        "size": "256x256",
+        "response_format": "b64_json",
+        "n": 2,
+    }
     bodies = []
     for front in ("aiohttp", "envoy"):
-        reply = await call("POST", f"{stack.fronts[front]}/v1/images/generations",
-                           key=tenant.key, json_body=request)
+        reply = await call(
+            "POST",
+            f"{stack.fronts[front]}/v1/images/generations",
+            key=tenant.key,
+            json_body=request,
+        )
         assert reply.status == 200
         created = str(reply.json()["created"]).encode()
         bodies.append(reply.body.replace(b'"created":' + created, b'"created":0', 1))
@@ -114,17 +138,25 @@ async def test_fronts_answer_byte_for_byte_the_same(stack: Stack, tenant: Tenant
 
 async def test_unknown_fields_are_ignored(base_url: str, tenant: Tenant) -> None:
     reply = await call(
-        "POST", f"{base_url}/v1/images/generations", key=tenant.key,
-        json_body={"model": "local", "prompt": PROMPT, "size": "256x256",
-                   "not_a_field": 1, "extra": {"nested": [1, 2]}},
+        "POST",
+        f"{base_url}/v1/images/generations",
+        key=tenant.key,
+        json_body={
+            "model": "local",
+            "prompt": PROMPT,
+            "size": "256x256",
+            "not_a_field": 1,
+            "extra": {"nested": [1, 2]},
+        },
     )
     assert reply.status == 200, reply.body[:300]
     assert len(reply.json()["data"]) == 1
 
 
 async def test_request_id_is_echoed_or_generated(base_url: str, tenant: Tenant) -> None:
-    sent = await call("GET", f"{base_url}/v1/models", key=tenant.key,
-                      headers={"x-request-id": "trace-abc-123"})
+    sent = await call(
+        "GET", f"{base_url}/v1/models", key=tenant.key, headers={"x-request-id": "trace-abc-123"}
+    )
     assert sent.headers["x-request-id"] == "trace-abc-123"
     fresh = await call("GET", f"{base_url}/v1/models", key=tenant.key)
     assert len(fresh.headers["x-request-id"]) >= 16
@@ -134,35 +166,97 @@ async def test_request_id_is_echoed_or_generated(base_url: str, tenant: Tenant) 
 
 # Error rows: (json body, status, type, code, param, SDK exception)
 PARAM_ERRORS = [
-    ({"model": "local"}, 400, "invalid_request_error", "missing_required_parameter", "prompt",
-     openai.BadRequestError),
-    ({"model": "local", "prompt": PROMPT, "size": "999x999"}, 400, "invalid_request_error",
-     "invalid_value", "size", openai.BadRequestError),
-    ({"model": "local", "prompt": PROMPT, "n": 11}, 400, "invalid_request_error",
-     "invalid_value", "n", openai.BadRequestError),
-    ({"model": "local", "prompt": PROMPT, "quality": "ultra"}, 400, "invalid_request_error",
-     "invalid_value", "quality", openai.BadRequestError),
-    ({"model": "local", "prompt": PROMPT, "response_format": "gif"}, 400,
-     "invalid_request_error", "invalid_value", "response_format", openai.BadRequestError),
-    ({"model": "local", "prompt": PROMPT, "output_format": "jpeg", "background": "transparent"},
-     400, "invalid_request_error", "invalid_value", "background", openai.BadRequestError),
-    ({"model": "local", "prompt": PROMPT, "stream": True}, 400, "invalid_request_error",
-     "invalid_value", "stream", openai.BadRequestError),
-    ({"model": "local", "prompt": "x" * 32001}, 400, "invalid_request_error", "invalid_value",
-     "prompt", openai.BadRequestError),
-    ({"model": "dall-e-9", "prompt": PROMPT}, 400, "invalid_request_error", "model_not_found",
-     "model", openai.BadRequestError),
+    (
+        {"model": "local"},
+        400,
+        "invalid_request_error",
+        "missing_required_parameter",
+        "prompt",
+        openai.BadRequestError,
+    ),
+    (
+        {"model": "local", "prompt": PROMPT, "size": "999x999"},
+        400,
+        "invalid_request_error",
+        "invalid_value",
+        "size",
+        openai.BadRequestError,
+    ),
+    (
+        {"model": "local", "prompt": PROMPT, "n": 11},
+        400,
+        "invalid_request_error",
+        "invalid_value",
+        "n",
+        openai.BadRequestError,
+    ),
+    (
+        {"model": "local", "prompt": PROMPT, "quality": "ultra"},
+        400,
+        "invalid_request_error",
+        "invalid_value",
+        "quality",
+        openai.BadRequestError,
+    ),
+    (
+        {"model": "local", "prompt": PROMPT, "response_format": "gif"},
+        400,
+        "invalid_request_error",
+        "invalid_value",
+        "response_format",
+        openai.BadRequestError,
+    ),
+    (
+        {"model": "local", "prompt": PROMPT, "output_format": "jpeg", "background": "transparent"},
+        400,
+        "invalid_request_error",
+        "invalid_value",
+        "background",
+        openai.BadRequestError,
+    ),
+    (
+        {"model": "local", "prompt": PROMPT, "stream": True},
+        400,
+        "invalid_request_error",
+        "invalid_value",
+        "stream",
+        openai.BadRequestError,
+    ),
+    (
+        {"model": "local", "prompt": "x" * 32001},
+        400,
+        "invalid_request_error",
+        "invalid_value",
+        "prompt",
+        openai.BadRequestError,
+    ),
+    (
+        {"model": "dall-e-9", "prompt": PROMPT},
+        400,
+        "invalid_request_error",
+        "model_not_found",
+        "model",
+        openai.BadRequestError,
+    ),
 ]
 
 
 @pytest.mark.parametrize(("body", "status", "type_", "code", "param", "exc"), PARAM_ERRORS)
 async def test_parameter_errors(
-    base_url: str, stack: Stack, tenant: Tenant, body: dict[str, object], status: int,
-    type_: str, code: str, param: str, exc: type[openai.APIStatusError],
+    base_url: str,
+    stack: Stack,
+    tenant: Tenant,
+    body: dict[str, object],
+    status: int,
+    type_: str,
+    code: str,
+    param: str,
+    exc: type[openai.APIStatusError],
 ) -> None:
     url = f"{base_url}/v1/images/generations"
-    assert_error(await call("POST", url, key=tenant.key, json_body=body),
-                 status, type_, code, param)
+    assert_error(
+        await call("POST", url, key=tenant.key, json_body=body), status, type_, code, param
+    )
     with pytest.raises(exc) as raised:
         # The SDK insists on a prompt argument; an empty one is "missing" to the service too.
         await sdk(base_url, tenant.key).images.generate(**{"prompt": "", **body})  # type: ignore[arg-type]
@@ -173,17 +267,23 @@ async def test_parameter_errors(
 async def test_missing_and_malformed_keys_are_401(base_url: str, tenant: Tenant) -> None:
     url = f"{base_url}/v1/images/generations"
     body = {"model": "local", "prompt": PROMPT}
-    assert_error(await call("POST", url, json_body=body), 401, "invalid_request_error",
-                 "invalid_api_key")
-    for header in ("Bearer sk-short", "Basic abc", "Bearer " + "sk-" + "A" * 43,
-                   tenant.key):  # the last one without the Bearer scheme
+    assert_error(
+        await call("POST", url, json_body=body), 401, "invalid_request_error", "invalid_api_key"
+    )
+    for header in (
+        "Bearer sk-short",
+        "Basic abc",
+        "Bearer " + "sk-" + "A" * 43,
+        tenant.key,
+    ):  # the last one without the Bearer scheme
         reply = await call("POST", url, json_body=body, headers={"Authorization": header})
         error = assert_error(reply, 401, "invalid_request_error", "invalid_api_key")
         assert tenant.key not in error["message"]
     with pytest.raises(openai.AuthenticationError):
         await sdk(base_url, "sk-" + "B" * 43).images.generate(model="local", prompt=PROMPT)
-    assert_error(await call("GET", f"{base_url}/v1/models"), 401, "invalid_request_error",
-                 "invalid_api_key")
+    assert_error(
+        await call("GET", f"{base_url}/v1/models"), 401, "invalid_request_error", "invalid_api_key"
+    )
 
 
 async def test_revoked_key_is_401(base_url: str, stack: Stack) -> None:
@@ -199,8 +299,12 @@ async def test_revoked_key_is_401(base_url: str, stack: Stack) -> None:
 
 async def test_model_not_allowed_is_403(base_url: str, stack: Stack) -> None:
     limited = await make_tenant(stack.service, models=("some-other-model",))
-    reply = await call("POST", f"{base_url}/v1/images/generations", key=limited.key,
-                       json_body={"model": "local", "prompt": PROMPT})
+    reply = await call(
+        "POST",
+        f"{base_url}/v1/images/generations",
+        key=limited.key,
+        json_body={"model": "local", "prompt": PROMPT},
+    )
     assert_error(reply, 403, "invalid_request_error", "model_not_allowed", "model")
     with pytest.raises(openai.PermissionDeniedError):
         await sdk(base_url, limited.key).images.generate(model="local", prompt=PROMPT)
@@ -210,8 +314,9 @@ async def test_model_not_allowed_is_403(base_url: str, stack: Stack) -> None:
 async def test_insufficient_balance_is_402(base_url: str, stack: Stack) -> None:
     poor = await make_tenant(stack.service, credit_usd="0.0025")  # 2 images of 1000 µ$
     url = f"{base_url}/v1/images/generations"
-    reply = await call("POST", url, key=poor.key,
-                       json_body={"model": "local", "prompt": PROMPT, "n": 3})
+    reply = await call(
+        "POST", url, key=poor.key, json_body={"model": "local", "prompt": PROMPT, "n": 3}
+    )
     assert_error(reply, 402, "insufficient_quota", "insufficient_quota")
     with pytest.raises(openai.APIStatusError) as raised:
         await sdk(base_url, poor.key).images.generate(model="local", prompt=PROMPT, n=3)
@@ -220,20 +325,32 @@ async def test_insufficient_balance_is_402(base_url: str, stack: Stack) -> None:
     assert await balance(stack.service, poor.account) == 2500
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b'"a string"', b'{"n": "abc"}',
-                                 b'{"prompt": 5.5, "n": 1.5}'])
-async def test_malformed_json_is_400(base_url: str, stack: Stack, tenant: Tenant,
-                                     raw: bytes) -> None:
-    reply = await call("POST", f"{base_url}/v1/images/generations", key=tenant.key, body=raw,
-                       headers={"Content-Type": "application/json"})
+@pytest.mark.parametrize(
+    "raw", [b"{not json", b"[1, 2]", b'"a string"', b'{"n": "abc"}', b'{"prompt": 5.5, "n": 1.5}']
+)
+async def test_malformed_json_is_400(
+    base_url: str, stack: Stack, tenant: Tenant, raw: bytes
+) -> None:
+    reply = await call(
+        "POST",
+        f"{base_url}/v1/images/generations",
+        key=tenant.key,
+        body=raw,
+        headers={"Content-Type": "application/json"},
+    )
     assert_error(reply, 400, "invalid_request_error", "invalid_json")
     assert await balance(stack.service, tenant.account) == 1_000_000
 
 
 async def test_oversized_body_is_413(base_url: str, stack: Stack, tenant: Tenant) -> None:
     body = json.dumps({"model": "local", "prompt": "x" * (1024 * 1024 + 10)}).encode()
-    reply = await call("POST", f"{base_url}/v1/images/generations", key=tenant.key, body=body,
-                       headers={"Content-Type": "application/json"})
+    reply = await call(
+        "POST",
+        f"{base_url}/v1/images/generations",
+        key=tenant.key,
+        body=body,
+        headers={"Content-Type": "application/json"},
+    )
     assert_error(reply, 413, "invalid_request_error", "request_too_large")
     assert await balance(stack.service, tenant.account) == 1_000_000
 
@@ -261,7 +378,7 @@ async def test_tampered_image_url_is_404(base_url: str, tenant: Tenant) -> None:
     sig_at = url.index("signature=") + len("signature=")
     flipped = "0" if url[sig_at] != "0" else "1"
     tampered = [
-        url[:sig_at] + flipped + url[sig_at + 1:],
+        url[:sig_at] + flipped + url[sig_at + 1 :],
         url.replace("expires=", "expires=9"),
         url.split("?")[0],
         url.replace("/files/", "/files/x"),

@@ -66,7 +66,11 @@ class Store(Protocol):
     async def add_credit(self, name: str, micros: int, note: str = "") -> Account: ...
 
     async def create_key(
-        self, account_name: str, key_hash: bytes, prefix: str, name: str,
+        self,
+        account_name: str,
+        key_hash: bytes,
+        prefix: str,
+        name: str,
         models: tuple[str, ...] | None,
     ) -> KeyRecord: ...
 
@@ -76,8 +80,7 @@ class Store(Protocol):
 
     async def revoke_key(self, key_id: str) -> bool: ...
 
-    async def reserve(self, account_id: int, amount: int, charge: Charge,
-                      expires_at: float) -> str:
+    async def reserve(self, account_id: int, amount: int, charge: Charge, expires_at: float) -> str:
         """Hold `amount` atomically; InsufficientBalance if the balance is lower."""
         ...
 
