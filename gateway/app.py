@@ -16,7 +16,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from imagegate.v1 import images_pb2, images_pb2_grpc
 
-from gateway import errors
+from gateway import errors, json_text
 from gateway.config import GatewayConfig
 
 log = logging.getLogger("imagegate.gateway")
@@ -106,7 +106,7 @@ def _json(message: Message) -> web.Response:
     data = json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
-    return _json_bytes(200, json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode())
+    return _json_bytes(200, json_text.dumps(data))
 
 
 def _json_bytes(status: int, body: bytes, headers: dict[str, str] | None = None) -> web.Response:

@@ -6,10 +6,11 @@ tests run both fronts with the same expectations, so the two cannot drift.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import grpc
+
+from gateway import json_text
 
 
 @dataclass(frozen=True)
@@ -76,11 +77,11 @@ def wrong_method_message(method: str, path: str) -> str:
 def error_body(
     row: Row, message: str | None = None, param: str | None = None, code: str | None = None
 ) -> bytes:
-    """Serialise exactly as Envoy's Lua filter does: compact, UTF-8, fixed key order."""
+    """Serialise exactly as Envoy's Lua filter does: compact, fixed key order, same escapes."""
     error = {
         "message": message if message is not None else row.message,
         "type": row.type,
         "param": param,
         "code": code if code is not None else row.code,
     }
-    return json.dumps({"error": error}, separators=(",", ":"), ensure_ascii=False).encode()
+    return json_text.dumps({"error": error})

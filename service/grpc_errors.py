@@ -37,7 +37,10 @@ def to_status(err: errors.ImagegateError) -> grpc.Status:
     that cannot decode protobuf details, namely Envoy's Lua filter.
     """
     code = CODES[type(err)]
-    status = status_pb2.Status(code=code.value[0], message=err.message)
+    # ASCII only (others as \xe9-style escapes): a message may echo caller input,
+    # and Envoy's Lua front then needs no UTF-8 decoder to write it as JSON.
+    message = err.message.encode("ascii", "backslashreplace").decode()
+    status = status_pb2.Status(code=code.value[0], message=message)
     trailers: list[tuple[str, str]] = []
     if not isinstance(err, _WITHOUT_REASON):
         metadata = {}

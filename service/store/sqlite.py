@@ -193,8 +193,15 @@ class SqliteStore:
             db.execute(
                 "INSERT INTO api_keys (id, account_id, name, prefix, key_hash, models, "
                 "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (key_id, _account_id(db, account_name), name, prefix, key_hash, models_json,
-                 self._clock()),
+                (
+                    key_id,
+                    _account_id(db, account_name),
+                    name,
+                    prefix,
+                    key_hash,
+                    models_json,
+                    self._clock(),
+                ),
             )
 
         await self._tx(insert)
@@ -246,8 +253,19 @@ class SqliteStore:
                 "INSERT INTO reservations (id, account_id, key_id, request_id, model, n, size, "
                 "quality, amount_micros, status, created_at, expires_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'held', ?, ?)",
-                (reservation_id, account_id, charge.key_id, charge.request_id, charge.model,
-                 charge.n, charge.size, charge.quality, amount, now, expires_at),
+                (
+                    reservation_id,
+                    account_id,
+                    charge.key_id,
+                    charge.request_id,
+                    charge.model,
+                    charge.n,
+                    charge.size,
+                    charge.quality,
+                    amount,
+                    now,
+                    expires_at,
+                ),
             )
             db.execute(
                 "INSERT INTO ledger (account_id, delta_micros, kind, reservation_id, created_at) "
@@ -299,8 +317,9 @@ def _account_id(db: sqlite3.Connection, name: str) -> int:
     return int(row[0])
 
 
-def _credit(db: sqlite3.Connection, account_id: int | None, micros: int, note: str,
-            now: float) -> None:
+def _credit(
+    db: sqlite3.Connection, account_id: int | None, micros: int, note: str, now: float
+) -> None:
     db.execute(
         "UPDATE accounts SET balance_micros = balance_micros + ? WHERE id = ?",
         (micros, account_id),
@@ -312,8 +331,9 @@ def _credit(db: sqlite3.Connection, account_id: int | None, micros: int, note: s
     )
 
 
-def _resolve(db: sqlite3.Connection, reservation_id: str, status: str, cost: int,
-             now: float) -> None:
+def _resolve(
+    db: sqlite3.Connection, reservation_id: str, status: str, cost: int, now: float
+) -> None:
     """Settle or release a held reservation; a resolved one is left as it is (exactly once)."""
     row = db.execute(
         "SELECT account_id, amount_micros FROM reservations WHERE id = ? AND status = 'held'",
