@@ -5,12 +5,18 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 
+import grpc
 import openai
 import pytest
+from imagegate.v1 import images_pb2, images_pb2_grpc
 from PIL import Image
 
-from tests.conftest import Stack, Tenant, balance, make_tenant, sdk
+from gateway.config import GatewayConfig
+from gateway.server import bound_port, start_gateway
+from service.server import message_size_options
+from tests.conftest import FRONTS, Stack, Tenant, balance, make_tenant, sdk
 from tests.rest import assert_error, call
 
 PROMPT = "a lighthouse at dusk, watercolour"
@@ -395,3 +401,46 @@ async def test_tampered_image_url_is_404(base_url: str, tenant: Tenant) -> None:
     ]
     for bad in tampered:
         assert_error(await call("GET", bad), 404, "invalid_request_error", "image_not_found")
+
+
+@pytest.mark.parametrize("front", FRONTS)
+async def test_service_unreachable_is_503(front: str, tenant: Tenant) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    if front == "aiohttp":
+        runner = await start_gateway(GatewayConfig(grpc_target=f"127.0.0.1:{dead}"), port=0)
+        try:
+            reply = await call("GET", f"http://127.0.0.1:{bound_port(runner)}/v1/models",
+                               key=tenant.key)
+        finally:
+            await runner.cleanup()
+    else:
+        from tests.envoy_harness import envoy_front
+
+        async with envoy_front(dead) as url:
+            reply = await call("GET", f"{url}/v1/models", key=tenant.key)
+    assert_error(reply, 503, "server_error", "service_unavailable")
+
+
+async def test_large_images_come_back_intact(base_url: str, stack: Stack) -> None:
+    tenant = await make_tenant(stack.service)
+    result = await sdk(base_url, tenant.key).images.generate(
+        model="local", prompt=PROMPT, n=4, size="1792x1024", quality="hd",  # type: ignore[arg-type]
+        response_format="b64_json",
+    )
+    blobs = [base64.b64decode(item.b64_json or "", validate=True) for item in result.data]
+    assert len(blobs) == 4
+    # The renderer is deterministic, so the gRPC answer is the reference bytes.
+    async with grpc.aio.insecure_channel(
+        stack.grpc_target, options=message_size_options(64 * 1024 * 1024)
+    ) as channel:
+        reference = await images_pb2_grpc.ImageServiceStub(channel).GenerateImages(
+            images_pb2.GenerateImagesRequest(model="local", prompt=PROMPT, n=4, size="1792x1024",
+                                             quality="hd", response_format="b64_json"),
+            metadata=[("authorization", f"Bearer {tenant.key}")],
+        )
+    for blob, item in zip(blobs, reference.data, strict=True):
+        assert len(blob) >= 1_500_000
+        assert blob == item.b64_json
+        assert _image(blob).size == (1792, 1024)
