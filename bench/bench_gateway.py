@@ -12,14 +12,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aiohttp import web  # noqa: E402
+from aiohttp import web
 
-from bench.load import Load, Result, run_load  # noqa: E402
-from gateway.config import GatewayConfig  # noqa: E402
-from gateway.server import bound_port, start_gateway  # noqa: E402
-from service import keys  # noqa: E402
-from service.config import Config  # noqa: E402
-from service.server import start_service  # noqa: E402
+from bench.load import Load, Result, run_load
+from gateway.config import GatewayConfig
+from gateway.server import bound_port, start_gateway
+from service import keys
+from service.config import Config
+from service.server import start_service
 
 
 async def _baseline() -> tuple[web.AppRunner, str]:
@@ -62,14 +62,24 @@ async def main(requests: int, envoy: bool) -> None:
             rows.append((name, result, (time.process_time() - cpu) / max(result.done, 1)))
 
         try:
-            await measure("baseline: bare aiohttp JSON handler",
-                          Load("GET", base_url, {}, requests=requests))
+            await measure(
+                "baseline: bare aiohttp JSON handler", Load("GET", base_url, {}, requests=requests)
+            )
             for name, url in fronts.items():
-                await measure(f"{name}: GET /v1/models",
-                              Load("GET", f"{url}/v1/models", auth, requests=requests))
-                await measure(f"{name}: POST generations 256x256 b64",
-                              Load("POST", f"{url}/v1/images/generations", auth, generate,
-                                   requests=requests // 4))
+                await measure(
+                    f"{name}: GET /v1/models",
+                    Load("GET", f"{url}/v1/models", auth, requests=requests),
+                )
+                await measure(
+                    f"{name}: POST generations 256x256 b64",
+                    Load(
+                        "POST",
+                        f"{url}/v1/images/generations",
+                        auth,
+                        generate,
+                        requests=requests // 4,
+                    ),
+                )
         finally:
             if envoy_cm is not None:
                 await envoy_cm.__aexit__(None, None, None)
@@ -79,8 +89,10 @@ async def main(requests: int, envoy: bool) -> None:
     baseline = rows[0][1].rps
     print(f"{'case':42} {'req/s':>9} {'ratio':>7} {'cpu ms/req':>10} {'failed':>7}")
     for name, result, cpu in rows:
-        print(f"{name:42} {result.rps:9.0f} {result.rps / baseline:7.2f} {cpu * 1000:10.2f} "
-              f"{result.failed:7d}")
+        print(
+            f"{name:42} {result.rps:9.0f} {result.rps / baseline:7.2f} {cpu * 1000:10.2f} "
+            f"{result.failed:7d}"
+        )
 
 
 if __name__ == "__main__":

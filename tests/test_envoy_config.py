@@ -37,7 +37,9 @@ from multidict import CIMultiDictProxy
 
 from gateway import errors, json_text
 from gateway.config import GatewayConfig
+from gateway.server import bound_port, start_gateway
 from service.config import Config
+from tests.conftest import FRONTS
 from tests.envoy_harness import ENVOY_YAML, REPO, EnvoyFront, envoy_front, patched_config, validate
 
 pytestmark = pytest.mark.envoy
@@ -184,19 +186,26 @@ class Front:
 
 
 @pytest.fixture(scope="module")
-async def envoy_and_stub() -> AsyncIterator[Front]:
+async def fronts_and_stub() -> AsyncIterator[dict[str, Front]]:
+    """Both fronts over one stub service, so each behaviour is checked on both."""
     server, stub = await start_stub()
+    runner = await start_gateway(GatewayConfig(grpc_target=f"127.0.0.1:{stub.port}"), port=0)
     try:
         async with envoy_front(stub.port) as url:
-            yield Front(url, stub)
+            yield {
+                "envoy": Front(url, stub),
+                "aiohttp": Front(f"http://127.0.0.1:{bound_port(runner)}", stub),
+            }
     finally:
+        await runner.cleanup()
         await server.stop(None)
 
 
-@pytest.fixture
-def front(envoy_and_stub: Front) -> Front:
-    envoy_and_stub.stub.reset()
-    return envoy_and_stub
+@pytest.fixture(params=FRONTS)
+def front(request: pytest.FixtureRequest, fronts_and_stub: dict[str, Front]) -> Front:
+    chosen = fronts_and_stub[request.param]
+    chosen.stub.reset()
+    return chosen
 
 
 # --- HTTP helpers ------------------------------------------------------------

@@ -140,8 +140,13 @@ async def test_fronts_answer_byte_for_byte_the_same(stack: Stack, tenant: Tenant
         pytest.skip("IMAGEGATE_TEST_FRONTS excludes envoy")
     gen = "/v1/images/generations"
     cases = [
-        {"model": "local", "prompt": TRICKY, "size": "256x256", "response_format": "b64_json",
-         "n": 2},
+        {
+            "model": "local",
+            "prompt": TRICKY,
+            "size": "256x256",
+            "response_format": "b64_json",
+            "n": 2,
+        },
         {"model": "local", "prompt": PROMPT, "size": TRICKY},  # echoed in the error message
         {"model": TRICKY, "prompt": PROMPT},
     ]
@@ -411,8 +416,9 @@ async def test_service_unreachable_is_503(front: str, tenant: Tenant) -> None:
     if front == "aiohttp":
         runner = await start_gateway(GatewayConfig(grpc_target=f"127.0.0.1:{dead}"), port=0)
         try:
-            reply = await call("GET", f"http://127.0.0.1:{bound_port(runner)}/v1/models",
-                               key=tenant.key)
+            reply = await call(
+                "GET", f"http://127.0.0.1:{bound_port(runner)}/v1/models", key=tenant.key
+            )
         finally:
             await runner.cleanup()
     else:
@@ -426,7 +432,11 @@ async def test_service_unreachable_is_503(front: str, tenant: Tenant) -> None:
 async def test_large_images_come_back_intact(base_url: str, stack: Stack) -> None:
     tenant = await make_tenant(stack.service)
     result = await sdk(base_url, tenant.key).images.generate(
-        model="local", prompt=PROMPT, n=4, size="1792x1024", quality="hd",  # type: ignore[arg-type]
+        model="local",
+        prompt=PROMPT,
+        n=4,
+        size="1792x1024",
+        quality="hd",  # type: ignore[arg-type]
         response_format="b64_json",
     )
     blobs = [base64.b64decode(item.b64_json or "", validate=True) for item in result.data]
@@ -436,8 +446,14 @@ async def test_large_images_come_back_intact(base_url: str, stack: Stack) -> Non
         stack.grpc_target, options=message_size_options(64 * 1024 * 1024)
     ) as channel:
         reference = await images_pb2_grpc.ImageServiceStub(channel).GenerateImages(
-            images_pb2.GenerateImagesRequest(model="local", prompt=PROMPT, n=4, size="1792x1024",
-                                             quality="hd", response_format="b64_json"),
+            images_pb2.GenerateImagesRequest(
+                model="local",
+                prompt=PROMPT,
+                n=4,
+                size="1792x1024",
+                quality="hd",
+                response_format="b64_json",
+            ),
             metadata=[("authorization", f"Bearer {tenant.key}")],
         )
     for blob, item in zip(blobs, reference.data, strict=True):
