@@ -149,7 +149,10 @@ class ImageCore:
             images=images,
             usage=usage,
             cost_micros=cost,
-            background=(request.background or "opaque") if reported else None,
+            # What was rendered: "auto" and unset come out opaque.
+            background=("transparent" if request.background == "transparent" else "opaque")
+            if reported
+            else None,
             output_format=request.output_format if reported else None,
             quality=request.quality if reported else None,
             size=request.size if reported else None,

@@ -60,8 +60,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_serve_demo_prints_a_working_key(tmp_path: Path) -> None:
-    rest, grpc_port = _free_port(), _free_port()
+async def _serve(
+    data_dir: Path, rest: int, grpc_port: int
+) -> tuple[asyncio.subprocess.Process, str]:
+    """Start `imagegate serve --demo` and return it with its output up to "ready"."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -69,7 +71,7 @@ async def test_serve_demo_prints_a_working_key(tmp_path: Path) -> None:
         "serve",
         "--demo",
         "--data-dir",
-        str(tmp_path),
+        str(data_dir),
         "--rest-port",
         str(rest),
         "--grpc-port",
@@ -78,14 +80,30 @@ async def test_serve_demo_prints_a_working_key(tmp_path: Path) -> None:
         stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+    assert proc.stdout
+    output = ""
     try:
-        assert proc.stdout
-        output = ""
         async with asyncio.timeout(30):
             while "Ctrl-C stops" not in output:
                 line = await proc.stdout.readline()
                 assert line, f"serve exited early:\n{output}"
                 output += line.decode()
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc, output
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return await asyncio.wait_for(proc.wait(), 15)
+
+
+async def test_serve_demo_prints_a_working_key(tmp_path: Path) -> None:
+    rest, grpc_port = _free_port(), _free_port()
+    proc, output = await _serve(tmp_path, rest, grpc_port)
+    try:
         key = KEY_RE.search(output)
         assert key, output
         assert f"curl http://127.0.0.1:{rest}/v1/images/generations" in output
@@ -100,33 +118,8 @@ async def test_serve_demo_prints_a_working_key(tmp_path: Path) -> None:
         assert url.startswith(f"http://127.0.0.1:{rest}/v1/images/files/")
         assert (await call("GET", url)).status == 200
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 15) == 0
+        assert await _stop(proc) == 0
     # A second start finds the demo account and does not mint credentials again.
-    second = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service.cli",
-        "serve",
-        "--demo",
-        "--data-dir",
-        str(tmp_path),
-        "--rest-port",
-        str(rest),
-        "--grpc-port",
-        str(grpc_port),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        assert second.stdout
-        out = ""
-        async with asyncio.timeout(30):
-            while "Ctrl-C stops" not in out:
-                line = await second.stdout.readline()
-                assert line, out
-                out += line.decode()
-        assert "exists already" in out and not KEY_RE.search(out)
-    finally:
-        second.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(second.wait(), 15)
+    second, output = await _serve(tmp_path, rest, grpc_port)
+    await _stop(second)
+    assert "exists already" in output and not KEY_RE.search(output)
