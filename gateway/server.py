@@ -11,7 +11,9 @@ from gateway.config import GatewayConfig
 async def start_gateway(config: GatewayConfig, port: int | None = None) -> web.AppRunner:
     """Start on config.host:port (config.rest_port by default; 0 picks a free port)."""
     # The front logs each request itself, without query strings (they carry signatures).
-    runner = web.AppRunner(create_app(config), access_log=None)
+    # handler_cancellation: a client that hangs up cancels the gRPC call, so the
+    # service releases its reservation instead of charging for unseen images.
+    runner = web.AppRunner(create_app(config), access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.rest_port if port is None else port)
     await site.start()

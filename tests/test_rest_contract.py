@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -460,3 +461,27 @@ async def test_large_images_come_back_intact(base_url: str, stack: Stack) -> Non
         assert len(blob) >= 1_500_000
         assert blob == item.b64_json
         assert _image(blob).size == (1792, 1024)
+
+
+async def test_client_hanging_up_is_not_charged(base_url: str, stack: Stack) -> None:
+    tenant = await make_tenant(stack.service)
+    slow = {
+        "model": "local",
+        "prompt": PROMPT,
+        "n": 10,
+        "size": "1792x1024",
+        "quality": "hd",
+        "response_format": "b64_json",
+    }  # renders for a second or more
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3):
+            await call("POST", f"{base_url}/v1/images/generations", key=tenant.key, json_body=slow)
+    async with asyncio.timeout(20):
+        # Polling the store: the release happens in the service, with no event to await.
+        while True:
+            usage = await stack.service.store.usage(tenant.account)
+            if usage and all(u.status != "held" for u in usage):
+                break
+            await asyncio.sleep(0.05)
+    assert [u.status for u in usage] == ["released"]
+    assert await balance(stack.service, tenant.account) == 1_000_000
