@@ -29,11 +29,18 @@ def _image(data: bytes) -> Image.Image:
     return image
 
 
-@pytest.mark.parametrize("n", [1, 3])
-async def test_sdk_generate_url(base_url: str, stack: Stack, tenant: Tenant, n: int) -> None:
+@pytest.mark.parametrize(("n", "fmt"), [(1, "png"), (3, "png"), (2, "webp"), (1, "jpeg")])
+async def test_sdk_generate_url(
+    base_url: str, stack: Stack, tenant: Tenant, n: int, fmt: str
+) -> None:
     client = sdk(base_url, tenant.key)
     result = await client.images.generate(
-        model="local", prompt=PROMPT, n=n, size="512x512", response_format="url"
+        model="local",
+        prompt=PROMPT,
+        n=n,
+        size="512x512",
+        response_format="url",
+        output_format=fmt,  # type: ignore[arg-type]
     )
     assert len(result.data) == n
     for item in result.data:
@@ -42,9 +49,9 @@ async def test_sdk_generate_url(base_url: str, stack: Stack, tenant: Tenant, n: 
         assert item.revised_prompt and PROMPT in item.revised_prompt
         reply = await call("GET", item.url)  # the signed URL is the credential: no key
         assert reply.status == 200
-        assert reply.headers["Content-Type"] == "image/png"
+        assert reply.headers["Content-Type"] == f"image/{fmt}"
         image = _image(reply.body)
-        assert (image.format, image.size) == ("PNG", (512, 512))
+        assert (image.format, image.size) == (fmt.upper(), (512, 512))
     # Distinct images (index varies), all charged: 1000 micro-USD each.
     assert len({item.url for item in result.data}) == n
     assert await balance(stack.service, tenant.account) == 1_000_000 - n * 1000
