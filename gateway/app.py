@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -12,7 +10,6 @@ import grpc
 from aiohttp import web
 from google.api import httpbody_pb2
 from google.protobuf import json_format
-from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -20,6 +17,7 @@ from imagegate.v1 import images_pb2, images_pb2_grpc
 
 from gateway import errors, json_text
 from gateway.config import GatewayConfig
+from gateway.request_json import InvalidJson, parse_request
 
 log = logging.getLogger("imagegate.gateway")
 
@@ -57,7 +55,10 @@ async def _channel(app: web.Application) -> AsyncIterator[None]:
 
 
 async def generate_images(request: web.Request) -> web.Response:
-    message = _parse_body(await request.read(), images_pb2.GenerateImagesRequest())
+    try:
+        message = parse_request(await request.read(), images_pb2.GenerateImagesRequest())
+    except InvalidJson:
+        raise _Failure(errors.INVALID_JSON) from None
     reply = await request.app[STUB].GenerateImages(message, **_call_options(request))
     return _json(reply)
 
@@ -80,86 +81,6 @@ async def get_image(request: web.Request) -> web.Response:
         message, **_call_options(request)
     )
     return web.Response(body=body.data, headers={"Content-Type": body.content_type})
-
-
-def _parse_body(raw: bytes, message: Message) -> Message:
-    """Strict JSON -> protobuf, refusing exactly what the Envoy front refuses.
-
-    Unknown fields are ignored and an empty body is {}, as with Envoy's
-    transcoder; like OpenAI (and Envoy's Lua filter) a known field must have
-    its JSON type, so "n": "3" is refused although proto3 JSON would take it.
-    """
-    try:
-        text = raw.decode("utf-8")
-        if not text.strip(_JSON_SPACE):
-            data: object = {}
-        else:
-            data = json.loads(
-                text, parse_constant=_refuse, parse_float=_finite, parse_int=_finite_int
-            )
-        if not isinstance(data, dict) or _depth(data) > MAX_DEPTH:
-            raise ValueError("not a JSON object, or nested too deeply")
-        # Lone surrogates (\ud800) parse but cannot be UTF-8: refuse them.
-        json.dumps(data, ensure_ascii=False).encode()
-        for name, value in data.items():
-            kind = _FIELD_KINDS.get(name)
-            if kind is not None and value is not None and not _is_kind(value, kind):
-                raise ValueError(f"wrong JSON type for {name}")
-        json_format.ParseDict(data, message, ignore_unknown_fields=True)
-    except (ValueError, UnicodeError, json_format.ParseError, RecursionError):
-        raise _Failure(errors.INVALID_JSON) from None
-    return message
-
-
-_JSON_SPACE = " \t\n\r\v\f"
-# Nesting levels allowed, the root object counting as one (Envoy's transcoder limit).
-MAX_DEPTH = 100
-_KIND_OF_TYPE = {
-    FieldDescriptor.TYPE_STRING: str,
-    FieldDescriptor.TYPE_BOOL: bool,
-    FieldDescriptor.TYPE_INT32: int,
-}
-# JSON type of each GenerateImagesRequest field, by proto name and JSON (camelCase) name.
-_FIELD_KINDS: dict[str, type] = {
-    name: _KIND_OF_TYPE[field.type]
-    for field in images_pb2.GenerateImagesRequest.DESCRIPTOR.fields
-    for name in (field.name, field.json_name)
-}
-
-
-def _is_kind(value: object, kind: type) -> bool:
-    if kind is int:  # any JSON number; ParseDict then refuses fractions
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
-def _refuse(constant: str) -> object:
-    raise ValueError(f"{constant} is not JSON")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError("number out of range")
-    return value
-
-
-def _finite_int(text: str) -> int:
-    value = int(text)
-    if abs(value) > sys.float_info.max:  # Envoy reads every number as a double
-        raise ValueError("number out of range")
-    return value
-
-
-def _depth(value: object) -> int:
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            deepest = max(deepest, depth)
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-    return deepest
 
 
 def _call_options(request: web.Request) -> dict[str, object]:
