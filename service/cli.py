@@ -12,8 +12,10 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
 
+# The CLI is the one place the two halves meet: `serve` runs both in one process.
+from gateway.config import GatewayConfig
+from gateway.server import start_gateway
 from service import keys
 from service.config import Config
 from service.money import format_usd, usd_to_micros
@@ -33,6 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(asyncio.run(args.func(args)) or 0)
     except (UnknownAccount, AccountExists, ValueError) as exc:
+        print(f"imagegate: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. a port in use: say so, without a traceback
         print(f"imagegate: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -156,12 +161,14 @@ async def _store(args: argparse.Namespace) -> AsyncIterator[Store]:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from gateway.server import start_gateway  # the CLI is the one place both halves meet
-
     config = _config(args)
     service = await start_service(config)
     gateway_config = _gateway_config(args, grpc_target=f"127.0.0.1:{service.port}")
-    runner = await start_gateway(gateway_config)
+    try:
+        runner = await start_gateway(gateway_config)
+    except BaseException:
+        await service.stop()
+        raise
     try:
         rest_url = f"http://{_url_host(gateway_config.host)}:{gateway_config.rest_port}"
         if args.demo:
@@ -188,8 +195,6 @@ async def _serve_grpc(args: argparse.Namespace) -> int:
 
 
 async def _serve_rest(args: argparse.Namespace) -> int:
-    from gateway.server import start_gateway
-
     config = _gateway_config(args, grpc_target=args.grpc_target)
     runner = await start_gateway(config)
     try:
@@ -204,9 +209,7 @@ async def _serve_rest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gateway_config(args: argparse.Namespace, grpc_target: str | None) -> Any:
-    from gateway.config import GatewayConfig
-
+def _gateway_config(args: argparse.Namespace, grpc_target: str | None) -> GatewayConfig:
     return GatewayConfig.from_env(host=args.host, rest_port=args.rest_port, grpc_target=grpc_target)
 
 

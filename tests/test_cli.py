@@ -123,3 +123,30 @@ async def test_serve_demo_prints_a_working_key(tmp_path: Path) -> None:
     second, output = await _serve(tmp_path, rest, grpc_port)
     await _stop(second)
     assert "exists already" in output and not KEY_RE.search(output)
+
+
+async def test_serve_on_a_busy_port_says_so(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "serve",
+                "--data-dir",
+                str(tmp_path),
+                "--rest-port",
+                str(port),
+                "--grpc-port",
+                str(_free_port()),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert "imagegate:" in result.stderr and "Traceback" not in result.stderr
