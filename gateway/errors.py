@@ -1,6 +1,6 @@
 """The front's one error table: gRPC status (+ ErrorInfo) or front condition -> OpenAI error.
 
-Envoy's Lua filter (envoy/openai_errors.lua) mirrors this table; the contract
+Envoy's Lua filter (inline in envoy.yaml) mirrors this table; the contract
 tests run both fronts with the same expectations, so the two cannot drift.
 """
 

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TypeAlias
 
 # The CLI is the one place the two halves meet: `serve` runs both in one process.
 from gateway.config import GatewayConfig
@@ -44,6 +45,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+Func = Callable[[argparse.Namespace], Awaitable[int]]
+Group: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _command(
+    group: Group, name: str, func: Func, help: str, *, store: bool = False
+) -> argparse.ArgumentParser:
+    p = group.add_parser(name, help=help, description=help)
+    p.set_defaults(func=func)
+    if store:
+        _store_flags(p)
+    return p
+
+
+def _group(sub: Group, name: str, help: str) -> Group:
+    return sub.add_parser(name, help=help).add_subparsers(required=True, metavar="ACTION")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imagegate", description="OpenAI-compatible image-generation gateway."
@@ -51,14 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    def command(
-        name: str, func: Callable[..., Awaitable[int]], help: str
-    ) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
-        p.set_defaults(func=func)
-        return p
-
-    serve = command("serve", _serve, "Run gRPC and the REST front in one process.")
+    serve = _command(sub, "serve", _serve, "Run gRPC and the REST front in one process.")
     _service_flags(serve)
     _rest_flags(serve)
     serve.add_argument(
@@ -66,58 +78,49 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on an empty database, create a 'demo' account and key and print them",
     )
-    _service_flags(command("serve-grpc", _serve_grpc, "Run only the gRPC ImageService."))
-    rest = command("serve-rest", _serve_rest, "Run only the REST front, in front of --grpc-target.")
+    _service_flags(_command(sub, "serve-grpc", _serve_grpc, "Run only the gRPC ImageService."))
+    rest = _command(
+        sub, "serve-rest", _serve_rest, "Run only the REST front, in front of --grpc-target."
+    )
     rest.add_argument("--host", help="address to bind [IMAGEGATE_HOST, 127.0.0.1]")
     _rest_flags(rest)
     rest.add_argument("--grpc-target", help="HOST:PORT of ImageService [IMAGEGATE_GRPC_TARGET]")
 
-    accounts = sub.add_parser("accounts", help="Create and show accounts.").add_subparsers(
-        required=True, metavar="ACTION"
-    )
-    p = accounts.add_parser("create", help="Create an account.")
-    p.set_defaults(func=_accounts_create)
+    accounts = _group(sub, "accounts", "Create and show accounts.")
+    p = _command(accounts, "create", _accounts_create, "Create an account.", store=True)
     p.add_argument("name")
     p.add_argument("--credit", default="0", help="initial credit in USD, e.g. 10 or 2.50")
-    _store_flags(p)
-    p = accounts.add_parser("show", help="Show an account's balance.")
-    p.set_defaults(func=_accounts_show)
+    p = _command(accounts, "show", _accounts_show, "Show an account's balance.", store=True)
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
-    _store_flags(p)
 
-    credit = sub.add_parser("credit", help="Add prepaid credit.").add_subparsers(
-        required=True, metavar="ACTION"
-    )
-    p = credit.add_parser("add", help="Add credit in USD to an account.")
-    p.set_defaults(func=_credit_add)
+    credit = _group(sub, "credit", "Add prepaid credit.")
+    p = _command(credit, "add", _credit_add, "Add credit in USD to an account.", store=True)
     p.add_argument("name")
     p.add_argument("usd")
-    _store_flags(p)
 
-    keys_cmd = sub.add_parser("keys", help="Create, list and revoke API keys.").add_subparsers(
-        required=True, metavar="ACTION"
-    )
-    p = keys_cmd.add_parser("create", help="Create a key; it is shown once.")
-    p.set_defaults(func=_keys_create)
+    keys_cmd = _group(sub, "keys", "Create, list and revoke API keys.")
+    p = _command(keys_cmd, "create", _keys_create, "Create a key; it is shown once.", store=True)
     p.add_argument("account")
     p.add_argument("--models", help="comma-separated model ids this key may use (default: all)")
     p.add_argument("--name", default="", help="a label to recognise the key by")
-    _store_flags(p)
-    p = keys_cmd.add_parser("list", help="List an account's keys (never the keys themselves).")
-    p.set_defaults(func=_keys_list)
+    p = _command(
+        keys_cmd,
+        "list",
+        _keys_list,
+        "List an account's keys (never the keys themselves).",
+        store=True,
+    )
     p.add_argument("account")
-    _store_flags(p)
-    p = keys_cmd.add_parser("revoke", help="Revoke a key by its id (key_...).")
-    p.set_defaults(func=_keys_revoke)
+    p = _command(keys_cmd, "revoke", _keys_revoke, "Revoke a key by its id (key_...).", store=True)
     p.add_argument("key_id")
-    _store_flags(p)
 
-    p = command("usage", _usage, "Show an account's recent requests and their cost.")
+    p = _command(
+        sub, "usage", _usage, "Show an account's recent requests and their cost.", store=True
+    )
     p.add_argument("account")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
-    _store_flags(p)
     return parser
 
 

@@ -70,10 +70,6 @@ class UpstreamError(ImagegateError):
     reason = "UPSTREAM_ERROR"
 
 
-class DeadlineExceeded(ImagegateError):
-    reason = "DEADLINE_EXCEEDED"
-
-
 class ImageNotFound(ImagegateError):
     """Unknown image, bad signature or expired link: all look the same to the caller."""
 

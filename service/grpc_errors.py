@@ -24,10 +24,8 @@ CODES: dict[type[errors.ImagegateError], grpc.StatusCode] = {
     errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.UpstreamError: grpc.StatusCode.UNAVAILABLE,
     errors.ImageNotFound: grpc.StatusCode.NOT_FOUND,
-    # The table gives these no reason: a front maps them by code alone.
-    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
-_WITHOUT_REASON = (errors.DeadlineExceeded,)
+# DEADLINE_EXCEEDED (the caller's own deadline) comes from grpc itself, without a reason.
 
 
 def to_status(err: errors.ImagegateError) -> grpc.Status:
@@ -41,19 +39,17 @@ def to_status(err: errors.ImagegateError) -> grpc.Status:
     # and Envoy's Lua front then needs no UTF-8 decoder to write it as JSON.
     message = err.message.encode("ascii", "backslashreplace").decode()
     status = status_pb2.Status(code=code.value[0], message=message)
-    trailers: list[tuple[str, str]] = []
-    if not isinstance(err, _WITHOUT_REASON):
-        metadata = {}
-        if err.param:
-            metadata["param"] = err.param
-        if isinstance(err, errors.InvalidParameter):
-            metadata["code"] = "missing_required_parameter" if err.missing else "invalid_value"
-        info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=metadata)
-        detail = any_pb2.Any()
-        detail.Pack(info)
-        status.details.append(detail)
-        trailers.append(("imagegate-reason", err.reason))
-        trailers.extend((f"imagegate-{k}", v) for k, v in metadata.items())
+    metadata = {}
+    if err.param:
+        metadata["param"] = err.param
+    if isinstance(err, errors.InvalidParameter):
+        metadata["code"] = "missing_required_parameter" if err.missing else "invalid_value"
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status.details.append(detail)
+    trailers = [("imagegate-reason", err.reason)]
+    trailers.extend((f"imagegate-{k}", v) for k, v in metadata.items())
     if isinstance(err, errors.RateLimited):
         trailers.append(("retry-after", str(err.retry_after_s)))
     rich = rpc_status.to_status(status)
