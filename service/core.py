@@ -13,7 +13,7 @@ from service import keys
 from service.catalog import Catalog, ModelSpec
 from service.errors import InvalidApiKey, ModelNotAllowed, UpstreamError
 from service.images import ImageStore
-from service.providers.base import GeneratedImage, Provider, TokenUsage
+from service.providers.base import GeneratedImage, Provider, TokenUsage, UpstreamCall
 from service.requests import GenerationParams, ImageRequest, validate
 from service.store.base import Charge, Store
 
@@ -122,7 +122,7 @@ class ImageCore:
         )
         log.debug("request %s prompt %r", ctx.request_id, request.prompt)
         try:
-            generated, usage = await self._dispatch(provider, request)
+            generated, usage = await self._dispatch(provider, request, ctx)
             images = await self._deliver(generated, request, ctx)
         except BaseException:
             # Failed, timed out or cancelled (client gone): charge nothing. Shielded so
@@ -159,11 +159,12 @@ class ImageCore:
         )
 
     async def _dispatch(
-        self, provider: Provider, request: ImageRequest
+        self, provider: Provider, request: ImageRequest, ctx: RequestContext
     ) -> tuple[list[GeneratedImage], TokenUsage]:
+        call = UpstreamCall(request, request.model.upstream_model, request.n, ctx.request_id)
         try:
             async with asyncio.timeout(self._upstream_timeout_s):
-                result = await provider.generate(request)
+                result = await provider.generate(call)
         except TimeoutError:
             raise UpstreamError(
                 f"The upstream provider did not answer within {self._upstream_timeout_s:g} s."

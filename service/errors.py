@@ -65,9 +65,29 @@ class RateLimited(ImagegateError):
 
 
 class UpstreamError(ImagegateError):
-    """The provider failed: 5xx, timeout, bad reply, unreachable, or refused our credentials."""
+    """The provider failed: 5xx, timeout, bad reply, unreachable, or refused our credentials.
+
+    `retryable` says whether the same route may be tried again (429, 5xx,
+    connection errors, timeouts); a non-retryable one (credentials refused, a
+    reply that makes no sense) still fails over to the next route.
+    """
 
     reason = "UPSTREAM_ERROR"
+
+    def __init__(
+        self, message: str, *, retryable: bool = False, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
+
+
+class UpstreamRejected(InvalidParameter):
+    """The upstream refused the request itself (not a safety refusal): a 400 for the
+    caller, never retried and never failed over, since every route would refuse it."""
+
+    def __init__(self, message: str, *, param: str = "prompt") -> None:
+        super().__init__(message, param=param)
 
 
 class ImageNotFound(ImagegateError):

@@ -28,13 +28,21 @@ CODES: dict[type[errors.ImagegateError], grpc.StatusCode] = {
 # DEADLINE_EXCEEDED (the caller's own deadline) comes from grpc itself, without a reason.
 
 
+def status_code(err: errors.ImagegateError) -> grpc.StatusCode:
+    """The code of the nearest class in the table: a subclass maps like its base."""
+    for cls in type(err).__mro__:
+        if cls in CODES:
+            return CODES[cls]
+    return grpc.StatusCode.INTERNAL
+
+
 def to_status(err: errors.ImagegateError) -> grpc.Status:
     """The rich status, plus the ErrorInfo facts as plain trailing metadata.
 
     The metadata copy (imagegate-reason/-param/-code, retry-after) is for fronts
     that cannot decode protobuf details, namely Envoy's Lua filter.
     """
-    code = CODES[type(err)]
+    code = status_code(err)
     # ASCII only (others as \xe9-style escapes): a message may echo caller input,
     # and Envoy's Lua front then needs no UTF-8 decoder to write it as JSON.
     message = err.message.encode("ascii", "backslashreplace").decode()

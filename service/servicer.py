@@ -117,8 +117,8 @@ def _response(gen: Generation) -> images_pb2.ImagesResponse:
     response = images_pb2.ImagesResponse(
         created=gen.created,
         usage=images_pb2.Usage(
-            prompt_tokens=gen.usage.prompt_tokens,
-            completion_tokens=gen.usage.completion_tokens,
+            prompt_tokens=gen.usage.input_tokens,
+            completion_tokens=gen.usage.output_tokens,
             total_tokens=gen.usage.total_tokens,
         ),
     )

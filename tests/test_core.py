@@ -12,7 +12,7 @@ from service.catalog import load_catalog
 from service.core import ImageCore, RequestContext
 from service.errors import ContentPolicy, InsufficientBalance, UpstreamError
 from service.images import ImageStore
-from service.providers.base import GeneratedImage, ProviderResult
+from service.providers.base import GeneratedImage, ProviderResult, UpstreamCall
 from service.requests import GenerationParams, ImageRequest
 from service.store.base import Charge
 from service.store.sqlite import SqliteStore
@@ -23,7 +23,8 @@ PNG = b"\x89PNG fake"
 class ScriptedProvider:
     """A provider whose next answer the test sets: images, an error, or a wait."""
 
-    name = "local"
+    id = "local"
+    kind = "local"
 
     def __init__(self) -> None:
         self.calls: list[ImageRequest] = []
@@ -31,12 +32,16 @@ class ScriptedProvider:
         self.error: Exception | None = None
         self.delay_s = 0.0
 
-    async def generate(self, request: ImageRequest) -> ProviderResult:
+    def max_n(self, upstream_model: str) -> int:
+        return 10
+
+    async def generate(self, call: UpstreamCall) -> ProviderResult:
+        request = call.request
         self.calls.append(request)
         await asyncio.sleep(self.delay_s)
         if self.error:
             raise self.error
-        count = request.n if self.images_returned is None else self.images_returned
+        count = call.n if self.images_returned is None else self.images_returned
         return ProviderResult([GeneratedImage(PNG, "image/png") for _ in range(count)])
 
     async def aclose(self) -> None:

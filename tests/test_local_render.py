@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from service.catalog import load_catalog
+from service.providers.base import UpstreamCall
 from service.providers.local import LocalProvider
 from service.providers.local_render import CONTENT_TYPES, render
 from service.requests import GenerationParams, ImageRequest, validate
@@ -165,16 +166,20 @@ def test_impossible_combinations_are_refused() -> None:
         draw(quality="ultra")
 
 
+def call(req: ImageRequest) -> UpstreamCall:
+    return UpstreamCall(req, req.model.upstream_model, req.n)
+
+
 async def test_provider_returns_n_distinct_images_with_revised_prompt() -> None:
     req = request(
         prompt="  a fox\n in  snow ", n=3, size="256x256", output_format="webp", model="local"
     )
     provider = LocalProvider()
     try:
-        result = await provider.generate(req)
+        result = await provider.generate(call(req))
     finally:
         await provider.aclose()
-    assert provider.name == "local"
+    assert (provider.id, provider.kind) == ("local", "local")
     assert len(result.images) == 3
     for i, image in enumerate(result.images):
         assert image.content_type == "image/webp"
@@ -190,7 +195,7 @@ async def test_provider_applies_request_options() -> None:
     req = request(prompt=PROMPT, size="1024x1536", quality="hd", background="transparent", n=1)
     provider = LocalProvider(max_workers=1)
     try:
-        (image,) = (await provider.generate(req)).images
+        (image,) = (await provider.generate(call(req))).images
     finally:
         await provider.aclose()
     assert image.content_type == "image/png"
@@ -211,7 +216,7 @@ async def test_provider_does_not_block_the_event_loop() -> None:
     provider = LocalProvider()
     task = asyncio.create_task(ticker())
     try:
-        result = await provider.generate(req)
+        result = await provider.generate(call(req))
     finally:
         task.cancel()
         await provider.aclose()

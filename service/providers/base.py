@@ -1,7 +1,20 @@
-"""The provider interface every adapter implements, and what it returns."""
+"""The provider interface every adapter implements: what it is given and what it returns.
+
+One adapter per provider *kind* (openai, azure_openai, google, vertex, bedrock,
+stability, bfl, replicate, openai_compatible, local). A `[providers.ID]` table of
+the catalog becomes one ProviderSettings and one adapter instance; the
+dispatcher (dispatch.py) calls `generate` once per upstream call, after it has
+split `n` into calls of at most `max_n(upstream_model)` images.
+
+Adapters may import HTTP and vendor libraries (aiohttp, botocore, google-auth),
+never grpc. They raise only service.errors: ContentPolicy for a safety refusal,
+UpstreamRejected for an error the request itself caused, UpstreamError for the
+rest (retryable or not).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -9,15 +22,44 @@ from service.requests import ImageRequest
 
 
 @dataclass(frozen=True)
-class TokenUsage:
-    """Tokens the upstream reports; zero where it reports none."""
+class ProviderSettings:
+    """One `[providers.ID]` table of the catalog, read once at start-up."""
 
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    id: str
+    kind: str
+    # What the vendor's own SDK calls its base URL / endpoint; "" = the vendor's default.
+    base_url: str = ""
+    # Environment variable holding the credential; "" = the kind's default name.
+    api_key_env: str = ""
+    timeout_s: float = 300.0
+    # Hosts (exact, or "*.suffix") that this provider's output URLs may be fetched from.
+    download_hosts: tuple[str, ...] = ()
+    # Kind-specific keys: api_version (azure_openai); project, location (vertex); region (bedrock).
+    options: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TokenUsage:
+    """Tokens the upstream reports, in OpenAI's Images vocabulary; zero where it reports none."""
+
+    input_text_tokens: int = 0
+    input_image_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def input_tokens(self) -> int:
+        return self.input_text_tokens + self.input_image_tokens
 
     @property
     def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
+        return self.input_tokens + self.output_tokens
+
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        return TokenUsage(
+            self.input_text_tokens + other.input_text_tokens,
+            self.input_image_tokens + other.input_image_tokens,
+            self.output_tokens + other.output_tokens,
+        )
 
 
 @dataclass(frozen=True)
@@ -34,16 +76,42 @@ class ProviderResult:
     usage: TokenUsage = field(default_factory=TokenUsage)
 
 
-class Provider(Protocol):
-    """Build the upstream request, call it, map its failures to service.errors.
+@dataclass(frozen=True)
+class UpstreamCall:
+    """One call to one route: the validated request, for `n` of its images."""
 
-    An adapter raises ContentPolicy for a refused prompt and UpstreamError for
-    everything else that went wrong upstream; it never forwards a parameter
-    the upstream would reject (validation already normalised the request).
+    request: ImageRequest
+    # The route's model id at the provider (an Azure deployment, a Bedrock model id, ...).
+    upstream_model: str
+    # Images this call must produce (<= the adapter's max_n for upstream_model).
+    n: int
+    # Sent to upstreams that accept a client request id.
+    request_id: str = ""
+
+
+class Provider(Protocol):
+    """Build the upstream request, call it, turn the reply into image bytes.
+
+    An adapter never forwards a parameter the upstream would reject: the
+    request was validated against the model's catalog entry, and the adapter
+    maps or drops what its wire format has no field for.
     """
 
-    name: str
+    id: str
+    kind: str
 
-    async def generate(self, request: ImageRequest) -> ProviderResult: ...
+    def max_n(self, upstream_model: str) -> int:
+        """Most images one upstream call may ask for (dall-e-3: 1, Imagen: 4, ...)."""
+        ...
+
+    async def generate(self, call: UpstreamCall) -> ProviderResult: ...
 
     async def aclose(self) -> None: ...
+
+
+class MissingCredentials(Exception):
+    """A provider cannot be built: its credential is not in the environment.
+
+    Raised at start-up by an adapter factory; the models routed only to such
+    providers are not served. The message names the variable, never a value.
+    """

@@ -6,9 +6,8 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
-from service.providers.base import GeneratedImage, ProviderResult
+from service.providers.base import GeneratedImage, ProviderResult, UpstreamCall
 from service.providers.local_render import CONTENT_TYPES, render
-from service.requests import ImageRequest
 
 OFFLINE_NOTE = "(Rendered offline by imagegate's local renderer.)"
 
@@ -16,9 +15,10 @@ OFFLINE_NOTE = "(Rendered offline by imagegate's local renderer.)"
 class LocalProvider:
     """Renders in its own thread pool so image work never blocks the event loop."""
 
-    name = "local"
+    kind = "local"
 
-    def __init__(self, max_workers: int = 2) -> None:
+    def __init__(self, max_workers: int = 2, provider_id: str = "local") -> None:
+        self.id = provider_id
         # A pool of its own, sized to the cores rather than the loop's default
         # executor: rendering is CPU-bound, and a burst of n=10 requests should
         # queue here instead of filling the executor other code relies on.
@@ -28,7 +28,11 @@ class LocalProvider:
             max_workers=max_workers, thread_name_prefix="imagegate-local"
         )
 
-    async def generate(self, request: ImageRequest) -> ProviderResult:
+    def max_n(self, upstream_model: str) -> int:
+        return 10
+
+    async def generate(self, call: UpstreamCall) -> ProviderResult:
+        request = call.request
         loop = asyncio.get_running_loop()
         draw = partial(
             render,
@@ -42,7 +46,7 @@ class LocalProvider:
         )
         # All n at once; if the caller gives up, gather cancels the ones not started.
         blobs = await asyncio.gather(
-            *(loop.run_in_executor(self._pool, partial(draw, index=i)) for i in range(request.n))
+            *(loop.run_in_executor(self._pool, partial(draw, index=i)) for i in range(call.n))
         )
         content_type = CONTENT_TYPES[request.output_format]
         revised = revised_prompt(request.prompt)
