@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import importlib.resources
 import logging
-import uuid
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from google.api import httpbody_pb2
-from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from imagegate.v1 import images_pb2, images_pb2_grpc
 
-from gateway import errors, json_text
+from gateway import errors, http_input, response_json
 from gateway.config import GatewayConfig
 from gateway.request_json import InvalidJson, parse_request
 
@@ -26,8 +27,19 @@ CONFIG: web.AppKey[GatewayConfig] = web.AppKey("config")
 REQUEST_ID = "x-request-id"
 REQUEST_ID_KEY: web.RequestKey[str] = web.RequestKey("request_id")
 # Request headers passed to the service as gRPC metadata, as Envoy does.
-FORWARDED = ("authorization", "idempotency-key")
+FORWARDED = (b"authorization", b"idempotency-key")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# The REST surface, matched on the raw path exactly as Envoy's Lua filter
+# matches it (its ROUTES table; tests/test_http_edge.py keeps the two equal).
+ROUTES: tuple[tuple[str, str], ...] = (
+    (r"^/v1/images/generations$", "POST"),
+    (r"^/v1/models$", "GET"),
+    (r"^/v1/images/files/[^/]+$", "GET"),
+    (r"^/openapi\.json$", "GET"),
+)
+_ROUTES = [(re.compile(pattern), method) for pattern, method in ROUTES]
+# The OpenAPI document of the surface; Envoy serves the same file.
+OPENAPI = importlib.resources.files("gateway").joinpath("openapi.json").read_bytes()
 
 
 def create_app(config: GatewayConfig) -> web.Application:
@@ -36,9 +48,14 @@ def create_app(config: GatewayConfig) -> web.Application:
     )
     app[CONFIG] = config
     app.cleanup_ctx.append(_channel)
-    app.router.add_post("/v1/images/generations", generate_images)
-    app.router.add_get("/v1/models", list_models, allow_head=False)
-    app.router.add_get("/v1/images/files/{image_id}", get_image, allow_head=False)
+    route = app.router.add_route
+    route("POST", "/v1/images/generations", generate_images, expect_handler=_expect)
+    route("GET", "/v1/models", list_models, expect_handler=_expect)
+    route("GET", "/v1/images/files/{image_id}", get_image, expect_handler=_expect)
+    route("GET", "/openapi.json", openapi, expect_handler=_expect)
+    # Every other method and path: the middleware answers 404/405 from ROUTES,
+    # and aiohttp's own fallback (which answers 417 to an unknown Expect) never runs.
+    route("*", "/{path:.*}", _unrouted, expect_handler=_expect)
     return app
 
 
@@ -55,19 +72,27 @@ async def _channel(app: web.Application) -> AsyncIterator[None]:
 
 
 async def generate_images(request: web.Request) -> web.Response:
+    if http_input.body_encoded(request.headers):
+        # Neither front decodes request bodies (Envoy would read them as they are).
+        raise _Failure(errors.INVALID_JSON)
     try:
-        message = parse_request(await request.read(), images_pb2.GenerateImagesRequest())
+        async with asyncio.timeout(request.app[CONFIG].body_timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise _Failure(errors.REQUEST_TIMEOUT, close=True) from None
+    try:
+        message = parse_request(raw, images_pb2.GenerateImagesRequest())
     except InvalidJson:
         raise _Failure(errors.INVALID_JSON) from None
     reply = await request.app[STUB].GenerateImages(message, **_call_options(request))
-    return _json(reply)
+    return await _json(reply)
 
 
 async def list_models(request: web.Request) -> web.Response:
     reply = await request.app[STUB].ListModels(
         images_pb2.ListModelsRequest(), **_call_options(request)
     )
-    return _json(reply)
+    return await _json(reply)
 
 
 async def get_image(request: web.Request) -> web.Response:
@@ -83,22 +108,47 @@ async def get_image(request: web.Request) -> web.Response:
     return web.Response(body=body.data, headers={"Content-Type": body.content_type})
 
 
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=OPENAPI, headers={"Content-Type": "application/json"})
+
+
+async def _unrouted(request: web.Request) -> web.Response:
+    # The middleware answers every path ROUTES lacks; aiohttp lands here only
+    # if its decoding of a path disagrees with the raw match (a bug).
+    raise _Failure(errors.UNKNOWN_URL, errors.unknown_url_message(request.method, _path(request)))
+
+
+async def _expect(request: web.Request) -> None:
+    """100-continue as aiohttp does; other expectations ignored, as Envoy ignores them."""
+    expect = request.headers.get("Expect", "")
+    if request.version == HttpVersion11 and expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the response proper has not started
+
+
 def _call_options(request: web.Request) -> dict[str, object]:
-    metadata = [(name, request.headers[name]) for name in FORWARDED if name in request.headers]
+    metadata = [
+        (name.decode(), value)
+        for name in FORWARDED
+        if (value := http_input.metadata_value(request.raw_headers, name)) is not None
+    ]
     metadata += [
         (REQUEST_ID, request[REQUEST_ID_KEY]),
-        # Where the client reached us, so image URLs point back here.
+        # Where the client reached us, so image URLs point back here (the
+        # front door has checked it as Envoy checks :authority).
         ("x-forwarded-host", request.host),
         ("x-forwarded-proto", request.scheme),
     ]
     return {"metadata": metadata, "timeout": request.app[CONFIG].timeout_s}
 
 
-def _json(message: Message) -> web.Response:
-    data = json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+async def _json(message: Message) -> web.Response:
+    parts = await response_json.json_parts(message)
+    if len(parts) == 1:
+        return _json_bytes(200, parts[0])
+    return web.Response(
+        body=response_json.PartsPayload(parts), headers={"Content-Type": "application/json"}
     )
-    return _json_bytes(200, json_text.dumps(data))
 
 
 def _json_bytes(status: int, body: bytes, headers: dict[str, str] | None = None) -> web.Response:
@@ -110,17 +160,41 @@ def _json_bytes(status: int, body: bytes, headers: dict[str, str] | None = None)
 class _Failure(Exception):
     """A front-detected error row, raised from a handler."""
 
-    def __init__(self, row: errors.Row) -> None:
-        self.row = row
+    def __init__(
+        self, row: errors.Row, message: str | None = None, *, close: bool = False, allow: str = ""
+    ) -> None:
+        self.row, self.message, self.close, self.allow = row, message, close, allow
+
+
+def _path(request: web.Request) -> str:
+    """The path as the client sent it, without the query (it may carry a signature)."""
+    return request.rel_url.raw_path
+
+
+def _route_check(request: web.Request) -> None:
+    """404 or 405 by ROUTES, on the raw path, before aiohttp's own (decoding) router."""
+    path = _path(request)
+    allowed = next((method for pattern, method in _ROUTES if pattern.search(path)), None)
+    if allowed is None:
+        raise _Failure(errors.UNKNOWN_URL, errors.unknown_url_message(request.method, path))
+    if request.method != allowed:
+        message = errors.wrong_method_message(request.method, path)
+        raise _Failure(errors.WRONG_METHOD, message, allow=allowed)
 
 
 @web.middleware
 async def request_id_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request[REQUEST_ID_KEY] = request.headers.get(REQUEST_ID) or str(uuid.uuid4())
+    request[REQUEST_ID_KEY] = http_input.request_id(request.headers)
     try:
+        _route_check(request)
         response = await handler(request)
     except _Failure as failure:
-        response = _json_bytes(failure.row.status, errors.error_body(failure.row))
+        body = errors.error_body(failure.row, failure.message)
+        response = _json_bytes(
+            failure.row.status, body, {"Allow": failure.allow} if failure.allow else None
+        )
+        if failure.close:
+            response.force_close()
     except grpc.aio.AioRpcError as err:
         response = _from_grpc(err)
     except web.HTTPException as exc:
@@ -133,7 +207,7 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
     log.info(
         "%s %s %d request_id=%s",
         request.method,
-        request.rel_url.raw_path,
+        _path(request),
         response.status,
         request[REQUEST_ID_KEY],
     )
@@ -174,15 +248,11 @@ def _error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None
 
 
 def _from_http(request: web.Request, exc: web.HTTPException) -> web.Response:
-    headers = {}
-    path = request.rel_url.raw_path
-    if exc.status == 405:
-        row, message = errors.WRONG_METHOD, errors.wrong_method_message(request.method, path)
-        headers["Allow"] = exc.headers.get("Allow", "")
-    elif exc.status == 413:
-        row, message = errors.TOO_LARGE, None
-    elif exc.status == 404:
-        row, message = errors.UNKNOWN_URL, errors.unknown_url_message(request.method, path)
-    else:
-        raise exc
-    return _json_bytes(row.status, errors.error_body(row, message), headers)
+    if exc.status == 413:
+        return _json_bytes(errors.TOO_LARGE.status, errors.error_body(errors.TOO_LARGE))
+    if exc.status == 404:
+        message = errors.unknown_url_message(request.method, _path(request))
+        return _json_bytes(
+            errors.UNKNOWN_URL.status, errors.error_body(errors.UNKNOWN_URL, message)
+        )
+    raise exc

@@ -22,6 +22,14 @@ class GatewayConfig:
     # Deadline for one call to the service when the client sets none; Envoy's
     # route timeout is the same, and slow models need minutes.
     timeout_s: float = 300.0
+    # A connection must deliver a request's headers this long after it opens or
+    # after the previous response; idle keep-alive connections close after it too.
+    header_timeout_s: float = 60.0
+    # A request body must have arrived this long after its headers (408 after).
+    body_timeout_s: float = 60.0
+    # Request line plus headers, all together (431 above); Envoy's
+    # max_request_headers_kb is the same 8 KiB.
+    max_header_bytes: int = 8192
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> GatewayConfig:

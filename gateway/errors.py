@@ -64,6 +64,24 @@ INVALID_JSON = Row(
 TOO_LARGE = Row(413, "invalid_request_error", "request_too_large", "The request body is too large.")
 UNKNOWN_URL = Row(404, "invalid_request_error", "unknown_url")
 WRONG_METHOD = Row(405, "invalid_request_error", "method_not_allowed")
+# Requests the HTTP layer refuses before any route: a bad request line, header
+# or framing (both fronts' parsers refuse the same inputs, see docs/envoy.md).
+MALFORMED = Row(
+    400,
+    "invalid_request_error",
+    "malformed_request",
+    "The server could not read this HTTP request: check its request line, headers and framing.",
+)
+HEADERS_TOO_LARGE = Row(
+    431,
+    "invalid_request_error",
+    "request_headers_too_large",
+    "The request line or headers are too large.",
+)
+# The client stopped sending its request (headers or body) before the read timeout.
+REQUEST_TIMEOUT = Row(
+    408, "invalid_request_error", "request_timeout", "The request was not received in time."
+)
 
 
 def unknown_url_message(method: str, path: str) -> str:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway import log_redaction
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from gateway.protocol import make_runner
 
 
 async def start_gateway(config: GatewayConfig, port: int | None = None) -> web.AppRunner:
     """Start on config.host:port (config.rest_port by default; 0 picks a free port)."""
-    # The front logs each request itself, without query strings (they carry signatures).
-    # handler_cancellation: a client that hangs up cancels the gRPC call, so the
-    # service releases its reservation instead of charging for unseen images.
-    runner = web.AppRunner(create_app(config), access_log=None, handler_cancellation=True)
+    log_redaction.install()
+    runner = make_runner(create_app(config), config)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.rest_port if port is None else port)
     await site.start()

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -19,6 +20,11 @@ CONTENT_TYPES = {ext: ctype for ctype, ext in EXTENSIONS.items()}
 # 24 random bytes, URL-safe: unguessable even without the signature.
 _ID_BYTES = 24
 NOT_FOUND = "No such image, or its link has expired or was altered."
+# What put() and signed_path() make: URL-safe ids with an extension, ASCII
+# decimal expiries, lowercase hex SHA-256 signatures.
+_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}\.[a-z]{3,4}")
+_EXPIRES_RE = re.compile(r"[0-9]{1,20}")
+_SIGNATURE_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class ImageStore:
@@ -53,13 +59,17 @@ class ImageStore:
 
     async def get(self, image_id: str, expires: str, signature: str) -> tuple[bytes, str]:
         """The image bytes and MIME type, or ImageNotFound for any bad or stale link."""
+        # Shapes first: only then are int() and compare_digest() safe (str.isdigit()
+        # takes '²', int() refuses 5000 digits, compare_digest() non-ASCII text).
         valid = (
-            expires.isdigit()
+            _ID_RE.fullmatch(image_id) is not None
+            and _EXPIRES_RE.fullmatch(expires) is not None
+            and _SIGNATURE_RE.fullmatch(signature) is not None
             and int(expires) >= self._clock()
             and hmac.compare_digest(self._sign(image_id, expires), signature)
         )
         ext = image_id.rpartition(".")[2]
-        if not valid or ext not in CONTENT_TYPES or "/" in image_id or image_id.startswith("."):
+        if not valid or ext not in CONTENT_TYPES:
             raise ImageNotFound(NOT_FOUND)
         try:
             data = await asyncio.to_thread((self._root / image_id).read_bytes)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,6 +18,8 @@ from imagegate.v1 import images_pb2, images_pb2_grpc
 from service.catalog import Catalog, load_catalog
 from service.config import Config
 from service.core import ImageCore
+from service.errors import InvalidParameter
+from service.grpc_errors import abort, to_status
 from service.images import ImageStore, load_or_create_secret
 from service.providers.base import Provider
 from service.providers.local import LocalProvider
@@ -99,8 +104,72 @@ async def start_service(config: Config, port: int | None = None) -> Service:
     return service
 
 
+class DecodeGuard(grpc.aio.ServerInterceptor):
+    """Request bytes that do not decode: INVALID_ARGUMENT with an imagegate reason.
+
+    grpc.aio would answer UNKNOWN naming the protobuf exception class. Each
+    handler gets raw bytes instead and decodes them here, where a failure can
+    be reported like any other invalid parameter; every service is covered.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        return _decoding(handler, handler.request_deserializer, details.method)
+
+
+def _decoding(
+    handler: grpc.RpcMethodHandler, deserialize: Callable[[bytes], Any], method: str
+) -> grpc.RpcMethodHandler:
+    async def decode(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return deserialize(raw)
+        except Exception:
+            message = f"The request is not a valid protobuf message for {method}."
+            await abort(context, to_status(InvalidParameter(message, param="")))
+
+    async def decoded(raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+        async for raw in raws:
+            yield await decode(raw, context)
+
+    kind = next(k for k in _KINDS if getattr(handler, k) is not None)
+    behavior = getattr(handler, kind)
+    streamed = kind.startswith("stream_")
+
+    async def request(arg: Any, context: grpc.aio.ServicerContext) -> Any:
+        return decoded(arg, context) if streamed else await decode(arg, context)
+
+    wrapped: Callable[..., Any]
+    if inspect.isasyncgenfunction(behavior):
+
+        async def replies(arg: Any, context: grpc.aio.ServicerContext) -> Any:
+            async for reply in behavior(await request(arg, context), context):
+                yield reply
+
+        wrapped = replies
+    else:
+
+        async def reply(arg: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await behavior(await request(arg, context), context)
+
+        wrapped = reply
+    factory = getattr(grpc, f"{kind}_rpc_method_handler")
+    method_handler: grpc.RpcMethodHandler = factory(wrapped, None, handler.response_serializer)
+    return method_handler
+
+
+_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+
+
 async def create_server(config: Config, core: ImageCore, port: int) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(options=message_size_options(config.max_message_bytes))
+    server = grpc.aio.server(
+        options=message_size_options(config.max_message_bytes), interceptors=[DecodeGuard()]
+    )
     images_pb2_grpc.add_ImageServiceServicer_to_server(
         ImageServicer(core, config.public_url), server
     )

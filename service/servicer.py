@@ -20,6 +20,8 @@ from service.requests import GenerationParams
 log = logging.getLogger("imagegate.servicer")
 T = TypeVar("T")
 # Host header values we are willing to echo into image URLs.
+# Request ids kept as sent (the fronts apply the same rule).
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _HOST_RE = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
 
 
@@ -33,7 +35,7 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
     ) -> images_pb2.ImagesResponse:
         async def call() -> images_pb2.ImagesResponse:
             caller = await self._caller(context)
-            ctx = RequestContext(self._request_id(context), self._base_url(context))
+            ctx = RequestContext(_request_id(context), self._base_url(context))
             return _response(await self._core.generate(caller, _params(request), ctx))
 
         return await self._run(context, call)
@@ -68,14 +70,11 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         except ImagegateError as err:
             await abort(context, to_status(err))
         except Exception:
-            log.exception("request %s failed", _metadata(context, "x-request-id"))
+            log.exception("request %s failed", _request_id(context))
             await abort(context, internal_status())
 
     async def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
         return await self._core.authenticate(_metadata(context, "authorization"))
-
-    def _request_id(self, context: grpc.aio.ServicerContext) -> str:
-        return _metadata(context, "x-request-id") or uuid.uuid4().hex
 
     def _base_url(self, context: grpc.aio.ServicerContext) -> str:
         host = _metadata(context, "x-forwarded-host")
@@ -83,6 +82,12 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         if host and _HOST_RE.fullmatch(host) and proto in ("http", "https"):
             return f"{proto}://{host}"
         return self._public_url
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    """The caller's x-request-id if it is safe to log, store and echo, else a new one."""
+    sent = _metadata(context, "x-request-id")
+    return sent if sent is not None and _REQUEST_ID_RE.fullmatch(sent) else uuid.uuid4().hex
 
 
 def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:

@@ -83,7 +83,8 @@ def patched_config(
     )
     if route_timeout_s is not None:
         for route in _routes(listener):
-            route["route"]["timeout"] = f"{route_timeout_s}s"
+            if "route" in route:  # not the direct response of /openapi.json
+                route["route"]["timeout"] = f"{route_timeout_s}s"
     return config
 
 

@@ -1,0 +1,69 @@
+"""Client headers and request targets, judged exactly as the Envoy front judges them.
+
+Envoy's HTTP layer and Lua filter refuse or rewrite some inputs before the
+transcoder; this module gives the aiohttp front the same rules, so both fronts
+answer every request alike (docs/envoy.md lists what was measured).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable
+
+from multidict import CIMultiDictProxy
+
+# Request ids that may be logged, stored and echoed as they are; anything else
+# is replaced by a generated one (the Lua filter and the service do the same).
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Envoy's authority check (nghttp2's): a Host with any other character is refused.
+_HOST_RE = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@\[\]%]*")
+# gRPC metadata values are printable ASCII; any other byte reaches the service
+# as '?', from both fronts (grpc refuses to send the others at all).
+_PRINTABLE = bytes(b if 0x20 <= b <= 0x7E else ord("?") for b in range(256))
+_IDENTITY = {"", "identity"}
+
+
+def request_id(headers: CIMultiDictProxy[str]) -> str:
+    """The client's x-request-id when it is safe, else a new UUID."""
+    # Several headers are joined with ',' (Envoy's Lua sees them so): never safe.
+    sent = ",".join(headers.getall("x-request-id", ()))
+    return sent if REQUEST_ID_RE.fullmatch(sent) else str(uuid.uuid4())
+
+
+def metadata_value(raw_headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """A header as gRPC metadata: values joined with ",", bytes gRPC cannot carry as "?"."""
+    values = [value for key, value in raw_headers if key.lower() == name]
+    if not values:
+        return None
+    return b",".join(values).translate(_PRINTABLE).decode("ascii")
+
+
+def host_ok(host: str | None) -> bool:
+    """False for a request Envoy refuses before routing: no Host, or one it cannot parse."""
+    return host is not None and _HOST_RE.fullmatch(host) is not None
+
+
+def target_ok(raw_target: str) -> bool:
+    """Envoy refuses a target with a fragment, or one that is not a path (OPTIONS *)."""
+    return "#" not in raw_target and not raw_target.startswith("*")
+
+
+def is_upgrade(headers: CIMultiDictProxy[str]) -> bool:
+    """An Upgrade Envoy refuses (it serves none, and drops only h2c's itself)."""
+    connection = {
+        token.strip().lower() for token in ",".join(headers.getall("Connection", ())).split(",")
+    }
+    upgrade = headers.get("Upgrade")
+    return "upgrade" in connection and upgrade is not None and upgrade.strip().lower() != "h2c"
+
+
+def header_bytes(method: str, raw_target: str, raw_headers: Iterable[tuple[bytes, bytes]]) -> int:
+    """What Envoy's max_request_headers_kb counts: request line, header names and values."""
+    return len(method) + len(raw_target) + sum(len(k) + len(v) for k, v in raw_headers)
+
+
+def body_encoded(headers: CIMultiDictProxy[str]) -> bool:
+    """A Content-Encoding other than identity: neither front decodes request bodies."""
+    codings = ",".join(headers.getall("Content-Encoding", ())).split(",")
+    return any(coding.strip(" \t").lower() not in _IDENTITY for coding in codings)
