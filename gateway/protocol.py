@@ -132,6 +132,9 @@ def make_runner(app: web.Application, config: GatewayConfig) -> GatewayRunner:
         # Idle connections, and connections that do not deliver a request's
         # headers in time, are closed (aiohttp times both from the same moment).
         keepalive_timeout=config.header_timeout_s,
+        # After an early answer (408, 413), the rest of a body is read and dropped
+        # for at most a second before the connection closes, as Envoy's delayed close.
+        lingering_time=1.0,
         max_line_size=config.max_header_bytes,
         max_field_size=config.max_header_bytes,
         max_headers=MAX_HEADERS,
