@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 from aiohttp import HttpVersion11, web
 from google.api import httpbody_pb2
-from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from imagegate.v1 import images_pb2, images_pb2_grpc
@@ -23,6 +22,9 @@ from gateway.request_json import InvalidJson, parse_request
 log = logging.getLogger("imagegate.gateway")
 
 STUB: web.AppKey[images_pb2_grpc.ImageServiceStub] = web.AppKey("stub")
+# GenerateImages returning the raw reply, which response_json parses off the loop.
+GENERATE: web.AppKey[grpc.aio.UnaryUnaryMultiCallable] = web.AppKey("generate")
+_SERVICE = images_pb2.DESCRIPTOR.services_by_name["ImageService"]
 CONFIG: web.AppKey[GatewayConfig] = web.AppKey("config")
 REQUEST_ID = "x-request-id"
 REQUEST_ID_KEY: web.RequestKey[str] = web.RequestKey("request_id")
@@ -67,6 +69,10 @@ async def _channel(app: web.Application) -> AsyncIterator[None]:
         options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
     )
     app[STUB] = images_pb2_grpc.ImageServiceStub(channel)
+    app[GENERATE] = channel.unary_unary(
+        f"/{_SERVICE.full_name}/GenerateImages",
+        request_serializer=images_pb2.GenerateImagesRequest.SerializeToString,
+    )
     yield
     await channel.close()
 
@@ -84,15 +90,15 @@ async def generate_images(request: web.Request) -> web.Response:
         message = parse_request(raw, images_pb2.GenerateImagesRequest())
     except InvalidJson:
         raise _Failure(errors.INVALID_JSON) from None
-    reply = await request.app[STUB].GenerateImages(message, **_call_options(request))
-    return await _json(reply)
+    raw = await request.app[GENERATE](message, **_call_options(request))
+    return _parts(await response_json.images_parts(raw))
 
 
 async def list_models(request: web.Request) -> web.Response:
     reply = await request.app[STUB].ListModels(
         images_pb2.ListModelsRequest(), **_call_options(request)
     )
-    return await _json(reply)
+    return _json_bytes(200, response_json.dumps(reply))
 
 
 async def get_image(request: web.Request) -> web.Response:
@@ -142,8 +148,7 @@ def _call_options(request: web.Request) -> dict[str, object]:
     return {"metadata": metadata, "timeout": request.app[CONFIG].timeout_s}
 
 
-async def _json(message: Message) -> web.Response:
-    parts = await response_json.json_parts(message)
+def _parts(parts: list[bytes]) -> web.Response:
     if len(parts) == 1:
         return _json_bytes(200, parts[0])
     return web.Response(

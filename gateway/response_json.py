@@ -2,10 +2,10 @@
 
 An ImagesResponse may carry ten multi-megabyte images. Printing it whole on the
 loop (MessageToDict, then escaping the whole text) froze every other request
-for seconds. Here only the small skeleton, whose short text fields need
-escaping, is printed on the loop; the images' base64, which never needs
-escaping, is built once, in a thread, in slices short enough that the loop
-gets the GIL back between them, and the body is written as those parts.
+for seconds. Here it is parsed in a thread; only its small skeleton, whose
+short text fields need escaping, goes through the JSON printer; the images'
+base64, which never needs escaping, is built once, in slices short enough that
+the loop gets the GIL back between them; the body is written as those parts.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from imagegate.v1 import images_pb2
 
 from gateway import json_text
 
-# Below this many protobuf bytes a reply is printed in one go on the loop (< 1 ms).
-SMALL_BYTES = 64 * 1024
 # Bytes per base64 slice: a multiple of 3, so the slices' base64 joins without padding.
 _SLICE = 3 * 128 * 1024
 # What an emptied b64_json prints as; a JSON string value can never contain it
@@ -38,10 +36,17 @@ def dumps(message: Message) -> bytes:
     return json_text.dumps(data)
 
 
-async def json_parts(message: Message) -> list[bytes]:
-    """The JSON body in parts; join them for the bytes Envoy would send."""
-    if not isinstance(message, images_pb2.ImagesResponse) or message.ByteSize() < SMALL_BYTES:
-        return [dumps(message)]
+async def images_parts(raw: bytes) -> list[bytes]:
+    """The JSON of a serialised ImagesResponse, in parts (join them for Envoy's bytes).
+
+    Parsing it, reading its images and encoding them all hold the GIL for as
+    long as they copy megabytes: everything happens in a thread, in steps.
+    """
+    return await asyncio.to_thread(_image_parts, raw)
+
+
+def _image_parts(raw: bytes) -> list[bytes]:
+    message = images_pb2.ImagesResponse.FromString(raw)
     images = []
     for item in message.data:
         if item.HasField("b64_json"):
@@ -50,25 +55,19 @@ async def json_parts(message: Message) -> list[bytes]:
     pieces = dumps(message).split(_MARK)
     if len(pieces) != len(images) + 1:
         raise AssertionError("b64_json marks do not match the images")
-    encoded = await asyncio.to_thread(_base64_slices, images)
     parts = [pieces[0]]
-    for slices, piece in zip(encoded, pieces[1:], strict=True):
-        parts += [b'"b64_json":"', *slices, b'"', piece]
+    for image, piece in zip(images, pieces[1:], strict=True):
+        parts += [b'"b64_json":"', *_base64_slices(image), b'"', piece]
     return parts
 
 
-def _base64_slices(images: list[bytes]) -> list[list[bytes]]:
-    """Standard padded base64 of each image (as protobuf's JSON printer writes bytes)."""
-    result = []
-    for data in images:
-        view = memoryview(data)
-        result.append(
-            [
-                binascii.b2a_base64(view[i : i + _SLICE], newline=False)
-                for i in range(0, len(view), _SLICE)
-            ]
-        )
-    return result
+def _base64_slices(data: bytes) -> list[bytes]:
+    """Standard padded base64 (as protobuf's JSON printer writes bytes), slice by slice."""
+    view = memoryview(data)
+    return [
+        binascii.b2a_base64(view[i : i + _SLICE], newline=False)
+        for i in range(0, len(view), _SLICE)
+    ]
 
 
 class PartsPayload(payload.Payload):

@@ -104,12 +104,17 @@ async def start_service(config: Config, port: int | None = None) -> Service:
     return service
 
 
-class DecodeGuard(grpc.aio.ServerInterceptor):
-    """Request bytes that do not decode: INVALID_ARGUMENT with an imagegate reason.
+# Replies that may carry megabytes of images: serialised in a thread (upb holds
+# the GIL while it copies them; grpc's own send of them holds it again).
+_LARGE_REPLIES = frozenset(f"/{SERVICE_NAME}/{method}" for method in ("GenerateImages", "GetImage"))
 
-    grpc.aio would answer UNKNOWN naming the protobuf exception class. Each
-    handler gets raw bytes instead and decodes them here, where a failure can
-    be reported like any other invalid parameter; every service is covered.
+
+class MessageCodec(grpc.aio.ServerInterceptor):
+    """Requests decoded, and large replies encoded, by us rather than by grpc.aio.
+
+    A request whose bytes do not decode gets INVALID_ARGUMENT with an imagegate
+    reason (grpc.aio would answer UNKNOWN naming the protobuf exception class):
+    each handler takes raw bytes and decodes them here, for every service.
     """
 
     async def intercept_service(
@@ -120,12 +125,13 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        return _decoding(handler, handler.request_deserializer, details.method)
+        return _codec(handler, details.method)
 
 
-def _decoding(
-    handler: grpc.RpcMethodHandler, deserialize: Callable[[bytes], Any], method: str
-) -> grpc.RpcMethodHandler:
+def _codec(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    deserialize = handler.request_deserializer
+    serialize = handler.response_serializer
+
     async def decode(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
         try:
             return deserialize(raw)
@@ -152,6 +158,14 @@ def _decoding(
                 yield reply
 
         wrapped = replies
+    elif method in _LARGE_REPLIES and serialize is not None:
+        encode = serialize
+
+        async def large_reply(arg: Any, context: grpc.aio.ServicerContext) -> Any:
+            reply = await behavior(await request(arg, context), context)
+            return await asyncio.to_thread(encode, reply)
+
+        wrapped, serialize = large_reply, None  # grpc sends our bytes as they are
     else:
 
         async def reply(arg: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -159,7 +173,7 @@ def _decoding(
 
         wrapped = reply
     factory = getattr(grpc, f"{kind}_rpc_method_handler")
-    method_handler: grpc.RpcMethodHandler = factory(wrapped, None, handler.response_serializer)
+    method_handler: grpc.RpcMethodHandler = factory(wrapped, None, serialize)
     return method_handler
 
 
@@ -168,7 +182,7 @@ _KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 async def create_server(config: Config, core: ImageCore, port: int) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server(
-        options=message_size_options(config.max_message_bytes), interceptors=[DecodeGuard()]
+        options=message_size_options(config.max_message_bytes), interceptors=[MessageCodec()]
     )
     images_pb2_grpc.add_ImageServiceServicer_to_server(
         ImageServicer(core, config.public_url), server

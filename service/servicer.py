@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
@@ -36,7 +37,9 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         async def call() -> images_pb2.ImagesResponse:
             caller = await self._caller(context)
             ctx = RequestContext(_request_id(context), self._base_url(context))
-            return _response(await self._core.generate(caller, _params(request), ctx))
+            generation = await self._core.generate(caller, _params(request), ctx)
+            # Copying megabytes of images into the message holds the GIL: not on the loop.
+            return await asyncio.to_thread(_response, generation)
 
         return await self._run(context, call)
 
