@@ -32,8 +32,9 @@ proto: install-dev
 	$(BIN)/python proto/generate.py
 
 # Envoy in front of a running `imagegate serve` (or serve-grpc): REST on 127.0.0.1:10000.
+# No hot restart: it would claim shared memory (base id 0) that another Envoy may hold.
 envoy: install-dev
-	$(BIN)/envoy -c envoy.yaml --log-level warn
+	$(BIN)/envoy -c envoy.yaml --log-level warn --disable-hot-restart
 
 lint: install-dev
 	$(BIN)/ruff check service gateway tests bench proto/generate.py

@@ -17,6 +17,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,17 @@ from gateway.config import GatewayConfig
 from gateway.server import bound_port, start_gateway
 from service.config import Config
 from tests.conftest import FRONTS
-from tests.envoy_harness import ENVOY_YAML, REPO, EnvoyFront, envoy_front, patched_config, validate
+from tests.envoy_harness import (
+    ENVOY_YAML,
+    LISTENER,
+    REPO,
+    EnvoyFront,
+    _only,
+    _routes,
+    envoy_front,
+    patched_config,
+    validate,
+)
 
 pytestmark = pytest.mark.envoy
 
@@ -315,6 +326,79 @@ def test_committed_addresses_and_limits() -> None:
     text = ENVOY_YAML.read_text()
     assert "timeout: 300s" in text and "idle_timeout: 300s" in text
     assert "stream_idle_timeout: 300s" in text
+    # Reading requests: the aiohttp front's settings, in Envoy's terms.
+    front = GatewayConfig()
+    hcm = _hcm(config)
+    assert hcm["request_headers_timeout"] == f"{front.header_timeout_s:g}s"
+    assert hcm["request_timeout"] == f"{front.header_timeout_s + front.body_timeout_s:g}s"
+    assert hcm["common_http_protocol_options"]["idle_timeout"] == f"{front.header_timeout_s:g}s"
+    assert hcm["max_request_headers_kb"] * 1024 == front.max_header_bytes
+    assert hcm["http_protocol_options"] == {"accept_http_10": True}
+
+
+def _hcm(config: dict[str, Any]) -> dict[str, Any]:
+    [listener] = config["static_resources"]["listeners"]
+    [hcm] = listener["filter_chains"][0]["filters"]
+    typed: dict[str, Any] = hcm["typed_config"]
+    return typed
+
+
+ROWS = [
+    *errors.BY_REASON.values(),
+    errors.DEADLINE,
+    errors.UNAVAILABLE,
+    errors.INTERNAL,
+    errors.INVALID_JSON,
+    errors.TOO_LARGE,
+    errors.UNKNOWN_URL,
+    errors.WRONG_METHOD,
+    errors.MALFORMED,
+    errors.HEADERS_TOO_LARGE,
+    errors.REQUEST_TIMEOUT,
+]
+
+
+def test_local_replies_are_rows_of_the_table() -> None:
+    bodies = {errors.error_body(row): row for row in ROWS}
+    mappers = _hcm(load(ENVOY_YAML))["local_reply_config"]["mappers"]
+    seen = set()
+    for mapper in mappers:
+        body = mapper["body_format_override"]["text_format_source"]["inline_string"].encode()
+        row = bodies.get(body)
+        assert row is not None, body
+        assert mapper.get("status_code", row.status) == row.status, body
+        seen.add(row.code)
+    # Every row Envoy itself may have to write (the others come from the service or Lua).
+    assert {"malformed_request", "request_headers_too_large", "request_timeout"} <= seen
+    assert {"invalid_json", "request_too_large", "service_unavailable", "timeout", None} <= seen
+
+
+def _lua() -> str:
+    filters = _hcm(load(ENVOY_YAML))["http_filters"]
+    source: str = filters[0]["typed_config"]["default_source_code"]["inline_string"]
+    return source
+
+
+def test_lua_routes_are_the_aiohttp_routes() -> None:
+    from gateway.app import ROUTES
+
+    block = re.search(r"local ROUTES = \{(.*?)\n {0,}\}", _lua(), re.S)
+    assert block
+    lua = re.findall(r'\{"([^"]+)", "([A-Z]+)"', block.group(1))
+    # Lua escapes '.' as '%.', Python as '\.'.
+    assert [(pattern.replace("%.", "\\."), method) for pattern, method in lua] == list(ROUTES)
+
+
+def test_openapi_is_served_from_the_same_file() -> None:
+    [route] = [
+        r
+        for r in _routes(_only(load(ENVOY_YAML)["static_resources"]["listeners"], LISTENER))
+        if "direct_response" in r
+    ]
+    assert route["match"] == {"path": "/openapi.json"}
+    assert (
+        REPO / route["direct_response"]["body"]["filename"]
+    ) == REPO / "gateway" / "openapi.json"
 
 
 def test_harness_moves_only_addresses() -> None:
@@ -827,3 +911,40 @@ async def test_route_timeout_is_the_deadline_row() -> None:
         assert front.process.returncode == 0
     finally:
         await server.stop(None)
+
+
+# --- `make envoy` beside another Envoy --------------------------------------------------
+
+
+def _make_envoy_argv() -> list[str]:
+    """The command `make envoy` runs (dry run), as an argument list."""
+    dry = subprocess.run(
+        ["make", "-n", "envoy"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    [line] = [line for line in dry.splitlines() if "/envoy -c " in line]
+    return line.split()
+
+
+def test_make_envoy_starts_beside_another_envoy(tmp_path: Path) -> None:
+    # Hot restart would make both claim shared memory with base id 0; the second
+    # then exits ("unable to bind domain socket"). Each gets free ports here.
+    argv = _make_envoy_argv()
+    assert argv[argv.index("-c") + 1] == "envoy.yaml"
+    processes = []
+    try:
+        for i in range(2):
+            config = tmp_path / f"envoy{i}.json"
+            config.write_text(json.dumps(patched_config(1)))
+            args = [str(REPO / argv[0]), *argv[1:]]
+            args[args.index("-c") + 1] = str(config)
+            with (tmp_path / f"envoy{i}.log").open("wb") as log:
+                processes.append(
+                    subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                )
+        time.sleep(3)  # the second Envoy exited within a second when it clashed
+        for i, process in enumerate(processes):
+            assert process.poll() is None, (tmp_path / f"envoy{i}.log").read_text()[-2000:]
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(10)
