@@ -22,6 +22,8 @@ _HOST_RE = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@\[\]%]*")
 # as '?', from both fronts (grpc refuses to send the others at all).
 _PRINTABLE = bytes(b if 0x20 <= b <= 0x7E else ord("?") for b in range(256))
 _IDENTITY = {"", "identity"}
+# Measured by sending every method llhttp knows to both fronts.
+_ENVOY_REFUSES = frozenset({"M-SEARCH", "QUERY"})
 
 
 def request_id(headers: CIMultiDictProxy[str]) -> str:
@@ -42,6 +44,11 @@ def metadata_value(raw_headers: Iterable[tuple[bytes, bytes]], name: bytes) -> s
 def host_ok(host: str | None) -> bool:
     """False for a request Envoy refuses before routing: no Host, or one it cannot parse."""
     return host is not None and _HOST_RE.fullmatch(host) is not None
+
+
+def method_ok(method: str, raw_target: str) -> bool:
+    """Methods aiohttp's parser takes but Envoy's refuses; CONNECT takes no path."""
+    return method not in _ENVOY_REFUSES and not (method == "CONNECT" and raw_target[:1] == "/")
 
 
 def target_ok(raw_target: str) -> bool:

@@ -85,8 +85,10 @@ def front_door(app_handler: RawHandler, config: GatewayConfig) -> RawHandler:
             > config.max_header_bytes
         ):
             row = errors.HEADERS_TOO_LARGE
-        elif not http_input.target_ok(request.raw_path) or not http_input.host_ok(
-            request.headers.get(hdrs.HOST)
+        elif (
+            not http_input.method_ok(request.method, request.raw_path)
+            or not http_input.target_ok(request.raw_path)
+            or not http_input.host_ok(request.headers.get(hdrs.HOST))
         ):
             row = errors.MALFORMED
         elif http_input.is_upgrade(request.headers):

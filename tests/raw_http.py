@@ -36,14 +36,14 @@ async def exchange(base_url: str, data: bytes, *, timeout_s: float = 15.0) -> Ra
         writer.write(data.replace(b"{host}", parts.netloc.encode()))
         await writer.drain()
         async with asyncio.timeout(timeout_s):
-            return await read_reply(reader)
+            return await read_reply(reader, to_head=data.startswith(b"HEAD "))
     finally:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
 
 
-async def read_reply(reader: asyncio.StreamReader) -> RawReply:
+async def read_reply(reader: asyncio.StreamReader, *, to_head: bool = False) -> RawReply:
     while True:
         head = await reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
@@ -55,7 +55,9 @@ async def read_reply(reader: asyncio.StreamReader) -> RawReply:
                 headers[name.strip().lower()] = value.strip()
         if status >= 200:
             break
-    if headers.get("transfer-encoding", "").lower() == "chunked":
+    if to_head:  # a reply to HEAD has no body, whatever its Content-Length says
+        body = b""
+    elif headers.get("transfer-encoding", "").lower() == "chunked":
         body = b""
         while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
             body += await reader.readexactly(size)

@@ -210,6 +210,8 @@ MALFORMED = {
     "Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0",
     "websocket": "GET /v1/models HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\n"
     "Upgrade: websocket",  # Envoy: 403 with no body
+    "m-search": "M-SEARCH /v1/models HTTP/1.1\r\nHost: {host}",  # Envoy's parser refuses it
+    "connect-path": "CONNECT /v1/models HTTP/1.1\r\nHost: {host}",
 }
 TOO_LARGE = {
     "long-header": f"GET /v1/models HTTP/1.1\r\nHost: {{host}}\r\nX-Big: {LONG}",
@@ -245,23 +247,46 @@ async def test_head_limits_are_inclusive(base_url: str, tenant: Tenant) -> None:
 
 
 # Envoy's parser accepts these and aiohttp's refuses them; neither can be configured.
-LENIENT_ENVOY = {
-    "bare-lf": b"GET /v1/models HTTP/1.1\nHost: {host}\nConnection: close\n\n",
-    "obs-fold": _raw("GET /v1/models HTTP/1.1\r\nHost: {host}\r\nX-A: a\r\n b"),
-    "http-9.9": _raw("GET /v1/models HTTP/9.9\r\nHost: {host}"),
-    # Envoy joins them (the first wins when it names the host of image URLs).
-    "two-hosts": _raw("GET /v1/models HTTP/1.1\r\nHost: {host}\r\nHost: {host}"),
+NO_KEY = (errors.BY_REASON["INVALID_API_KEY"], MISSING)
+# aiohttp's parser refuses these (the malformed row) and Envoy's does not; neither
+# parser can be configured to agree. Envoy's answer to each, all 4xx.
+PARSERS_DIFFER: dict[str, tuple[bytes, tuple[errors.Row, str | None] | None]] = {
+    "bare-lf": (b"GET /v1/models HTTP/1.1\nHost: {host}\nConnection: close\n\n", NO_KEY),
+    "obs-fold": (_raw("GET /v1/models HTTP/1.1\r\nHost: {host}\r\nX-A: a\r\n b"), NO_KEY),
+    "http-9.9": (_raw("GET /v1/models HTTP/9.9\r\nHost: {host}"), NO_KEY),
+    "tab-in-request-line": (_raw("GET /v1/models\t HTTP/1.1\r\nHost: {host}"), NO_KEY),
+    # Envoy joins them (the first names the host of image URLs).
+    "two-hosts": (_raw("GET /v1/models HTTP/1.1\r\nHost: {host}\r\nHost: {host}"), NO_KEY),
+    # A method only Envoy's parser knows.
+    "msearch": (
+        _raw("MSEARCH /v1/models HTTP/1.1\r\nHost: {host}"),
+        (errors.WRONG_METHOD, errors.wrong_method_message("MSEARCH", "/v1/models")),
+    ),
+    # A method only aiohttp's parser knows: Envoy's codec answers a bare 400 itself.
+    "query": (_raw("QUERY /v1/models HTTP/1.1\r\nHost: {host}"), None),
 }
 
 
 @pytest.mark.parametrize("front", FRONTS)
-@pytest.mark.parametrize("head", LENIENT_ENVOY.values(), ids=LENIENT_ENVOY.keys())
-async def test_where_the_parsers_differ(stack: Stack, front: str, head: bytes) -> None:
-    reply = await exchange(stack.fronts[front], head, timeout_s=10)
+@pytest.mark.parametrize("case", PARSERS_DIFFER.values(), ids=PARSERS_DIFFER.keys())
+async def test_where_the_parsers_differ(
+    stack: Stack, front: str, case: tuple[bytes, tuple[errors.Row, str | None] | None]
+) -> None:
+    raw, envoy = case
+    reply = await exchange(stack.fronts[front], raw, timeout_s=10)
     if front == "aiohttp":
         assert_row(reply, errors.MALFORMED)
-    else:  # read as a request: it has no key
-        assert_row(reply, errors.BY_REASON["INVALID_API_KEY"], MISSING)
+    elif envoy is None:
+        assert (reply.status, reply.body) == (400, b"")
+    else:
+        assert_row(reply, *envoy)
+
+
+async def test_refused_requests_echo_a_safe_request_id(base_url: str) -> None:
+    head = "GET /v1/models HTTP/1.0\r\nX-Request-ID: trace-7"  # no Host: refused
+    reply = await exchange(base_url, _raw(head))
+    assert_row(reply, errors.MALFORMED)
+    assert reply.headers["x-request-id"] == "trace-7"
 
 
 async def test_unknown_expectation_is_ignored(base_url: str) -> None:
