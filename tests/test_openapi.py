@@ -1,0 +1,99 @@
+"""The OpenAPI document (gateway/openapi.json): valid, complete, true to the proto, served alike."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from google.api import annotations_pb2
+from imagegate.v1 import images_pb2
+from openapi_schema_validator import OAS31Validator
+from openapi_spec_validator import validate
+
+from gateway import app, errors
+from tests.conftest import Tenant
+from tests.envoy_harness import REPO
+from tests.rest import call
+
+DOC: dict[str, Any] = json.loads((REPO / "gateway" / "openapi.json").read_text())
+SCHEMAS = DOC["components"]["schemas"]
+
+
+def test_document_is_valid_openapi() -> None:
+    validate(DOC)
+
+
+def test_paths_are_the_routes_of_both_fronts() -> None:
+    documented = {
+        (path.replace("{image_id}", "x"), method.upper())
+        for path, ops in DOC["paths"].items()
+        for method in ops
+    }
+    # Each route of gateway/app.py (and so of Envoy's Lua, tests/test_envoy_config.py).
+    for pattern, method in app.ROUTES:
+        matches = {d for d in documented if app.re.search(pattern, d[0]) and d[1] == method}
+        assert len(matches) == 1, (pattern, method)
+    assert len(documented) == len(app.ROUTES)
+
+
+def test_every_http_rule_of_the_proto_is_documented() -> None:
+    service = images_pb2.DESCRIPTOR.services_by_name["ImageService"]
+    for method in service.methods:
+        rule = method.GetOptions().Extensions[annotations_pb2.http]
+        verb = rule.WhichOneof("pattern")
+        assert verb in DOC["paths"][getattr(rule, verb)], method.name
+
+
+def test_schemas_have_the_proto_fields() -> None:
+    for name in ("GenerateImagesRequest", "ImagesResponse", "Image", "Usage", "Model", "ModelList"):
+        fields = {f.name for f in images_pb2.DESCRIPTOR.message_types_by_name[name].fields}
+        assert set(SCHEMAS[name]["properties"]) == fields, name
+
+
+def test_every_error_status_is_documented() -> None:
+    statuses = {
+        row.status
+        for row in (
+            *errors.BY_REASON.values(),
+            errors.DEADLINE,
+            errors.UNAVAILABLE,
+            errors.INTERNAL,
+            errors.INVALID_JSON,
+            errors.TOO_LARGE,
+            errors.UNKNOWN_URL,
+            errors.WRONG_METHOD,
+            errors.MALFORMED,
+            errors.HEADERS_TOO_LARGE,
+            errors.REQUEST_TIMEOUT,
+        )
+    }
+    documented = {
+        int(status)
+        for ops in DOC["paths"].values()
+        for op in ops.values()
+        for status in op["responses"]
+    }
+    assert statuses <= documented
+
+
+def _validator(name: str) -> OAS31Validator:
+    # The components ride along, so "#/components/schemas/..." resolves in the root.
+    return OAS31Validator({"$ref": f"#/components/schemas/{name}", "components": DOC["components"]})
+
+
+async def test_answers_match_the_document(base_url: str, tenant: Tenant) -> None:
+    reply = await call("GET", base_url + "/openapi.json")
+    assert (reply.status, reply.headers["Content-Type"]) == (200, "application/json")
+    assert reply.body == (REPO / "gateway" / "openapi.json").read_bytes()
+    assert reply.headers["x-request-id"]
+    generated = await call(
+        "POST",
+        base_url + "/v1/images/generations",
+        key=tenant.key,
+        json_body={"model": "local", "prompt": "a kite", "size": "256x256", "n": 2},
+    )
+    _validator("ImagesResponse").validate(generated.json())
+    models = await call("GET", base_url + "/v1/models", key=tenant.key)
+    _validator("ModelList").validate(models.json())
+    refused = await call("POST", base_url + "/v1/images/generations", key=tenant.key, body=b"{")
+    _validator("Error").validate(refused.json())
