@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from service.errors import InsufficientBalance
 from service.money import format_usd
+from service.store import migrations
 from service.store.base import (
     Account,
     AccountExists,
@@ -32,54 +33,6 @@ from service.store.base import (
 )
 
 T = TypeVar("T")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS accounts (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    -- The CHECK is a backstop: reserve() never lets a balance go below zero.
-    balance_micros INTEGER NOT NULL CHECK (balance_micros >= 0),
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS api_keys (
-    id TEXT PRIMARY KEY,
-    account_id INTEGER NOT NULL REFERENCES accounts(id),
-    name TEXT NOT NULL,
-    prefix TEXT NOT NULL,
-    key_hash BLOB NOT NULL UNIQUE,
-    models TEXT,
-    created_at REAL NOT NULL,
-    revoked_at REAL
-);
-CREATE TABLE IF NOT EXISTS reservations (
-    id TEXT PRIMARY KEY,
-    account_id INTEGER NOT NULL REFERENCES accounts(id),
-    key_id TEXT NOT NULL,
-    request_id TEXT NOT NULL,
-    model TEXT NOT NULL,
-    n INTEGER NOT NULL,
-    size TEXT NOT NULL,
-    quality TEXT NOT NULL,
-    amount_micros INTEGER NOT NULL,
-    cost_micros INTEGER NOT NULL DEFAULT 0,
-    status TEXT NOT NULL CHECK (status IN ('held', 'settled', 'released')),
-    created_at REAL NOT NULL,
-    expires_at REAL NOT NULL,
-    resolved_at REAL
-);
-CREATE INDEX IF NOT EXISTS reservations_held ON reservations (status, expires_at);
-CREATE INDEX IF NOT EXISTS reservations_account ON reservations (account_id, created_at);
-CREATE TABLE IF NOT EXISTS ledger (
-    id INTEGER PRIMARY KEY,
-    account_id INTEGER NOT NULL REFERENCES accounts(id),
-    delta_micros INTEGER NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('credit', 'reserve', 'refund')),
-    reservation_id TEXT,
-    note TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS ledger_account ON ledger (account_id);
-"""
 
 _KEY_SELECT = (
     "SELECT k.id, k.account_id, a.name, k.name, k.prefix, k.key_hash, k.models, k.created_at, "
@@ -98,20 +51,31 @@ class SqliteStore:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, partial(fn, *args))
 
-    async def open(self) -> None:
-        await self._run(self._open)
+    async def open(self, *, migrate: bool = False) -> list[str]:
+        # The embedded default migrates itself whatever `migrate` says: `make run`
+        # on a database made by an older imagegate needs no extra step.
+        return await self._run(self._open)
 
-    def _open(self) -> None:
+    def _open(self) -> list[str]:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         # Autocommit mode; transactions are explicit BEGIN IMMEDIATE ... COMMIT below.
         db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA foreign_keys=ON")
-        # The CLI may write while the server runs: wait for its lock, don't fail.
-        db.execute("PRAGMA busy_timeout=5000")
-        db.executescript(SCHEMA)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            # The CLI may write while the server runs: wait for its lock, don't fail.
+            db.execute("PRAGMA busy_timeout=5000")
+            applied = _migrate(db, self._clock())
+        except BaseException:
+            db.close()
+            raise
         self._db = db
+        return applied
+
+    async def schema_version(self) -> int:
+        rows = await self._read("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+        return int(rows[0][0])
 
     async def close(self) -> None:
         if self._db is not None:
@@ -124,16 +88,8 @@ class SqliteStore:
         return await self._run(self._in_tx, fn, *args)
 
     def _in_tx(self, fn: Callable[..., T], *args: Any) -> T:
-        db = self._db
-        assert db is not None, "store not opened"
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(db, *args)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-        return result
+        assert self._db is not None, "store not opened"
+        return _transaction(self._db, fn, *args)
 
     async def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         def query() -> list[Any]:
@@ -308,6 +264,79 @@ class SqliteStore:
             (account_name, limit),
         )
         return [UsageRow(*row) for row in rows]
+
+
+def _transaction(db: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
+    """fn(db, *args) in one BEGIN IMMEDIATE transaction: the write lock from the start."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(db, *args)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    return result
+
+
+def _migrate(db: sqlite3.Connection, now: float) -> list[str]:
+    """Apply pending migrations, each in its own BEGIN IMMEDIATE transaction.
+
+    The version is read inside each transaction, so two processes migrating at
+    once take turns and neither applies a migration twice.
+    """
+    applied: list[str] = []
+    while (name := _transaction(db, _apply_next, now)) is not None:
+        applied.append(name)
+    return applied
+
+
+def _apply_next(db: sqlite3.Connection, now: float) -> str | None:
+    current = _current_version(db, now)
+    migrations.check_not_newer(current, "sqlite")
+    todo = migrations.pending("sqlite", current)
+    if not todo:
+        return None
+    for statement in _statements(todo[0].sql):
+        db.execute(statement)
+    db.execute(
+        "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+        (todo[0].version, todo[0].name, now),
+    )
+    return todo[0].name
+
+
+def _current_version(db: sqlite3.Connection, now: float) -> int:
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version ("
+        "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+    )
+    version = db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+    if version is not None:
+        return int(version)
+    # Made by imagegate before versioned migrations: its schema is version 1.
+    if db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'accounts'"
+    ).fetchone():
+        first = migrations.migrations("sqlite")[0]
+        db.execute(
+            "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+            (first.version, first.name, now),
+        )
+        return first.version
+    return 0
+
+
+def _statements(script: str) -> list[str]:
+    """Split a script into statements: executescript() would COMMIT our transaction."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer)
+            buffer = ""
+    if buffer.strip():
+        statements.append(buffer)  # a trailing comment, or an error sqlite reports
+    return statements
 
 
 def _account_id(db: sqlite3.Connection, name: str) -> int:
