@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
 import sqlite3
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 
 from service.store import migrations
-from service.store.base import SchemaOutdated, SchemaTooNew
+from service.store.base import SchemaOutdated, SchemaTooNew, StoreError
 from service.store.sqlite import SqliteStore
 from tests import pg
 from tests.conftest import store_for
@@ -184,3 +188,25 @@ async def test_both_stores_have_the_same_tables_and_columns(
         await conn.close()
     # reservations.seq is PostgreSQL's stand-in for SQLite's implicit rowid.
     assert {(r["table_name"], r["column_name"]) for r in rows} - {("reservations", "seq")} == lite
+
+
+async def test_a_schema_postgres_will_not_let_us_create_is_a_one_line_error(
+    postgres_server: str, postgres_url: str
+) -> None:
+    schema = dict(parse_qsl(urlsplit(postgres_url).query))["search_path"]
+    role = f"imagegate_test_ro_{os.getpid()}_{secrets.token_hex(4)}"
+    try:
+        await pg.execute(
+            postgres_server,
+            f'CREATE ROLE "{role}" LOGIN; GRANT USAGE ON SCHEMA "{schema}" TO "{role}"',
+        )
+    except asyncpg.InsufficientPrivilegeError:
+        pytest.skip("the test user may not create roles")
+    try:
+        parts = urlsplit(postgres_url)
+        as_role = urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}"))
+        with pytest.raises(StoreError, match="permission denied for schema") as raised:
+            await store_for(as_role).open(migrate=True)
+        assert "\n" not in str(raised.value)
+    finally:
+        await pg.execute(postgres_server, f'DROP OWNED BY "{role}"; DROP ROLE "{role}"')

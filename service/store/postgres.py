@@ -30,6 +30,7 @@ from service.store.base import (
     Charge,
     DatabaseUnavailable,
     KeyRecord,
+    StoreError,
     UnknownAccount,
     UsageRow,
 )
@@ -114,8 +115,10 @@ class PostgresStore:
             applied = await _migrate(pool, self._clock()) if migrate else []
             async with pool.acquire() as conn:
                 migrations.check_current(await _version(conn), "postgres")
-        except BaseException:
+        except BaseException as exc:
             await pool.close()
+            if isinstance(exc, asyncpg.PostgresError):  # e.g. no right to create tables
+                raise StoreError(f"PostgreSQL at {_where(self._url)}: {exc}") from None
             raise
         self._pool = pool
         return applied
@@ -322,7 +325,10 @@ async def _migrate(pool: Any, now: float) -> list[str]:
                 todo = migrations.pending("postgres", current)
                 if not todo:
                     return applied
-                await conn.execute(todo[0].sql)
+                try:
+                    await conn.execute(todo[0].sql)
+                except asyncpg.PostgresError as exc:  # e.g. no CREATE right on the schema
+                    raise StoreError(f"migration {todo[0].name} failed: {exc}") from None
                 await conn.execute(
                     "INSERT INTO schema_version (version, name, applied_at) VALUES ($1, $2, $3)",
                     todo[0].version,
