@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, field, replace
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,8 +18,7 @@ from service.catalog import Catalog, load_catalog
 from service.config import Config
 from service.core import ImageCore
 from service.images import ImageStore, load_or_create_secret
-from service.providers.base import Provider
-from service.providers.local import LocalProvider
+from service.providers.registry import KIND_MODULES, Registry, build_registry
 from service.servicer import ImageServicer
 from service.store.base import Store
 from service.store.sqlite import SqliteStore
@@ -34,19 +35,14 @@ def open_store(config: Config) -> Store:
     return SqliteStore(config.sqlite_path)
 
 
-def build_providers(config: Config) -> dict[str, Provider]:
-    return {"local": LocalProvider()}
-
-
-def servable(catalog: Catalog, providers: dict[str, Provider]) -> Catalog:
-    """Only models whose provider is configured: the others would fail every call."""
-    kept = {}
-    for model_id, spec in catalog.models.items():
-        if spec.provider in providers:
-            kept[model_id] = spec
-        else:
-            log.warning("model %s skipped: provider %s is not configured", model_id, spec.provider)
-    return replace(catalog, models=kept)
+def servable(catalog: Catalog, registry: Registry) -> Catalog:
+    """Only routes to live providers, and only models left with one: the others would
+    fail every call. Not listed in /v1/models either."""
+    served = catalog.served(registry.live)
+    dropped = sorted(set(catalog.models) - set(served.models))
+    if dropped:
+        log.info("models not served (no live provider on any route): %s", ", ".join(dropped))
+    return served
 
 
 @dataclass
@@ -58,7 +54,7 @@ class Service:
     core: ImageCore
     server: grpc.aio.Server
     port: int
-    providers: dict[str, Provider]
+    registry: Registry
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace: float | None = 5.0) -> None:
@@ -68,32 +64,52 @@ class Service:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.server.stop(grace)
-        for provider in self.providers.values():
-            await provider.aclose()
+        await self.registry.aclose()
         await self.store.close()
 
 
-async def start_service(config: Config, port: int | None = None) -> Service:
-    """Start on config.host:port (config.grpc_port by default; 0 picks a free port)."""
+async def start_service(
+    config: Config,
+    port: int | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    kind_modules: Mapping[str, str] = KIND_MODULES,
+) -> Service:
+    """Start on config.host:port (config.grpc_port by default; 0 picks a free port).
+
+    `env` is where provider credentials come from (os.environ by default), read
+    once here; `kind_modules` maps provider kinds to adapter modules (tests may
+    add fakes of their own).
+    """
     catalog = load_catalog(config.catalog)
     store = open_store(config)
     await store.open()
-    providers = build_providers(config)
-    secret = config.url_secret.encode() or load_or_create_secret(config.data_dir / "url_secret")
-    core = ImageCore(
-        catalog=servable(catalog, providers),
-        store=store,
-        providers=providers,
-        images=ImageStore(config.data_dir / "images", secret, config.image_ttl_s),
-        default_model=config.default_model,
-        upstream_timeout_s=config.upstream_timeout_s,
-        reservation_ttl_s=config.reservation_ttl_s,
-    )
-    # Reservations left held by a crash are released before serving anything.
-    await core.sweep()
-    server, bound = await create_server(config, core, config.grpc_port if port is None else port)
-    await server.start()
-    service = Service(config, store, core, server, bound, providers)
+    registry = Registry()
+    try:
+        registry = await build_registry(
+            catalog.providers, os.environ if env is None else env, kind_modules=kind_modules
+        )
+        secret = config.url_secret.encode() or load_or_create_secret(config.data_dir / "url_secret")
+        core = ImageCore(
+            catalog=servable(catalog, registry),
+            store=store,
+            providers=registry.providers,
+            images=ImageStore(config.data_dir / "images", secret, config.image_ttl_s),
+            default_model=config.default_model,
+            upstream_timeout_s=config.upstream_timeout_s,
+            reservation_ttl_s=config.reservation_ttl_s,
+        )
+        # Reservations left held by a crash are released before serving anything.
+        await core.sweep()
+        port = config.grpc_port if port is None else port
+        server, bound = await create_server(config, core, port)
+        await server.start()
+    except BaseException:
+        # A busy port or a bad setting: close what was opened, then say why.
+        await registry.aclose()
+        await store.close()
+        raise
+    service = Service(config, store, core, server, bound, registry)
     service._tasks.append(asyncio.create_task(_sweep_forever(core, config.sweep_interval_s)))
     log.info("ImageService listening on %s:%d", config.host, bound)
     return service

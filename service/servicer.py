@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -33,7 +34,9 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
     ) -> images_pb2.ImagesResponse:
         async def call() -> images_pb2.ImagesResponse:
             caller = await self._caller(context)
-            ctx = RequestContext(self._request_id(context), self._base_url(context))
+            ctx = RequestContext(
+                self._request_id(context), self._base_url(context), _deadline(context)
+            )
             return _response(await self._core.generate(caller, _params(request), ctx))
 
         return await self._run(context, call)
@@ -83,6 +86,12 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         if host and _HOST_RE.fullmatch(host) and proto in ("http", "https"):
             return f"{proto}://{host}"
         return self._public_url
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The caller's gRPC deadline on the monotonic clock the dispatcher uses."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:

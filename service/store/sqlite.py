@@ -27,6 +27,7 @@ from service.store.base import (
     AccountExists,
     Charge,
     KeyRecord,
+    Served,
     UnknownAccount,
     UsageRow,
 )
@@ -80,6 +81,15 @@ CREATE TABLE IF NOT EXISTS ledger (
 );
 CREATE INDEX IF NOT EXISTS ledger_account ON ledger (account_id);
 """
+# Columns added after the first release, created on open where missing (versioned
+# migrations come later): the route that served a request and its upstream list cost.
+ADDED_COLUMNS = {
+    "reservations": (
+        ("provider", "TEXT NOT NULL DEFAULT ''"),
+        ("upstream_model", "TEXT NOT NULL DEFAULT ''"),
+        ("upstream_cost_micros", "INTEGER NOT NULL DEFAULT 0"),
+    ),
+}
 
 _KEY_SELECT = (
     "SELECT k.id, k.account_id, a.name, k.name, k.prefix, k.key_hash, k.models, k.created_at, "
@@ -112,6 +122,7 @@ class SqliteStore:
         db.execute("PRAGMA busy_timeout=5000")
         db.executescript(SCHEMA)
         self._db = db
+        self._in_tx(_add_columns)
 
     async def close(self) -> None:
         if self._db is not None:
@@ -276,8 +287,8 @@ class SqliteStore:
         await self._tx(reserve)
         return reservation_id
 
-    async def settle(self, reservation_id: str, cost: int) -> None:
-        await self._tx(_resolve, reservation_id, "settled", cost, self._clock())
+    async def settle(self, reservation_id: str, cost: int, served: Served | None = None) -> None:
+        await self._tx(_resolve, reservation_id, "settled", cost, self._clock(), served)
 
     async def release(self, reservation_id: str) -> None:
         await self._tx(_resolve, reservation_id, "released", 0, self._clock())
@@ -302,7 +313,8 @@ class SqliteStore:
     async def usage(self, account_name: str, limit: int = 20) -> list[UsageRow]:
         rows = await self._read(
             "SELECT r.created_at, r.request_id, r.model, r.n, r.size, r.quality, "
-            "r.amount_micros, r.cost_micros, r.status FROM reservations r "
+            "r.amount_micros, r.cost_micros, r.status, r.provider, r.upstream_model, "
+            "r.upstream_cost_micros FROM reservations r "
             "JOIN accounts a ON a.id = r.account_id WHERE a.name = ? "
             "ORDER BY r.created_at DESC, r.rowid DESC LIMIT ?",
             (account_name, limit),
@@ -331,8 +343,22 @@ def _credit(
     )
 
 
+def _add_columns(db: sqlite3.Connection) -> None:
+    """Idempotent: in one transaction, so two processes opening at once cannot both add."""
+    for table, columns in ADDED_COLUMNS.items():
+        present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        for name, declaration in columns:
+            if name not in present:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
+
+
 def _resolve(
-    db: sqlite3.Connection, reservation_id: str, status: str, cost: int, now: float
+    db: sqlite3.Connection,
+    reservation_id: str,
+    status: str,
+    cost: int,
+    now: float,
+    served: Served | None = None,
 ) -> None:
     """Settle or release a held reservation; a resolved one is left as it is (exactly once)."""
     row = db.execute(
@@ -344,9 +370,19 @@ def _resolve(
     account_id, amount = row
     if not 0 <= cost <= amount:
         raise ValueError(f"cost {cost} outside reservation of {amount}")
+    served = served or Served()
     db.execute(
-        "UPDATE reservations SET status = ?, cost_micros = ?, resolved_at = ? WHERE id = ?",
-        (status, cost, now, reservation_id),
+        "UPDATE reservations SET status = ?, cost_micros = ?, resolved_at = ?, provider = ?, "
+        "upstream_model = ?, upstream_cost_micros = ? WHERE id = ?",
+        (
+            status,
+            cost,
+            now,
+            served.provider,
+            served.upstream_model,
+            served.upstream_cost_micros,
+            reservation_id,
+        ),
     )
     refund = amount - cost
     if refund:
