@@ -158,8 +158,12 @@ def load_catalog(user_file: Path | None = None) -> Catalog:
         except OSError as exc:
             raise CatalogError(f"cannot read catalog {user_file}: {exc.strerror}") from exc
         for name, table in _parse(user_text, str(user_file)).items():
-            if name in raw and isinstance(table, Mapping):
-                raw[name].update(table)
+            if name not in raw or not isinstance(table, Mapping):
+                raise CatalogError(
+                    f"{user_file}: unknown top-level key {name!r}; "
+                    "expected [models.ID], [providers.ID] or [dispatch]"
+                )
+            raw[name].update(table)
     providers, disabled = parse_providers(raw["providers"])
     models = {}
     for model_id, entry in raw["models"].items():

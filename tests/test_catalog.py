@@ -205,6 +205,7 @@ def test_served_keeps_live_routes_only() -> None:
         (PROVIDERS.replace("max_attempts = 4", "max_tries = 4"), "unknown keys"),
         (PROVIDERS.replace("max_attempts = 4", "max_attempts = 2.5"), "integer"),
         (PROVIDERS.replace("breaker_cooldown_s = 2.5", "breaker_cooldown_s = -1"), "non-neg"),
+        (USER_CATALOG.replace("[models.cheap]", "[model.cheap]"), "unknown top-level key 'model'"),
     ],
 )
 def test_bad_providers_routes_and_dispatch_are_refused_naming_them(
