@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 
 import aiohttp
@@ -53,10 +54,8 @@ async def test_grpc_cancels_and_deadlines_at_random_moments(stack: Stack) -> Non
                 call = stub.GenerateImages(REQUEST, metadata=metadata)
                 await asyncio.sleep(rng.uniform(0, 0.02))
                 call.cancel()
-            try:
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
                 await call
-            except (grpc.aio.AioRpcError, asyncio.CancelledError):
-                pass
 
         for _ in range(6):
             await asyncio.gather(*(one(i) for i in range(24)))

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from service.requests import ImageRequest
+
+if TYPE_CHECKING:
+    import aiohttp
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,26 @@ class Provider(Protocol):
     async def generate(self, call: UpstreamCall) -> ProviderResult: ...
 
     async def aclose(self) -> None: ...
+
+
+class Downloader(Protocol):
+    """Fetches an image from a URL an upstream returned (download.py: host allowlist,
+    no private addresses unless listed, size cap, timeout, decode check)."""
+
+    async def fetch(self, url: str) -> tuple[bytes, str]:
+        """The image bytes and their MIME type, or UpstreamError."""
+        ...
+
+
+@dataclass(frozen=True)
+class AdapterDeps:
+    """What the registry hands each adapter factory: `create(settings, deps) -> Provider`."""
+
+    # One pooled session per provider, closed by the registry, not by the adapter.
+    http: aiohttp.ClientSession
+    download: Downloader
+    # Where credentials come from (os.environ in production, a dict in tests).
+    env: Mapping[str, str]
 
 
 class MissingCredentials(Exception):
