@@ -52,9 +52,14 @@ class ImageStore:
     def _write(self, image_id: str, data: bytes) -> None:
         private_dir(self._root)
         tmp = self._root / f".{image_id}.tmp"
+        fd = create_private(tmp)
         try:
-            with os.fdopen(create_private(tmp), "wb") as f:
-                f.write(data)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
             # Rename so a concurrent GET never sees a half-written file.
             tmp.replace(self._root / image_id)
         except BaseException:
