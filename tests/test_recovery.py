@@ -109,9 +109,11 @@ async def _held(db: Path, account: str) -> set[str]:
 
 async def _until_held(db: Path, account: str) -> set[str]:
     async with asyncio.timeout(30):
-        while not (held := await _held(db, account)):
+        while True:
+            # Polled: the holding happens in another process, with no event to await.
+            if held := await _held(db, account):
+                return held
             await asyncio.sleep(0.01)
-    return held
 
 
 async def _money(db: Path, account: str) -> tuple[int, int, int]:
