@@ -128,4 +128,3 @@ async def test_rest(
     body = assert_error(reply, status, type_, error_code, param)
     assert body["message"] == str(error)
     assert await balance(failing.service, tenant.account) == 1_000_000
-
