@@ -20,6 +20,7 @@ from gateway.config import GatewayConfig
 from gateway.server import bound_port, start_gateway
 from service import keys
 from service.config import Config
+from service.links import url_host
 from service.money import credit_micros, format_usd, usd_to_micros
 from service.server import Service, open_store, start_service
 from service.store.base import AccountExists, Store, UnknownAccount
@@ -167,10 +168,10 @@ async def _store(args: argparse.Namespace) -> AsyncIterator[Store]:
 async def _serve(args: argparse.Namespace) -> int:
     config = _config(args)
     gateway_config = _gateway_config(args, grpc_target=None)
-    rest_url = f"http://{_url_host(gateway_config.host)}:{gateway_config.rest_port}"
+    rest_url = f"http://{url_host(gateway_config.host)}:{gateway_config.rest_port}"
     service = await start_service(config, rest_url=rest_url)
     # The front dials the address the service is bound to, not a guess.
-    gateway_config = replace(gateway_config, grpc_target=f"{_url_host(config.host)}:{service.port}")
+    gateway_config = replace(gateway_config, grpc_target=f"{url_host(config.host)}:{service.port}")
     try:
         runner = await start_gateway(gateway_config)
     except BaseException:
@@ -178,7 +179,7 @@ async def _serve(args: argparse.Namespace) -> int:
         raise
     try:
         # The port really bound (--rest-port 0 picks one): image URLs for gRPC callers.
-        rest_url = f"http://{_url_host(gateway_config.host)}:{bound_port(runner)}"
+        rest_url = f"http://{url_host(gateway_config.host)}:{bound_port(runner)}"
         service.links.fallback_url = rest_url
         if args.demo:
             await _demo(service, rest_url)
@@ -197,7 +198,7 @@ async def _serve_grpc(args: argparse.Namespace) -> int:
     config = _config(args)
     # No front in this process: image URLs for gRPC callers point at the default
     # REST address on this host, unless --public-url says otherwise.
-    service = await start_service(config, rest_url=f"http://{_url_host(config.host)}:8080")
+    service = await start_service(config, rest_url=f"http://{url_host(config.host)}:8080")
     try:
         print(f"imagegate: gRPC on {service.config.host}:{service.port}. Ctrl-C stops.", flush=True)
         await _until_signal()
@@ -223,15 +224,6 @@ async def _serve_rest(args: argparse.Namespace) -> int:
 
 def _gateway_config(args: argparse.Namespace, grpc_target: str | None) -> GatewayConfig:
     return GatewayConfig.from_env(host=args.host, rest_port=args.rest_port, grpc_target=grpc_target)
-
-
-def _url_host(host: str) -> str:
-    """A bound address as a client dials it: loopback for a wildcard, IPv6 in brackets."""
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host in ("::", "[::]"):
-        return "[::1]"
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 async def _until_signal() -> None:

@@ -14,6 +14,21 @@ DEFAULT_REST_URL = "http://127.0.0.1:8080"
 _HOST_RE = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
 
 
+def url_host(host: str) -> str:
+    """A bound host as clients dial it and URLs name it: loopback for a wildcard,
+    an IPv6 literal in brackets."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host in ("::", "[::]"):
+        return "[::1]"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def bind_address(host: str, port: int) -> str:
+    """host:port as gRPC binds it (an IPv6 literal needs its brackets)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 def parse_networks(text: str) -> tuple[Network, ...]:
     """'127.0.0.0/8, ::1' -> networks; ValueError naming the bad entry."""
     networks = []

@@ -17,7 +17,7 @@ from service.config import Config
 from service.core import ImageCore
 from service.images import ImageStore, load_or_create_secret
 from service.instances import Liveness
-from service.links import DEFAULT_REST_URL, LinkBase, parse_networks
+from service.links import DEFAULT_REST_URL, LinkBase, bind_address, parse_networks
 from service.providers.base import Provider
 from service.providers.local import LocalProvider
 from service.servicer import ImageServicer
@@ -143,7 +143,7 @@ async def create_server(
         ),
         server,
     )
-    bound = server.add_insecure_port(f"{config.host}:{port}")
+    bound = server.add_insecure_port(bind_address(config.host, port))
     if bound == 0:
         raise OSError(f"cannot bind gRPC to {config.host}:{port}")
     return server, bound

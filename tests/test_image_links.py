@@ -9,7 +9,7 @@ import grpc
 import pytest
 from imagegate.v1 import images_pb2, images_pb2_grpc
 
-from service.links import DEFAULT_REST_URL, LinkBase, parse_networks
+from service.links import DEFAULT_REST_URL, LinkBase, bind_address, parse_networks, url_host
 from service.servicer import _peer_ip
 from tests.conftest import FRONTS, Stack, make_tenant, start_stack
 from tests.rest import call
@@ -112,3 +112,18 @@ def test_trust_rules() -> None:
     assert not links.is_trusted("not an address")
     with pytest.raises(ValueError, match=re.escape("'10.0.0.0/33'")):
         parse_networks("127.0.0.0/8,10.0.0.0/33")
+
+
+@pytest.mark.parametrize(
+    ("bound", "dialled", "bind"),
+    [
+        ("127.0.0.2", "127.0.0.2", "127.0.0.2:1"),
+        ("0.0.0.0", "127.0.0.1", "0.0.0.0:1"),
+        ("::", "[::1]", "[::]:1"),
+        ("::1", "[::1]", "[::1]:1"),
+        ("example.test", "example.test", "example.test:1"),
+    ],
+)
+def test_addresses_as_dialled_and_bound(bound: str, dialled: str, bind: str) -> None:
+    assert url_host(bound) == dialled
+    assert bind_address(bound, 1) == bind
