@@ -105,18 +105,21 @@ async def start_service(
         reservation_ttl_s=config.reservation_ttl_s,
         owner=liveness.owner,
     )
-    # Recorded before serving, then what stopped processes left held is released
-    # (at once for those of this machine), and what expired.
-    await liveness.beat()
-    await core.sweep()
     servicer = ImageServicer(core, links, config.max_message_bytes)
     try:
+        # Recorded before serving, then what stopped processes left held is released
+        # (at once for those of this machine), and what expired.
+        await liveness.beat()
+        await core.sweep()
         server, bound = await create_server(
             config, servicer, config.grpc_port if port is None else port
         )
         await server.start()
     except BaseException:
-        await liveness.retire()
+        with contextlib.suppress(Exception):
+            await liveness.retire()
+        for provider in providers.values():
+            await provider.aclose()
         await store.close()
         raise
     service = Service(config, store, core, server, bound, providers, links, liveness)
