@@ -121,7 +121,8 @@ class ImageCore:
 
         `render` builds what the transport will send (raising a domain error when
         it cannot be sent); whatever fails or is cancelled, at any moment, the
-        reservation is resolved before this returns or raises.
+        reservation is resolved before this returns or raises. A streaming RPC
+        can pass a render that sends, so that only what it handed over is charged.
         """
         # An unknown model's message names only the models this key may use.
         visible = [m.id for m in self.list_models(caller)]
