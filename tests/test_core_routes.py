@@ -15,7 +15,7 @@ import pytest
 
 from service import keys
 from service.catalog import DispatchSettings, load_catalog
-from service.core import Caller, ImageCore, RequestContext
+from service.core import Caller, Generation, ImageCore, RequestContext
 from service.errors import ContentPolicy, UpstreamError
 from service.images import ImageStore
 from service.providers.base import TokenUsage
@@ -88,13 +88,17 @@ async def parts(tmp_path: Path) -> AsyncIterator[Parts]:
     await store.close()
 
 
+async def as_is(gen: Generation) -> Generation:
+    return gen
+
+
 def params(model_id: str = "two", n: int = 1, prompt: str = "p") -> GenerationParams:
     return GenerationParams(prompt=prompt, model=model_id, n=n, response_format="b64_json")
 
 
 async def test_failover_is_charged_once_per_image_and_records_the_route(parts: Parts) -> None:
     parts.a.default = fail()
-    gen = await parts.core.generate(parts.caller, params(n=2), CTX)
+    gen = await parts.core.generate(parts.caller, params(n=2), CTX, as_is)
     assert len(gen.images) == 2 and gen.cost_micros == 2000
     # Two calls of one (a's cap), each tried twice on a, then served by b.
     assert len(parts.a.calls) == 4 and len(parts.b.calls) == 2
@@ -111,7 +115,7 @@ async def test_failover_is_charged_once_per_image_and_records_the_route(parts: P
 
 
 async def test_route_upstream_prices_are_recorded(parts: Parts) -> None:
-    await parts.core.generate(parts.caller, params(n=3), CTX)
+    await parts.core.generate(parts.caller, params(n=3), CTX, as_is)
     row = await parts.last_usage()
     assert (row.provider, row.upstream_model, row.upstream_cost_micros) == ("a", "model-a", 2100)
     assert row.cost_micros == 3000
@@ -119,7 +123,7 @@ async def test_route_upstream_prices_are_recorded(parts: Parts) -> None:
 
 async def test_partial_success_charges_only_delivered_images(parts: Parts) -> None:
     parts.a.then(OK, fail(retryable=False), OK)
-    gen = await parts.core.generate(parts.caller, params("only-a", n=3), CTX)
+    gen = await parts.core.generate(parts.caller, params("only-a", n=3), CTX, as_is)
     assert len(gen.images) == 2 and gen.cost_micros == 2000
     assert await parts.balance() == CREDIT - 2000
 
@@ -127,7 +131,7 @@ async def test_partial_success_charges_only_delivered_images(parts: Parts) -> No
 async def test_mixed_routes_are_all_recorded(parts: Parts) -> None:
     # Call 1 served by a; call 2 fails on a (not retryable) and fails over to b.
     parts.a.then(OK, fail(retryable=False))
-    await parts.core.generate(parts.caller, params(n=2), CTX)
+    await parts.core.generate(parts.caller, params(n=2), CTX, as_is)
     row = await parts.last_usage()
     assert (row.provider, row.upstream_model) == ("a,b", "model-a,model-b")
     assert row.upstream_cost_micros == 700 + 1000 and row.cost_micros == 2000
@@ -136,7 +140,7 @@ async def test_mixed_routes_are_all_recorded(parts: Parts) -> None:
 async def test_safety_refusal_releases_everything_without_failover(parts: Parts) -> None:
     parts.a.then(refuse())
     with pytest.raises(ContentPolicy):
-        await parts.core.generate(parts.caller, params(), CTX)
+        await parts.core.generate(parts.caller, params(), CTX, as_is)
     assert parts.b.calls == []
     assert await parts.balance() == CREDIT
     assert (await parts.last_usage()).status == "released"
@@ -146,7 +150,7 @@ async def test_every_route_failing_releases_everything(parts: Parts) -> None:
     parts.a.default = fail()
     parts.b.default = fail(retryable=False)
     with pytest.raises(UpstreamError):
-        await parts.core.generate(parts.caller, params(n=2), CTX)
+        await parts.core.generate(parts.caller, params(n=2), CTX, as_is)
     assert await parts.balance() == CREDIT
 
 
@@ -158,7 +162,7 @@ def _tokens_quote(prompt: str, n: int, unit: int = 1000) -> int:
 async def test_token_priced_reservation_covers_the_most_it_can_cost(parts: Parts) -> None:
     prompt = "naïve café " * 10  # multi-byte: bytes, not characters, bound the tokens
     parts.a.default = Step(delay_s=0.2)
-    task = parts.core.generate(parts.caller, params("tokens", n=2, prompt=prompt), CTX)
+    task = parts.core.generate(parts.caller, params("tokens", n=2, prompt=prompt), CTX, as_is)
     running = asyncio.create_task(task)
     await asyncio.sleep(0.05)
     held = CREDIT - await parts.balance()
@@ -169,7 +173,7 @@ async def test_token_priced_reservation_covers_the_most_it_can_cost(parts: Parts
 async def test_token_priced_settles_from_reported_usage(parts: Parts) -> None:
     usage = TokenUsage(input_text_tokens=13, input_image_tokens=0, output_tokens=20)
     parts.a.default = Step(usage=usage)
-    gen = await parts.core.generate(parts.caller, params("tokens", n=2), CTX)
+    gen = await parts.core.generate(parts.caller, params("tokens", n=2), CTX, as_is)
     # Two calls: 2 x (13 x 5 + 20 x 40) = 1730 micro-USD, charged instead of 2 x 1000.
     assert gen.cost_micros == 1730
     assert gen.usage == TokenUsage(26, 0, 40)
@@ -180,9 +184,9 @@ async def test_token_priced_settles_from_reported_usage(parts: Parts) -> None:
 async def test_token_cost_is_rounded_up_to_the_micro_usd(parts: Parts) -> None:
     parts.a.default = Step(usage=TokenUsage(output_tokens=3))
     # 3 x 2.5 = 7.5 micro-USD: 8. Two calls are summed before rounding: 15.
-    gen = await parts.core.generate(parts.caller, params("tokens-frac"), CTX)
+    gen = await parts.core.generate(parts.caller, params("tokens-frac"), CTX, as_is)
     assert gen.cost_micros == 8
-    gen = await parts.core.generate(parts.caller, params("tokens-frac", n=2), CTX)
+    gen = await parts.core.generate(parts.caller, params("tokens-frac", n=2), CTX, as_is)
     assert gen.cost_micros == 15
 
 
@@ -190,7 +194,7 @@ async def test_token_cost_is_capped_by_the_delivered_images(parts: Parts) -> Non
     # 100 output tokens = 4000 micro-USD, over the 1000 list price: capped
     # at the list price plus the prompt's bound (not disbelieved: under 10x that).
     parts.a.default = Step(usage=TokenUsage(output_tokens=100))
-    gen = await parts.core.generate(parts.caller, params("tokens"), CTX)
+    gen = await parts.core.generate(parts.caller, params("tokens"), CTX, as_is)
     assert gen.cost_micros == min(4000, _tokens_quote("p", 1))
 
 
@@ -208,7 +212,7 @@ async def test_absurd_usage_is_refused_and_charged_per_image(
 ) -> None:
     parts.a.default = Step(usage=usage)
     with caplog.at_level(logging.WARNING, "imagegate.costs"):
-        gen = await parts.core.generate(parts.caller, params("tokens", n=2), CTX)
+        gen = await parts.core.generate(parts.caller, params("tokens", n=2), CTX, as_is)
     assert gen.cost_micros == 2000
     assert gen.usage == TokenUsage()
     assert await parts.balance() == CREDIT - 2000
@@ -216,7 +220,7 @@ async def test_absurd_usage_is_refused_and_charged_per_image(
 
 
 async def test_no_usage_reported_is_charged_per_image(parts: Parts) -> None:
-    gen = await parts.core.generate(parts.caller, params("tokens", n=2), CTX)
+    gen = await parts.core.generate(parts.caller, params("tokens", n=2), CTX, as_is)
     assert gen.cost_micros == 2000
 
 
