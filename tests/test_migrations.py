@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import sqlite3
@@ -13,12 +14,13 @@ import asyncpg
 import pytest
 
 from service.store import migrations
-from service.store.base import SchemaOutdated, SchemaTooNew, StoreError
+from service.store.base import Charge, SchemaOutdated, SchemaTooNew, Served, StoreError
 from service.store.sqlite import SqliteStore
 from tests import pg
 from tests.conftest import store_for
 
 ALL = [m.name for m in migrations.migrations("sqlite")]
+CHARGE = Charge("req_2", "key_1", "local", 1, "256x256", "standard")
 
 # The schema imagegate created before versioned migrations (service/store/sqlite.py,
 # commit 8c897a8), frozen here: databases made by that code must keep working.
@@ -109,7 +111,7 @@ async def test_a_newer_schema_is_refused(database_url: str) -> None:
     await store.close()
     future = len(ALL) + 1
     if database_url.startswith("sqlite:///"):
-        with sqlite3.connect(database_url.removeprefix("sqlite:///")) as db:
+        with contextlib.closing(sqlite3.connect(database_url.removeprefix("sqlite:///"))) as db, db:
             db.execute("INSERT INTO schema_version VALUES (?, 'from_the_future', 0)", (future,))
     else:
         await pg.execute(
@@ -130,24 +132,62 @@ async def test_concurrent_migrations_apply_each_step_once(database_url: str) -> 
         await store.close()
 
 
-async def test_database_made_before_versioned_migrations_is_version_1(tmp_path: Path) -> None:
+# What later pre-versioning code added on open (commits d03a839 and e28c252).
+OWNERS = """
+CREATE TABLE IF NOT EXISTS instances (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    pid_start TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL
+);
+ALTER TABLE reservations ADD COLUMN owner TEXT;
+CREATE INDEX IF NOT EXISTS reservations_owner ON reservations (owner) WHERE status = 'held';
+"""
+ROUTES = """
+ALTER TABLE reservations ADD COLUMN provider TEXT NOT NULL DEFAULT '';
+ALTER TABLE reservations ADD COLUMN upstream_model TEXT NOT NULL DEFAULT '';
+ALTER TABLE reservations ADD COLUMN upstream_cost_micros INTEGER NOT NULL DEFAULT 0;
+"""
+
+
+@pytest.mark.parametrize(
+    "old_schema",
+    [OLD_SCHEMA, OLD_SCHEMA + OWNERS, OLD_SCHEMA + OWNERS + ROUTES],
+    ids=["first-release", "with-owners", "with-owners-and-routes"],
+)
+async def test_database_made_before_versioned_migrations_is_upgraded(
+    tmp_path: Path, old_schema: str
+) -> None:
     path = tmp_path / "old.db"
-    with sqlite3.connect(path) as db:
-        db.executescript(OLD_SCHEMA)
-        db.execute("INSERT INTO accounts VALUES (1, 'acme', 4000, 1.0)")
-        db.execute("INSERT INTO ledger VALUES (1, 1, 5000, 'credit', NULL, '', 1.0)")
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.executescript(old_schema)
         db.execute(
-            "INSERT INTO reservations VALUES ('res_old', 1, 'key_1', 'req_1', 'local', 1, "
-            "'256x256', 'standard', 1000, 0, 'held', 1.0, 99.0, NULL)"
+            "INSERT INTO accounts (id, name, balance_micros, created_at) "
+            "VALUES (1, 'acme', 4000, 1.0)"
         )
-        db.execute("INSERT INTO ledger VALUES (2, 1, -1000, 'reserve', 'res_old', '', 1.0)")
+        db.execute(
+            "INSERT INTO ledger (account_id, delta_micros, kind, created_at) "
+            "VALUES (1, 5000, 'credit', 1.0)"
+        )
+        db.execute(
+            "INSERT INTO reservations (id, account_id, key_id, request_id, model, n, size, "
+            "quality, amount_micros, status, created_at, expires_at) VALUES ('res_old', 1, "
+            "'key_1', 'req_1', 'local', 1, '256x256', 'standard', 1000, 'held', 1.0, 99.0)"
+        )
+        db.execute(
+            "INSERT INTO ledger (account_id, delta_micros, kind, reservation_id, created_at) "
+            "VALUES (1, -1000, 'reserve', 'res_old', 1.0)"
+        )
         db.execute(
             "INSERT INTO api_keys VALUES ('key_1', 1, 'old', 'sk-ab...cd', ?, NULL, 1.0, NULL)",
             (b"h" * 32,),
         )
 
     store = SqliteStore(path)
-    assert await store.open() == ALL[1:]  # version 1 is recognised, not re-applied
+    # Version 1 is recognised, not re-applied; later steps skip what is there already.
+    assert await store.open() == ALL[1:]
     try:
         assert await store.schema_version() == len(ALL)
         key = await store.find_key(b"h" * 32)
@@ -156,13 +196,31 @@ async def test_database_made_before_versioned_migrations_is_version_1(tmp_path: 
         account = await store.get_account("acme")
         assert account is not None and account.balance_micros == 5000
         assert await store.ledger_sum(account.id) == 5000
+        held = await store.reserve(account.id, 500, CHARGE, 1e12, owner="inst_x")
+        await store.settle(held, 500, Served("local", "local", 0))
+        assert (await store.usage("acme"))[0].provider == "local"
     finally:
         await store.close()
-    with sqlite3.connect(path) as db:
-        assert db.execute("SELECT version, name FROM schema_version").fetchall()[0] == (
-            1,
-            "0001_initial",
-        )
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        versions = db.execute("SELECT version, name FROM schema_version ORDER BY version")
+        assert [name for _, name in versions] == ALL
+
+
+async def test_a_failing_migration_step_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.executescript(OLD_SCHEMA)
+        # Its last statement fails (the index name is taken by a table): migration 2
+        # stops, and what its earlier statements did is rolled back with it.
+        db.execute("CREATE TABLE reservations_owner (x)")
+    with pytest.raises(sqlite3.OperationalError, match="already a table"):
+        await SqliteStore(path).open()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(reservations)")}
+        assert "owner" not in columns
+        # Not even the version-1 record of the same transaction is left.
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        assert not tables & {"instances", "schema_version"}
 
 
 async def test_both_stores_have_the_same_tables_and_columns(
@@ -171,7 +229,7 @@ async def test_both_stores_have_the_same_tables_and_columns(
     sqlite_store = SqliteStore(tmp_path / "db.sqlite")
     await sqlite_store.open()
     await sqlite_store.close()
-    with sqlite3.connect(tmp_path / "db.sqlite") as db:
+    with contextlib.closing(sqlite3.connect(tmp_path / "db.sqlite")) as db:
         tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
         lite = {(t, c[1]) for t in tables for c in db.execute(f"PRAGMA table_info({t})")}
 
@@ -210,3 +268,16 @@ async def test_a_schema_postgres_will_not_let_us_create_is_a_one_line_error(
         assert "\n" not in str(raised.value)
     finally:
         await pg.execute(postgres_server, f'DROP OWNED BY "{role}"; DROP ROLE "{role}"')
+
+
+async def test_a_failing_postgres_migration_changes_nothing(postgres_url: str) -> None:
+    await pg.execute(postgres_url, "CREATE TABLE ledger (x INTEGER)")  # 0001 creates it too
+    with pytest.raises(StoreError, match='migration 0001_initial failed: relation "ledger"'):
+        await store_for(postgres_url).open(migrate=True)
+    conn = await pg.connect(postgres_url)
+    try:
+        # Tables, and the version table made in the same transaction: all rolled back.
+        for table in ("accounts", "schema_version"):
+            assert await conn.fetchval("SELECT to_regclass($1)", table) is None
+    finally:
+        await conn.close()

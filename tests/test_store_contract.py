@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 
 import pytest
 
 from service import keys
 from service.errors import InsufficientBalance
-from service.store.base import AccountExists, Charge, Store, UnknownAccount
+from service.money import MAX_BALANCE_MICROS, MAX_CREDIT_MICROS
+from service.store.base import (
+    AccountExists,
+    Charge,
+    Instance,
+    Served,
+    Store,
+    UnknownAccount,
+    new_reservation_id,
+)
+from tests import pg
 from tests.conftest import store_for
 
 CHARGE = Charge("req_1", "key_x", "local", 2, "256x256", "standard")
@@ -43,6 +56,16 @@ async def make_store(database_url: str) -> AsyncIterator[MakeStore]:
     yield make
     for store in opened:
         await store.close()
+
+
+async def _raw(database_url: str, *statements: str) -> None:
+    """Change the database behind the store's back, as an old version or an operator might."""
+    if database_url.startswith("sqlite:///"):
+        with contextlib.closing(sqlite3.connect(database_url.removeprefix("sqlite:///"))) as db, db:
+            for statement in statements:
+                db.execute(statement)
+    else:
+        await pg.execute(database_url, ";".join(statements))
 
 
 async def _balance(store: Store, name: str) -> int:
@@ -237,3 +260,102 @@ async def test_racing_settle_and_release_resolve_once(make_store: MakeStore) -> 
     # A reservation resolved twice would have been refunded twice: the balance says so.
     assert await _balance(one, "acme") == 60 * 1_000 - charged
     assert await one.release_expired(now=500.0) == 0
+
+
+async def test_owner_chosen_id_and_route_are_kept(make_store: MakeStore) -> None:
+    store = await make_store()
+    account = await store.create_account("acme", 10_000)
+    rid = new_reservation_id()
+    assert (
+        await store.reserve(account.id, 4_000, CHARGE, LATER, reservation_id=rid, owner="i1") == rid
+    )
+    other = await store.reserve(account.id, 1_000, CHARGE, LATER)
+    await store.settle(rid, 3_000, Served("openai,azure", "dall-e-3,dall-e-3", 2_800))
+    await store.release(other)
+    released, settled = await store.usage("acme")
+    assert (settled.provider, settled.upstream_model, settled.upstream_cost_micros) == (
+        "openai,azure",
+        "dall-e-3,dall-e-3",
+        2_800,
+    )
+    assert (released.provider, released.upstream_model, released.upstream_cost_micros) == (
+        "",
+        "",
+        0,
+    )
+    assert await _balance(store, "acme") == 7_000
+
+
+@pytest.mark.parametrize("bad", [-1, MAX_CREDIT_MICROS + 1, 1.5])
+async def test_credit_guards(make_store: MakeStore, bad: object) -> None:
+    store = await make_store()
+    await store.create_account("acme", 1)
+    with pytest.raises(ValueError):
+        await store.add_credit("acme", bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        await store.create_account("other", bad)  # type: ignore[arg-type]
+    assert await store.get_account("other") is None
+    assert await _balance(store, "acme") == 1
+
+
+async def test_a_balance_stops_at_its_cap(make_store: MakeStore, database_url: str) -> None:
+    store = await make_store()
+    account = await store.create_account("rich", 0)
+    top = MAX_BALANCE_MICROS - 1
+    await _raw(
+        database_url,
+        f"UPDATE accounts SET balance_micros = {top} WHERE id = {account.id}",
+        "INSERT INTO ledger (account_id, delta_micros, kind, created_at) "
+        f"VALUES ({account.id}, {top}, 'credit', 0)",
+    )
+    with pytest.raises(ValueError, match="over"):
+        await store.add_credit("rich", 2)
+    with pytest.raises(UnknownAccount):
+        await store.add_credit("nobody", 2)
+    assert (await store.add_credit("rich", 1)).balance_micros == MAX_BALANCE_MICROS
+    assert await _balance(store, "rich") == MAX_BALANCE_MICROS
+
+
+async def test_instances_beat_retire(make_store: MakeStore) -> None:
+    store = await make_store()
+    first = Instance("inst_a", "host", 10, "77", 100.0, 100.0)
+    await store.beat(first)
+    await store.beat(replace(first, heartbeat_at=160.0, pid=99))  # only the heartbeat moves
+    await store.beat(Instance("inst_b", "", 11, "", 120.0, 120.0))
+    assert sorted(await store.instances(), key=lambda i: i.id) == [
+        replace(first, heartbeat_at=160.0),
+        Instance("inst_b", "", 11, "", 120.0, 120.0),
+    ]
+    await store.retire("inst_a")
+    await store.retire("inst_unknown")
+    assert [i.id for i in await store.instances()] == ["inst_b"]
+
+
+async def test_orphans_are_released_once_whichever_replica_finds_them(
+    make_store: MakeStore,
+) -> None:
+    one, other = await make_store(), await make_store()
+    account = await one.create_account("acme", 100 * 1_000)
+    for name, beat in (("inst_dead", 100.0), ("inst_stale", 100.0), ("inst_live", 1_000.0)):
+        await one.beat(Instance(name, "", 1, "", 100.0, beat))
+    owners = ["inst_dead", "inst_stale", "inst_live", "inst_gone", None] * 20
+    for owner in owners:
+        await one.reserve(account.id, 1_000, CHARGE, LATER, owner=owner)
+
+    go = asyncio.Event()
+
+    async def sweep(store: Store, keep: str) -> int:
+        await go.wait()
+        return await store.release_orphans(["inst_dead"], stale_before=500.0, keep=keep)
+
+    tasks = [asyncio.create_task(sweep(s, "inst_live")) for s in (one, other, one, other)]
+    await asyncio.sleep(0)
+    go.set()
+    released = await asyncio.gather(*tasks)
+    # dead, stale and gone owners: 3 x 20 reservations, each released by one sweep.
+    assert sum(released) == 60
+    assert [i.id for i in await other.instances()] == ["inst_live"]
+    rows = await one.usage("acme", limit=200)
+    assert sum(r.status == "released" for r in rows) == 60
+    assert sum(r.status == "held" for r in rows) == 40  # the live owner's and the unowned
+    assert await _balance(one, "acme") == 60 * 1_000

@@ -22,17 +22,20 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from service.errors import InsufficientBalance
-from service.money import format_usd
+from service.money import MAX_BALANCE_MICROS, check_credit, format_usd
 from service.store import migrations
 from service.store.base import (
     Account,
     AccountExists,
     Charge,
     DatabaseUnavailable,
+    Instance,
     KeyRecord,
+    Served,
     StoreError,
     UnknownAccount,
     UsageRow,
+    new_reservation_id,
 )
 
 try:
@@ -60,8 +63,8 @@ WITH debit AS (
     RETURNING id
 ), held AS (
     INSERT INTO reservations (id, account_id, key_id, request_id, model, n, size, quality,
-                              amount_micros, status, created_at, expires_at)
-    SELECT $3, id, $4, $5, $6, $7, $8, $9, $2, 'held', $10, $11 FROM debit
+                              amount_micros, status, created_at, expires_at, owner)
+    SELECT $3, id, $4, $5, $6, $7, $8, $9, $2, 'held', $10, $11, $12 FROM debit
     RETURNING id, account_id
 )
 INSERT INTO ledger (account_id, delta_micros, kind, reservation_id, created_at)
@@ -74,7 +77,8 @@ RETURNING id
 # completion whatever the final SELECT reads; it counts what was resolved.
 _RESOLVE = """
 WITH resolved AS (
-    UPDATE reservations SET status = $2, cost_micros = $3, resolved_at = $4
+    UPDATE reservations SET status = $2, cost_micros = $3, resolved_at = $4,
+                            provider = $5, upstream_model = $6, upstream_cost_micros = $7
     WHERE id = $1 AND status = 'held' AND $3 BETWEEN 0 AND amount_micros
     RETURNING account_id, amount_micros - $3 AS refund
 ), refunded AS (
@@ -135,6 +139,7 @@ class PostgresStore:
     # Accounts
 
     async def create_account(self, name: str, credit_micros: int = 0) -> Account:
+        check_credit(credit_micros)
         row = await self._db.fetchrow(
             """
             WITH created AS (
@@ -162,10 +167,13 @@ class PostgresStore:
         return None if row is None else _account(row)
 
     async def add_credit(self, name: str, micros: int, note: str = "") -> Account:
+        check_credit(micros)
+        # The same cap as SQLite's, where an overflowing sum would become a float.
         row = await self._db.fetchrow(
             """
             WITH credited AS (
-                UPDATE accounts SET balance_micros = balance_micros + $2 WHERE name = $1
+                UPDATE accounts SET balance_micros = balance_micros + $2
+                WHERE name = $1 AND balance_micros <= $5::bigint - $2
                 RETURNING id, name, balance_micros, created_at
             ), entry AS (
                 INSERT INTO ledger (account_id, delta_micros, kind, note, created_at)
@@ -177,9 +185,14 @@ class PostgresStore:
             micros,
             note,
             self._clock(),
+            MAX_BALANCE_MICROS,
         )
         if row is None:
-            raise UnknownAccount(f"no account named {name!r}")
+            if await self.get_account(name) is None:
+                raise UnknownAccount(f"no account named {name!r}")
+            raise ValueError(
+                f"credit refused: the balance would be over {format_usd(MAX_BALANCE_MICROS)}"
+            )
         return _account(row)
 
     # Keys
@@ -229,8 +242,17 @@ class PostgresStore:
 
     # Money
 
-    async def reserve(self, account_id: int, amount: int, charge: Charge, expires_at: float) -> str:
-        reservation_id = "res_" + secrets.token_hex(12)
+    async def reserve(
+        self,
+        account_id: int,
+        amount: int,
+        charge: Charge,
+        expires_at: float,
+        *,
+        reservation_id: str | None = None,
+        owner: str | None = None,
+    ) -> str:
+        reservation_id = reservation_id or new_reservation_id()
         entry = await self._db.fetchval(
             _RESERVE,
             account_id,
@@ -244,6 +266,7 @@ class PostgresStore:
             charge.quality,
             self._clock(),
             expires_at,
+            owner,
         )
         if entry is None:
             balance = await self._db.fetchval(
@@ -255,15 +278,34 @@ class PostgresStore:
             )
         return reservation_id
 
-    async def settle(self, reservation_id: str, cost: int) -> None:
-        await self._resolve(reservation_id, "settled", cost, self._clock())
+    async def settle(self, reservation_id: str, cost: int, served: Served | None = None) -> None:
+        await self._resolve(reservation_id, "settled", cost, self._clock(), served)
 
     async def release(self, reservation_id: str) -> None:
         await self._resolve(reservation_id, "released", 0, self._clock())
 
-    async def _resolve(self, reservation_id: str, status: str, cost: int, now: float) -> int:
+    async def _resolve(
+        self,
+        reservation_id: str,
+        status: str,
+        cost: int,
+        now: float,
+        served: Served | None = None,
+    ) -> int:
         """1 if this call resolved the reservation, 0 if it was resolved already."""
-        resolved = int(await self._db.fetchval(_RESOLVE, reservation_id, status, cost, now))
+        served = served or Served()
+        resolved = int(
+            await self._db.fetchval(
+                _RESOLVE,
+                reservation_id,
+                status,
+                cost,
+                now,
+                served.provider,
+                served.upstream_model,
+                served.upstream_cost_micros,
+            )
+        )
         if not resolved:
             amount = await self._db.fetchval(
                 "SELECT amount_micros FROM reservations WHERE id = $1 AND status = 'held'",
@@ -280,10 +322,53 @@ class PostgresStore:
             "SELECT id FROM reservations WHERE status = 'held' AND expires_at < $1 ORDER BY id",
             now,
         )
+        return await self._release_each([row["id"] for row in due], now)
+
+    async def _release_each(self, reservation_ids: list[str], now: float) -> int:
         released = 0
-        for row in due:
-            released += await self._resolve(row["id"], "released", 0, now)
+        for reservation_id in reservation_ids:
+            released += await self._resolve(reservation_id, "released", 0, now)
         return released
+
+    # Instances
+
+    async def beat(self, instance: Instance) -> None:
+        await self._db.execute(
+            "INSERT INTO instances (id, host, pid, pid_start, started_at, heartbeat_at) "
+            "VALUES ($1, $2, $3, $4, $5, $6) "
+            "ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+            instance.id,
+            instance.host,
+            instance.pid,
+            instance.pid_start,
+            instance.started_at,
+            instance.heartbeat_at,
+        )
+
+    async def instances(self) -> list[Instance]:
+        rows = await self._db.fetch(
+            "SELECT id, host, pid, pid_start, started_at, heartbeat_at FROM instances"
+        )
+        return [Instance(*row) for row in rows]
+
+    async def release_orphans(self, dead: list[str], stale_before: float, keep: str) -> int:
+        # Each replica may run this at once: forgetting an instance twice is harmless,
+        # and each orphan is resolved by one statement guarded by status = 'held'.
+        await self._db.execute(
+            "DELETE FROM instances WHERE (id = ANY($1::text[]) OR heartbeat_at < $2) AND id <> $3",
+            [i for i in dead if i != keep],
+            stale_before,
+            keep,
+        )
+        orphans = await self._db.fetch(
+            "SELECT id FROM reservations WHERE status = 'held' AND owner IS NOT NULL "
+            "AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = reservations.owner) "
+            "ORDER BY id"
+        )
+        return await self._release_each([row["id"] for row in orphans], self._clock())
+
+    async def retire(self, instance_id: str) -> None:
+        await self._db.execute("DELETE FROM instances WHERE id = $1", instance_id)
 
     async def ledger_sum(self, account_id: int) -> int:
         # SUM(bigint) is numeric in PostgreSQL: back to bigint, never a float or Decimal.
@@ -296,7 +381,8 @@ class PostgresStore:
     async def usage(self, account_name: str, limit: int = 20) -> list[UsageRow]:
         rows = await self._db.fetch(
             "SELECT r.created_at, r.request_id, r.model, r.n, r.size, r.quality, "
-            "r.amount_micros, r.cost_micros, r.status FROM reservations r "
+            "r.amount_micros, r.cost_micros, r.status, r.provider, r.upstream_model, "
+            "r.upstream_cost_micros FROM reservations r "
             "JOIN accounts a ON a.id = r.account_id WHERE a.name = $1 "
             "ORDER BY r.created_at DESC, r.seq DESC LIMIT $2",
             account_name,
