@@ -37,7 +37,9 @@ class Replica:
         await self.proc.wait()
 
 
-async def start_replica(database_url: str, data_dir: Path, *extra: str) -> Replica:
+async def start_replica(
+    database_url: str, data_dir: Path, *extra: str, env: dict[str, str] | None = None
+) -> Replica:
     """`imagegate serve-grpc` on a free port; returns once it serves."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -53,7 +55,7 @@ async def start_replica(database_url: str, data_dir: Path, *extra: str) -> Repli
         *extra,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
     )
     assert proc.stdout
     output = ""
@@ -79,10 +81,12 @@ async def _drain(stream: asyncio.StreamReader) -> None:
 
 
 @contextlib.asynccontextmanager
-async def replicas(database_url: str, root: Path, count: int) -> AsyncIterator[list[Replica]]:
+async def replicas(
+    database_url: str, root: Path, count: int, env: dict[str, str] | None = None
+) -> AsyncIterator[list[Replica]]:
     """`count` replicas started in parallel, each with its own data dir; stopped after."""
     started = await asyncio.gather(
-        *(start_replica(database_url, root / f"replica{i}") for i in range(count)),
+        *(start_replica(database_url, root / f"replica{i}", env=env) for i in range(count)),
         return_exceptions=True,
     )
     running = [r for r in started if isinstance(r, Replica)]

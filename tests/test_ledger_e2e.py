@@ -5,13 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
+
+import grpc
+from imagegate.v1 import images_pb2, images_pb2_grpc
 
 from gateway.config import GatewayConfig
 from gateway.server import bound_port, start_gateway
 from service import keys
 from service.store.base import Store
+from tests import pg
 from tests.conftest import FRONTS, Stack, balance, make_tenant, store_for
 from tests.replicas import replicas
 from tests.rest import Reply, assert_error, call
@@ -100,4 +106,67 @@ async def test_two_replicas_on_postgres_one_behind_each_front(
             _check_replies(await _burst(urls, key))
         await _check_books(store, "shared")
     finally:
+        await store.close()
+
+
+# Four large hd images: a render long enough to be caught holding money.
+SLOW = images_pb2.GenerateImagesRequest(
+    model="local", prompt="a slow harbour", n=4, size="1792x1024", quality="hd"
+)
+FAST = images_pb2.GenerateImagesRequest(model="local", prompt="a quick one", size="256x256")
+
+
+async def _poll(conn: Any, sql: str, until: Callable[[Any], bool]) -> Any:
+    async with asyncio.timeout(30):
+        while True:
+            if until(value := await conn.fetchval(sql)):
+                return value
+            # Polled: the change happens in other processes, with no event to await.
+            await asyncio.sleep(0.02)
+
+
+async def test_kill_9_of_one_replica_is_released_once_by_the_other(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    store = store_for(postgres_url)
+    await store.open(migrate=True)
+    account = await store.create_account("acme", 1_000_000)
+    key = keys.new_key()
+    await store.create_key("acme", keys.hash_key(key), keys.display_prefix(key), "", None)
+    conn = await pg.connect(postgres_url)
+    metadata = [("authorization", f"Bearer {key}")]
+    held_sql = "SELECT count(*) FROM reservations WHERE status = 'held'"
+    # A short heartbeat: the surviving replica finds the dead one's holds in a moment.
+    fast_beat = {"IMAGEGATE_HEARTBEAT_INTERVAL_S": "0.2"}
+    try:
+        async with replicas(postgres_url, tmp_path, 2, env=fast_beat) as (doomed, survivor):
+            async with grpc.aio.insecure_channel(doomed.grpc_target) as doomed_channel:
+                stub = images_pb2_grpc.ImageServiceStub(doomed_channel)
+                calls = [stub.GenerateImages(SLOW, metadata=metadata) for _ in range(2)]
+                await _poll(conn, held_sql, lambda n: n == 2)
+                await doomed.kill()  # SIGKILL between reserve and settle
+                for call_ in calls:
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        await call_
+            async with grpc.aio.insecure_channel(survivor.grpc_target) as channel:
+                reply = await images_pb2_grpc.ImageServiceStub(channel).GenerateImages(
+                    FAST, metadata=metadata
+                )
+                assert len(reply.data) == 1
+                assert await _poll(conn, held_sql, lambda n: n == 0) == 0
+        refunds = await conn.fetch(
+            "SELECT r.status, count(l.id) AS refunds FROM reservations r "
+            "LEFT JOIN ledger l ON l.reservation_id = r.id AND l.kind = 'refund' "
+            "GROUP BY r.id, r.status"
+        )
+        assert sorted((r["status"], r["refunds"]) for r in refunds) == [
+            ("released", 1),
+            ("released", 1),
+            ("settled", 0),
+        ]
+        now = await store.get_account("acme")
+        assert now is not None
+        assert now.balance_micros == 1_000_000 - PRICE == await store.ledger_sum(account.id)
+    finally:
+        await conn.close()
         await store.close()
