@@ -39,12 +39,21 @@ def run(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def run_on(database_url: str) -> Callable[..., subprocess.CompletedProcess[str]]:
-    """`imagegate ARGS --database-url URL`, as an operator of either store runs it."""
+def run_on(
+    database_url: str, capsys: pytest.CaptureFixture[str] | None = None
+) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """`imagegate ARGS --database-url URL`, as an operator of either store runs it:
+    a process of its own, or with `capsys` main() in this one (quicker; an uncaught
+    exception then fails the test)."""
 
     def run_command(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [*args, "--database-url", database_url]
+        if capsys is not None:
+            code = main(argv)
+            out, err = capsys.readouterr()
+            return subprocess.CompletedProcess(argv, code, out, err)
         return subprocess.run(
-            [sys.executable, "-m", "service.cli", *args, "--database-url", database_url],
+            [sys.executable, "-m", "service.cli", *argv],
             capture_output=True,
             text=True,
             timeout=60,
@@ -60,8 +69,8 @@ def _one_line_error(result: subprocess.CompletedProcess[str], *phrases: str) -> 
         assert phrase in result.stderr
 
 
-def test_accounts_credit_keys_usage(database_url: str) -> None:
-    run = run_on(database_url)
+def test_accounts_credit_keys_usage(database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    run = run_on(database_url, capsys)
     assert run("migrate").returncode == 0
     assert run("accounts", "create", "acme", "--credit", "2.5").returncode == 0
     dup = run("accounts", "create", "acme")
@@ -97,8 +106,8 @@ def test_data_dir_holds_the_default_database(tmp_path: Path) -> None:
     assert "$1.00" in run(tmp_path, "accounts", "show", "acme").stdout
 
 
-def test_migrate_command(database_url: str) -> None:
-    run = run_on(database_url)
+def test_migrate_command(database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    run = run_on(database_url, capsys)
     if database_url.startswith("postgresql://"):
         # PostgreSQL is shared by replicas: its schema changes only when an operator says so.
         _one_line_error(run("accounts", "show", "acme"), "run `imagegate migrate` first")
