@@ -436,3 +436,21 @@ async def test_usage_shows_the_route_and_upstream_cost(database_url: str) -> Non
     assert "$0.04" in line and "$0.038" in line and "openai/dall-e-3" in line
     rows = json.loads((await asyncio.to_thread(run, "usage", "acme", "--json")).stdout)
     assert rows[0]["provider"] == "openai" and rows[0]["upstream_cost_micros"] == 38000
+
+
+def test_sqlite_needs_no_postgres_driver(tmp_path: Path) -> None:
+    """Without asyncpg (no `postgres` extra) SQLite works, and a postgresql:// URL says why not."""
+    script = f"""
+import sys
+sys.modules["asyncpg"] = None  # as if not installed: importing it raises ImportError
+from service.cli import main
+assert main(["accounts", "create", "x", "--credit", "1", "--data-dir", {str(tmp_path)!r}]) == 0
+assert main(["accounts", "show", "x", "--database-url", "postgresql://u@127.0.0.1/db"]) == 1
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (
+        "imagegate: a postgresql:// database needs asyncpg: pip install 'imagegate[postgres]'\n"
+    )
