@@ -40,7 +40,7 @@ from service.store.base import (
 
 try:
     import asyncpg
-except ImportError as exc:  # pragma: no cover - the dev environment has it
+except ImportError as exc:
     raise DatabaseUnavailable(
         "a postgresql:// database needs asyncpg: pip install 'imagegate[postgres]'"
     ) from exc
