@@ -120,6 +120,17 @@ async def test_refused_urls_are_never_fetched(fake: FakeBfl, provider: Provider)
     assert fake.outputs.fetched == []
 
 
+async def test_credential_quoted_by_the_upstream_is_scrubbed(
+    fake: FakeBfl, provider: Provider
+) -> None:
+    fake.echo_credential = True
+    fake.inject(Fault.SERVER_ERROR)
+    with pytest.raises(UpstreamError) as caught:
+        await provider.generate(kit.call("flux-dev"))
+    assert "[redacted]" in caught.value.message
+    assert KEY not in caught.value.message
+
+
 async def test_rate_limit_passes_retry_after(fake: FakeBfl, provider: Provider) -> None:
     fake.inject(Fault.RATE_LIMITED)
     with pytest.raises(UpstreamError) as caught:

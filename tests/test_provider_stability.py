@@ -118,6 +118,17 @@ async def test_upstream_failures(
     assert KEY not in caught.value.message
 
 
+async def test_credential_quoted_by_the_upstream_is_scrubbed(
+    fake: FakeStability, provider: Provider
+) -> None:
+    fake.echo_credential = True
+    fake.inject(Fault.SERVER_ERROR)
+    with pytest.raises(UpstreamError) as caught:
+        await provider.generate(kit.call("stable-image-core"))
+    assert "[redacted]" in caught.value.message
+    assert KEY not in caught.value.message
+
+
 async def test_rate_limit_passes_retry_after(fake: FakeStability, provider: Provider) -> None:
     fake.inject(Fault.RATE_LIMITED)
     with pytest.raises(UpstreamError) as caught:

@@ -64,6 +64,8 @@ class FakeBfl(FakeUpstream):
     # Where polling_url points (default: this fake); a test may point it elsewhere.
     polling_base = ""
     retry_after = "3"
+    # A careless upstream that quotes our credential back in its 500 error text.
+    echo_credential = False
 
     def __init__(self, key: str) -> None:
         super().__init__()
@@ -93,7 +95,8 @@ class FakeBfl(FakeUpstream):
         if problem:
             return invalid(*problem)
         if fault is Fault.SERVER_ERROR:
-            return web.json_response({"detail": "Internal Server Error"}, status=500)
+            quoted = f" (x-key {self.key})" if self.echo_credential else ""
+            return web.json_response({"detail": f"Internal Server Error{quoted}"}, status=500)
         if fault is Fault.RATE_LIMITED:
             return web.json_response(
                 {"detail": "You have exceeded the number of active tasks (24)."},

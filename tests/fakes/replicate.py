@@ -79,6 +79,8 @@ class FakeReplicate(FakeUpstream):
     # Where urls.get and urls.cancel point (default: this fake); a test may point them elsewhere.
     urls_base = ""
     retry_after = "5"
+    # A careless upstream that quotes our credential back in its 500 error text.
+    echo_credential = False
 
     def __init__(self, key: str) -> None:
         super().__init__()
@@ -120,7 +122,8 @@ class FakeReplicate(FakeUpstream):
                 ],
             )
         if fault is Fault.SERVER_ERROR:
-            return problem(500, "Internal Server Error", "Something went wrong on our side.")
+            quoted = request.headers["Authorization"] if self.echo_credential else ""
+            return problem(500, "Internal Server Error", f"Something went wrong. {quoted}")
         if fault is Fault.RATE_LIMITED:
             return problem(
                 429,

@@ -40,6 +40,8 @@ class FakeStability(FakeUpstream):
     # finish_reason is CONTENT_FILTERED ("filtered").
     safety = "moderation"
     retry_after = "7"
+    # A careless upstream that quotes our credential back in its 500 error text.
+    echo_credential = False
 
     def __init__(self, key: str) -> None:
         super().__init__()
@@ -65,7 +67,8 @@ class FakeStability(FakeUpstream):
         if problem:
             return error(400, "bad_request", problem)
         if fault is Fault.SERVER_ERROR:
-            return error(500, "internal_error", "An unexpected server error has occurred.")
+            quoted = request.headers["Authorization"] if self.echo_credential else ""
+            return error(500, "internal_error", f"An unexpected server error occurred. {quoted}")
         if fault is Fault.RATE_LIMITED:
             return error(
                 429,
