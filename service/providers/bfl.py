@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -123,7 +124,9 @@ class BflProvider:
             raise UpstreamError(f"The upstream provider '{self.id}' sent a reply that is not JSON.")
         return reply
 
-    def _failure(self, status: int, headers: Any, reply: dict[str, Any]) -> ImagegateError:
+    def _failure(
+        self, status: int, headers: Mapping[str, str], reply: dict[str, Any]
+    ) -> ImagegateError:
         detail = reply.get("detail")
         field = ""
         if isinstance(detail, list) and detail and isinstance(detail[0], dict):

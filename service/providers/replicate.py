@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -195,7 +196,9 @@ class ReplicateProvider:
             raise UpstreamError(f"The upstream provider '{self.id}' sent a reply that is not JSON.")
         return reply
 
-    def _failure(self, status: int, headers: Any, reply: dict[str, Any]) -> ImagegateError:
+    def _failure(
+        self, status: int, headers: Mapping[str, str], reply: dict[str, Any]
+    ) -> ImagegateError:
         # Problem details: {"title", "detail", "status", "invalid_fields": [{"field", ...}]}
         text = scrub(str(reply.get("detail") or reply.get("title") or ""), [self._key])
         if status == 402:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Mapping
 
 import aiohttp
 
@@ -104,7 +104,7 @@ class StabilityProvider:
         data, content_type = decode_image_b64(reply.get("image"), self.id)
         return GeneratedImage(data, content_type)
 
-    def _failure(self, status: int, headers: Any, body: bytes) -> ImagegateError:
+    def _failure(self, status: int, headers: Mapping[str, str], body: bytes) -> ImagegateError:
         reply = json_object(body) or {}
         errors = reply.get("errors")
         texts = [str(e) for e in errors] if isinstance(errors, list) else []
