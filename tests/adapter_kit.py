@@ -46,9 +46,8 @@ def request(
         default_quality="standard",
         prices={(size, "standard"): 40_000},
         n_max=10,
+        family=family,
     )
-    if family:
-        object.__setattr__(model, "family", family)
     return ImageRequest(
         model=model,
         prompt=prompt,

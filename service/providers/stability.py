@@ -60,7 +60,7 @@ class StabilityProvider:
 
     async def generate(self, call: UpstreamCall) -> ProviderResult:
         request = call.request
-        endpoint = _endpoint(getattr(request.model, "family", ""), call.upstream_model)
+        endpoint = _endpoint(request.model.family, call.upstream_model)
         form = aiohttp.FormData(default_to_multipart=True)
         form.add_field("prompt", request.prompt)
         ratio = aspect_ratio(request.size, ASPECT_RATIOS)

@@ -46,6 +46,8 @@ class FakeStability(FakeUpstream):
     def __init__(self, key: str) -> None:
         super().__init__()
         self.key = key
+        # Every image answered, in order (a delivered image must be one of these).
+        self.served: list[bytes] = []
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v2beta/stable-image/generate/{endpoint}", self._generate)
@@ -85,6 +87,7 @@ class FakeStability(FakeUpstream):
         fmt = form.get("output_format", "png")
         data = image_bytes(PIL_FORMATS[fmt], seed=len(self.requests))
         finish = "CONTENT_FILTERED" if fault is Fault.SAFETY else "SUCCESS"
+        self.served.append(data)
         seed = int(form.get("seed") or secrets.randbelow(4294967294))
         if accept == "image/*":
             return web.Response(
