@@ -137,10 +137,6 @@ class BflProvider:
         else:
             text = str(detail or "")
         text = scrub(text, [self._key])
-        if status == 402:
-            return UpstreamError(
-                f"The upstream provider '{self.id}' refused the call: the account has no credit."
-            )
         error = status_error(self.id, status, headers, text)
         if error is not None:
             return error

@@ -201,10 +201,6 @@ class ReplicateProvider:
     ) -> ImagegateError:
         # Problem details: {"title", "detail", "status", "invalid_fields": [{"field", ...}]}
         text = scrub(str(reply.get("detail") or reply.get("title") or ""), [self._key])
-        if status == 402:
-            return UpstreamError(
-                f"The upstream provider '{self.id}' refused the call: the account has no credit."
-            )
         error = status_error(self.id, status, headers, text)
         if error is not None:
             return error

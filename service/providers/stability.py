@@ -114,10 +114,6 @@ class StabilityProvider:
                 f"The upstream provider '{self.id}' refused the prompt: "
                 f"{detail or 'flagged by content moderation'}"
             )
-        if status == 402:
-            return UpstreamError(
-                f"The upstream provider '{self.id}' refused the call: the account has no credit."
-            )
         error = status_error(self.id, status, headers, detail)
         if error is not None:
             return error
