@@ -219,3 +219,11 @@ async def test_filtered_image_in_a_200_is_a_safety_refusal() -> None:
         raw = json.dumps({"created": 1, "data": [item]}).encode()
         with pytest.raises(ContentPolicy):
             upstream._parse(raw, 1)
+
+
+async def test_unsupported_api_version_fails_over(make: Make) -> None:
+    provider = make(options={"api_version": "2025-13"})
+    with pytest.raises(UpstreamError) as caught:
+        await provider.generate(image_call("gpt-image-1", "prod-images"))
+    assert not caught.value.retryable
+    assert "API version not supported" in caught.value.message

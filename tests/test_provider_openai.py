@@ -327,9 +327,17 @@ async def test_usage_without_details_counts_as_text(make, fake: FakeOpenAI) -> N
     assert (result.usage.input_text_tokens, result.usage.output_tokens) == (30, 272)
 
 
-def test_unknown_model_is_the_route_s_fault_and_fails_over() -> None:
-    payload = {"error": {"message": "The model `x` does not exist", "code": "model_not_found"}}
-    exc = refusal("oai", 404, {}, payload)
+async def test_unknown_upstream_model_is_the_route_s_fault(make, fake: FakeOpenAI) -> None:
+    with pytest.raises(UpstreamError) as caught:
+        await make().generate(image_call("gpt-image-1", "imagine-9"))
+    assert not caught.value.retryable
+    assert "model_not_found" in caught.value.message
+
+
+def test_a_complaint_about_model_is_the_route_s_fault() -> None:
+    # The caller never names the upstream model: a 400 about it must fail over, not blame them.
+    payload = {"error": {"message": "Invalid model", "param": "model", "code": "invalid_value"}}
+    exc = refusal("oai", 400, {}, payload)
     assert isinstance(exc, UpstreamError) and not exc.retryable
 
 

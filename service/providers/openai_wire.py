@@ -56,6 +56,8 @@ SAFETY_CODES = frozenset(
 ACCOUNT_CODES = frozenset(
     {"insufficient_quota", "billing_hard_limit_reached", "billing_not_active"}
 )
+# Azure's and OpenAI's ways of saying the route itself is wrong (deployment, model).
+ROUTE_CODES = frozenset({"DeploymentNotFound", "OperationNotSupported", "model_not_found"})
 SAFETY_MESSAGE = "Your request was rejected by the upstream provider's safety system."
 MAX_ERROR_BYTES = 1 << 20
 # More tokens than any one image call can use: such a count is a lie, not a bill.
@@ -290,6 +292,11 @@ def _text(value: object) -> str:
     return value if isinstance(value, str) else "" if value is None else str(value)
 
 
+def _api_version_refused(code: str, message: str) -> bool:
+    # Azure: 400 {"code": "BadRequest", "message": "API version not supported"}.
+    return code == "BadRequest" and "api version" in message.lower()
+
+
 def refusal(
     provider_id: str,
     status: int,
@@ -314,14 +321,20 @@ def refusal(
         return common
     if code in SAFETY_CODES or inner_code in SAFETY_CODES:
         return ContentPolicy(message or SAFETY_MESSAGE)
-    if status == 404:
-        # An unknown model or Azure deployment is the route's fault: the next route may work.
+    param = error.get("param")
+    if (
+        status == 404
+        or code in ROUTE_CODES
+        or param == "model"
+        or _api_version_refused(code, message)
+    ):
+        # The route's configuration, not the caller's request (the caller never names the
+        # upstream model, deployment or API version): the next route may work.
         return UpstreamError(
             f"The upstream provider '{provider_id}' does not serve the configured model "
-            f"({code or 'HTTP 404'})."
+            f"({code or f'HTTP {status}'}): {message or f'HTTP {status}'}"
         )
     if 400 <= status < 500:
-        param = error.get("param")
         return UpstreamRejected(
             f"The upstream provider '{provider_id}' rejected the request: "
             f"{message or f'HTTP {status}'}",
