@@ -11,15 +11,17 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeAlias
 
 # The CLI is the one place the two halves meet: `serve` runs both in one process.
 from gateway.config import GatewayConfig
-from gateway.server import start_gateway
+from gateway.server import bound_port, start_gateway
 from service import keys
 from service.config import Config
-from service.money import format_usd, usd_to_micros
+from service.links import url_host
+from service.money import credit_micros, format_usd, usd_to_micros
 from service.server import Service, open_store, start_service
 from service.store.base import AccountExists, Store, UnknownAccount
 
@@ -165,15 +167,20 @@ async def _store(args: argparse.Namespace) -> AsyncIterator[Store]:
 
 async def _serve(args: argparse.Namespace) -> int:
     config = _config(args)
-    service = await start_service(config)
-    gateway_config = _gateway_config(args, grpc_target=f"127.0.0.1:{service.port}")
+    gateway_config = _gateway_config(args, grpc_target=None)
+    rest_url = f"http://{url_host(gateway_config.host)}:{gateway_config.rest_port}"
+    service = await start_service(config, rest_url=rest_url)
+    # The front dials the address the service is bound to, not a guess.
+    gateway_config = replace(gateway_config, grpc_target=f"{url_host(config.host)}:{service.port}")
     try:
         runner = await start_gateway(gateway_config)
     except BaseException:
         await service.stop()
         raise
     try:
-        rest_url = f"http://{_url_host(gateway_config.host)}:{gateway_config.rest_port}"
+        # The port really bound (--rest-port 0 picks one): image URLs for gRPC callers.
+        rest_url = f"http://{url_host(gateway_config.host)}:{bound_port(runner)}"
+        service.links.fallback_url = rest_url
         if args.demo:
             await _demo(service, rest_url)
         print(
@@ -188,7 +195,10 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 async def _serve_grpc(args: argparse.Namespace) -> int:
-    service = await start_service(_config(args))
+    config = _config(args)
+    # No front in this process: image URLs for gRPC callers point at the default
+    # REST address on this host, unless --public-url says otherwise.
+    service = await start_service(config, rest_url=f"http://{url_host(config.host)}:8080")
     try:
         print(f"imagegate: gRPC on {service.config.host}:{service.port}. Ctrl-C stops.", flush=True)
         await _until_signal()
@@ -214,10 +224,6 @@ async def _serve_rest(args: argparse.Namespace) -> int:
 
 def _gateway_config(args: argparse.Namespace, grpc_target: str | None) -> GatewayConfig:
     return GatewayConfig.from_env(host=args.host, rest_port=args.rest_port, grpc_target=grpc_target)
-
-
-def _url_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 async def _until_signal() -> None:
@@ -255,7 +261,7 @@ async def _demo(service: Service, rest_url: str) -> None:
 
 async def _accounts_create(args: argparse.Namespace) -> int:
     async with _store(args) as store:
-        account = await store.create_account(args.name, usd_to_micros(args.credit))
+        account = await store.create_account(args.name, credit_micros(args.credit, allow_zero=True))
     print(f"created account {account.name} with {format_usd(account.balance_micros)}")
     return 0
 
@@ -282,9 +288,7 @@ async def _accounts_show(args: argparse.Namespace) -> int:
 
 
 async def _credit_add(args: argparse.Namespace) -> int:
-    micros = usd_to_micros(args.usd)
-    if micros <= 0:
-        raise ValueError("credit must be a positive amount")
+    micros = credit_micros(args.usd)
     async with _store(args) as store:
         account = await store.add_credit(args.name, micros, "credit add")
     print(

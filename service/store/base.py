@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,6 +39,20 @@ class Charge:
     n: int
     size: str
     quality: str
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A running service process: the owner of the reservations it holds."""
+
+    id: str
+    # Machine and pid namespace (Linux boot id + namespace); "" where unknown.
+    host: str
+    pid: int
+    # The process's start time as its host counts it, to tell a reused pid; "" if unknown.
+    pid_start: str
+    started_at: float
+    heartbeat_at: float
 
 
 @dataclass(frozen=True)
@@ -80,8 +95,21 @@ class Store(Protocol):
 
     async def revoke_key(self, key_id: str) -> bool: ...
 
-    async def reserve(self, account_id: int, amount: int, charge: Charge, expires_at: float) -> str:
-        """Hold `amount` atomically; InsufficientBalance if the balance is lower."""
+    async def reserve(
+        self,
+        account_id: int,
+        amount: int,
+        charge: Charge,
+        expires_at: float,
+        *,
+        reservation_id: str | None = None,
+        owner: str | None = None,
+    ) -> str:
+        """Hold `amount` atomically; InsufficientBalance if the balance is lower.
+
+        `reservation_id` (new_reservation_id()) lets a caller that stops waiting
+        still release what the store commits; `owner` is the holding Instance's id.
+        """
         ...
 
     async def settle(self, reservation_id: str, cost: int) -> None:
@@ -94,9 +122,29 @@ class Store(Protocol):
 
     async def release_expired(self, now: float) -> int: ...
 
+    async def beat(self, instance: Instance) -> None:
+        """Record (or re-record) a live instance with its heartbeat_at."""
+        ...
+
+    async def instances(self) -> list[Instance]: ...
+
+    async def release_orphans(self, dead: list[str], stale_before: float, keep: str) -> int:
+        """Forget the `dead` instances and those whose heartbeat is older than
+        `stale_before` (never `keep`), then release every held reservation whose
+        owner is no longer recorded. Returns how many were released."""
+        ...
+
+    async def retire(self, instance_id: str) -> None:
+        """A clean stop: forget the instance (what it still holds becomes an orphan)."""
+        ...
+
     async def ledger_sum(self, account_id: int) -> int: ...
 
     async def usage(self, account_name: str, limit: int = 20) -> list[UsageRow]: ...
+
+
+def new_reservation_id() -> str:
+    return "res_" + secrets.token_hex(12)
 
 
 class UnknownAccount(LookupError):
