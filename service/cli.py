@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -19,9 +21,11 @@ from typing import TypeAlias
 from gateway.config import GatewayConfig
 from gateway.server import bound_port, start_gateway
 from service import keys
+from service.catalog import Catalog, ModelSpec, load_catalog
 from service.config import Config
 from service.links import url_host
 from service.money import credit_micros, format_usd, usd_to_micros
+from service.providers.registry import ProviderStatus, build_registry
 from service.server import Service, open_store, start_service
 from service.store.base import AccountExists, Store, UnknownAccount
 
@@ -116,6 +120,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("account")
     p = _command(keys_cmd, "revoke", _keys_revoke, "Revoke a key by its id (key_...).", store=True)
     p.add_argument("key_id")
+
+    p = _command(
+        sub,
+        "models",
+        _models,
+        "List every catalog model with its routes, whether each is live, and its prices.",
+    )
+    p.add_argument("--catalog", type=Path, help="your model catalog TOML [IMAGEGATE_CATALOG]")
+    p.add_argument("--json", action="store_true")
 
     p = _command(
         sub, "usage", _usage, "Show an account's recent requests and their cost.", store=True
@@ -343,13 +356,95 @@ async def _usage(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.__dict__ for r in rows]))
         return 0
-    print(f"{'time':20} {'model':14} {'n':>2} {'size':10} {'quality':8} {'cost':>10} status")
+    print(
+        f"{'time':20} {'model':14} {'n':>2} {'size':10} {'quality':8} {'cost':>10} "
+        f"{'status':9} {'upstream cost':>13} route"
+    )
     for r in rows:
+        route = f"{r.provider}/{r.upstream_model}" if r.provider else ""
         print(
             f"{_iso(r.created_at):20} {r.model:14} {r.n:>2} {r.size:10} {r.quality:8} "
-            f"{format_usd(r.cost_micros):>10} {r.status}"
+            f"{format_usd(r.cost_micros):>10} {r.status:9} "
+            f"{format_usd(r.upstream_cost_micros):>13} {route}"
         )
     return 0
+
+
+async def _models(args: argparse.Namespace) -> int:
+    catalog = load_catalog(_config(args).catalog)
+    # The table says what is missing; the registry's start-up lines would repeat it.
+    logging.getLogger("imagegate.providers").setLevel(logging.ERROR)
+    registry = await build_registry(catalog.providers, os.environ)
+    await registry.aclose()
+    models = [_model_info(catalog, catalog.models[i], registry.status) for i in catalog.ids()]
+    if args.json:
+        print(json.dumps([dataclasses.asdict(m) for m in models]))
+        return 0
+    for m in models:
+        served = "served" if m.served else "not served"
+        print(f"{m.id}  [{m.family or '-'}]  {served}  {m.prices}")
+        for r in m.routes:
+            state = "live" if r.live else f"not live: {r.missing}"
+            print(f"    {r.provider}/{r.upstream_model} ({r.kind}): {state}")
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _RouteInfo:
+    provider: str
+    upstream_model: str
+    kind: str
+    live: bool
+    missing: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModelInfo:
+    id: str
+    family: str
+    served: bool
+    prices: str
+    # "quality/size" -> micro-USD per image.
+    prices_micros: dict[str, int]
+    routes: list[_RouteInfo]
+
+
+def _model_info(catalog: Catalog, spec: ModelSpec, status: dict[str, ProviderStatus]) -> _ModelInfo:
+    routes = [
+        _RouteInfo(
+            r.provider,
+            r.upstream_model,
+            catalog.providers[r.provider].kind,
+            status[r.provider].live,
+            status[r.provider].missing,
+        )
+        for r in spec.routes
+    ]
+    return _ModelInfo(
+        id=spec.id,
+        family=spec.family,
+        served=any(r.live for r in routes),
+        prices=_price_text(spec),
+        prices_micros={f"{q}/{s}": p for (s, q), p in sorted(spec.prices.items())},
+        routes=routes,
+    )
+
+
+def _price_text(spec: ModelSpec) -> str:
+    prices = sorted(set(spec.prices.values()))
+    if not prices:
+        text = "unpriced"
+    elif len(prices) == 1:
+        text = f"{format_usd(prices[0])} per image"
+    else:
+        text = f"{format_usd(prices[0])}-{format_usd(prices[-1])} per image"
+    t = spec.token_prices
+    if t is not None:
+        text += (
+            f"; charged by tokens per 1M: text in {format_usd(t.text_input)}, "
+            f"image in {format_usd(t.image_input)}, out {format_usd(t.output)}"
+        )
+    return text
 
 
 def _iso(ts: float | None) -> str:

@@ -10,13 +10,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from service import keys
+from service import costs, keys
 from service.catalog import Catalog, ModelSpec
-from service.errors import InvalidApiKey, ModelNotAllowed, ModelNotFound, UpstreamError
+from service.errors import InvalidApiKey, ModelNotAllowed, ModelNotFound
 from service.images import ImageStore
-from service.providers.base import GeneratedImage, Provider, TokenUsage, UpstreamCall
+from service.providers.base import GeneratedImage, Provider, TokenUsage
+from service.providers.dispatch import Dispatched, Dispatcher
 from service.requests import GenerationParams, ImageRequest, validate
-from service.store.base import Charge, Store, new_reservation_id
+from service.store.base import Charge, Served, Store, new_reservation_id
 
 log = logging.getLogger("imagegate.core")
 T = TypeVar("T")
@@ -38,6 +39,8 @@ class RequestContext:
     request_id: str
     # Scheme://host[:port] the client used, so image URLs point back at the same front.
     base_url: str
+    # The caller's deadline as time.monotonic(); None = none (upstream_timeout_s still bounds).
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)
@@ -73,17 +76,22 @@ class ImageCore:
         reservation_ttl_s: float,
         owner: str | None = None,
         clock: Callable[[], float] = time.time,
+        dispatcher: Dispatcher | None = None,
     ) -> None:
         self._catalog = catalog
         self._store = store
-        self._providers = providers
         self._images = images
         self._default_model = default_model
-        self._upstream_timeout_s = upstream_timeout_s
         self._reservation_ttl_s = reservation_ttl_s
         # The Instance id recorded on reservations, so a restart knows whose they are.
         self._owner = owner
         self._clock = clock
+        self.dispatcher = dispatcher or Dispatcher(
+            providers,
+            catalog.dispatch,
+            provider_settings=catalog.providers,
+            upstream_timeout_s=upstream_timeout_s,
+        )
 
     async def authenticate(self, authorization: str | None) -> Caller:
         key = keys.key_from_authorization(authorization)
@@ -131,31 +139,36 @@ class ImageCore:
             raise ModelNotAllowed(
                 f"This API key is not allowed to use the model '{request.model.id}'."
             )
-        provider = self._providers[request.model.provider]
         started = self._clock()
         reservation = await self._reserve(caller, request, ctx, started)
         log.debug("request %s prompt %r", ctx.request_id, request.prompt)
         try:
-            generated, usage = await self._dispatch(provider, request, ctx)
-            images = await self._deliver(generated, request, ctx)
-            cost = len(images) * request.unit_price
-            rendered = await render(_generation(request, started, images, usage, cost))
-            await _uninterrupted(self._store.settle(reservation, cost))
+            dispatched = await self._dispatch(request, ctx)
+            images = await self._deliver(dispatched.images, request, ctx)
+            bill = costs.bill(request, dispatched.calls, request.quote)
+            cost = bill.cost_micros
+            served = Served(bill.provider, bill.upstream_model, bill.upstream_cost_micros)
+            rendered = await render(_generation(request, started, images, bill.usage, cost))
+            await _uninterrupted(self._store.settle(reservation, cost, served))
         except BaseException:
             # Failed, timed out, unsendable or cancelled (client gone): charge nothing.
             # A settle that did commit makes this release a no-op (resolved once).
             await _uninterrupted(self._store.release(reservation))
             raise
         log.info(
-            "request %s account=%s model=%s n=%d/%d size=%s quality=%s cost=%d latency_ms=%d",
+            "request %s account=%s model=%s route=%s/%s n=%d/%d size=%s quality=%s cost=%d "
+            "upstream_cost=%d latency_ms=%d",
             ctx.request_id,
             caller.account_name,
             request.model.id,
+            served.provider,
+            served.upstream_model,
             len(images),
             request.n,
             request.size,
             request.quality,
             cost,
+            served.upstream_cost_micros,
             (self._clock() - started) * 1000,
         )
         return rendered
@@ -198,22 +211,13 @@ class ImageCore:
             return  # nothing was held (e.g. the balance was too low)
         await self._store.release(reservation)
 
-    async def _dispatch(
-        self, provider: Provider, request: ImageRequest, ctx: RequestContext
-    ) -> tuple[list[GeneratedImage], TokenUsage]:
-        call = UpstreamCall(request, request.model.upstream_model, request.n, ctx.request_id)
-        try:
-            async with asyncio.timeout(self._upstream_timeout_s):
-                result = await provider.generate(call)
-        except TimeoutError:
-            raise UpstreamError(
-                f"The upstream provider did not answer within {self._upstream_timeout_s:g} s."
-            ) from None
-        # Never charge for more than was asked, even if an upstream sends extra.
-        images = result.images[: request.n]
-        if not images:
-            raise UpstreamError("The upstream provider returned no images.")
-        return images, result.usage
+    async def _dispatch(self, request: ImageRequest, ctx: RequestContext) -> Dispatched:
+        """Split, retry and fail over across the model's routes (providers/dispatch.py).
+        Each call's images are cut to what it asked for: extra ones are neither
+        returned nor charged."""
+        return await self.dispatcher.dispatch(
+            request, request_id=ctx.request_id, deadline=ctx.deadline
+        )
 
     async def _deliver(
         self, generated: list[GeneratedImage], request: ImageRequest, ctx: RequestContext

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -45,7 +46,9 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
     ) -> images_pb2.ImagesResponse:
         async def call() -> images_pb2.ImagesResponse:
             caller = await self._caller(context)
-            ctx = RequestContext(self._request_id(context), self._base_url(context))
+            ctx = RequestContext(
+                self._request_id(context), self._base_url(context), _deadline(context)
+            )
             return await self._core.generate(caller, _params(request), ctx, self._render)
 
         return await self._run(context, call)
@@ -124,6 +127,12 @@ def _peer_ip(peer: str | None) -> str | None:
     if kind not in ("ipv4", "ipv6"):
         return None
     return address.rpartition(":")[0].removeprefix("[").removesuffix("]") or None
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The caller's gRPC deadline on the monotonic clock the dispatcher uses."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:

@@ -11,6 +11,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -18,6 +19,8 @@ import pytest
 from imagegate.v1 import images_pb2, images_pb2_grpc
 
 from service.cli import main
+from service.store.base import Charge, Served
+from service.store.sqlite import SqliteStore
 from tests.rest import call
 
 KEY_RE = re.compile(r"sk-[A-Za-z0-9_-]{43}")
@@ -265,3 +268,80 @@ def test_a_balance_cannot_outgrow_its_integer(
     assert code == 1 and "over $1000000000.00" in err and err.count("\n") == 1
     assert _admin(capsys, "credit", "add", "--data-dir", d, "rich", "0.000001")[0] == 0
     assert _db_rows(tmp_path) == [("rich", 10**15, "integer", "integer", 10**15)]
+
+
+MODELS_CATALOG = """
+[providers.mine]
+kind = "local"
+
+[models.mine]
+routes = [
+  { provider = "openai", upstream_model = "dall-e-3" },
+  { provider = "mine", upstream_model = "local" },
+]
+sizes = ["256x256"]
+default_size = "256x256"
+qualities = ["standard"]
+default_quality = "standard"
+
+[models.mine.prices.standard]
+"256x256" = 1500
+"""
+
+CREDENTIAL_VARS = ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "GEMINI_API_KEY", "BFL_API_KEY")
+
+
+def test_models_shows_every_route_and_what_is_missing(tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(MODELS_CATALOG)
+    env = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_VARS}
+    command = [sys.executable, "-m", "service.cli", "models", "--catalog", str(catalog)]
+    result = subprocess.run([*command, "--json"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    models = {m["id"]: m for m in json.loads(result.stdout)}
+    mine = models["mine"]
+    assert mine["served"] and mine["prices_micros"] == {"standard/256x256": 1500}
+    openai_route, mine_route = mine["routes"]
+    assert (openai_route["provider"], openai_route["kind"], openai_route["live"]) == (
+        "openai",
+        "openai",
+        False,
+    )
+    assert openai_route["missing"]  # the variable, or the adapter not in this build
+    assert (mine_route["provider"], mine_route["live"], mine_route["missing"]) == ("mine", True, "")
+    # Every shipped model is listed, served or not, with its prices.
+    assert models["imagen-3"]["served"] is False and models["imagen-3"]["family"] == "imagen"
+    assert "per 1M" in models["gpt-image-1"]["prices"]
+    text = subprocess.run(command, capture_output=True, text=True, env=env).stdout
+    assert "mine  [-]  served  $0.0015 per image" in text
+    assert "    mine/local (local): live" in text
+    assert "    openai/dall-e-3 (openai): not live: " in text
+
+
+def test_models_refuses_a_bad_catalog_in_one_line(tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(MODELS_CATALOG.replace('provider = "mine"', 'provider = "nope"'))
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "models", "--catalog", str(catalog)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "provider 'nope', which is not declared" in result.stderr
+
+
+async def test_usage_shows_the_route_and_upstream_cost(tmp_path: Path) -> None:
+    assert run(tmp_path, "accounts", "create", "acme", "--credit", "1").returncode == 0
+    store = SqliteStore(tmp_path / "imagegate.db")
+    await store.open()
+    account = await store.get_account("acme")
+    assert account is not None
+    charge = Charge("req-9", "key_x", "dall-e-3", 1, "1024x1024", "standard")
+    reservation = await store.reserve(account.id, 40000, charge, time.time() + 60)
+    await store.settle(reservation, 40000, Served("openai", "dall-e-3", 38000))
+    await store.close()
+    result = await asyncio.to_thread(run, tmp_path, "usage", "acme")
+    line = result.stdout.splitlines()[1]
+    assert "$0.04" in line and "$0.038" in line and "openai/dall-e-3" in line
+    rows = json.loads((await asyncio.to_thread(run, tmp_path, "usage", "acme", "--json")).stdout)
+    assert rows[0]["provider"] == "openai" and rows[0]["upstream_cost_micros"] == 38000

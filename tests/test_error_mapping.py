@@ -51,7 +51,7 @@ CASES = [
         (400, "invalid_request_error", "invalid_value", "size"),
     ),
     (
-        QuotaExhausted("The upstream is out of quota."),
+        QuotaExhausted("The upstream provider 'local' is out of quota."),
         grpc.StatusCode.UNAVAILABLE,
         ("UPSTREAM_ERROR", {}),
         (502, "upstream_error", "upstream_error", None),
@@ -76,7 +76,7 @@ async def failing(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Sta
 
 @pytest.fixture
 def raising(failing: Stack) -> Iterator[Failing]:
-    providers = failing.service.providers  # the core's own mapping
+    providers = failing.service.registry.providers  # the dispatcher's own mapping
     original = providers["local"]
     providers["local"] = fake = Failing(RuntimeError("set by the test"))
     yield fake

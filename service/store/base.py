@@ -42,6 +42,19 @@ class Charge:
 
 
 @dataclass(frozen=True)
+class Served:
+    """Who made a settled request's images, and what the upstream lists them at (margins).
+
+    Several routes (a split request that failed over in part) are ","-joined in
+    call order, provider and upstream model alike.
+    """
+
+    provider: str = ""
+    upstream_model: str = ""
+    upstream_cost_micros: int = 0
+
+
+@dataclass(frozen=True)
 class Instance:
     """A running service process: the owner of the reservations it holds."""
 
@@ -67,6 +80,10 @@ class UsageRow:
     cost_micros: int
     # held (in flight), settled (charged `cost`), released (nothing charged)
     status: str
+    # The route(s) that served it and their list cost; empty/0 until settled.
+    provider: str = ""
+    upstream_model: str = ""
+    upstream_cost_micros: int = 0
 
 
 class Store(Protocol):
@@ -112,8 +129,9 @@ class Store(Protocol):
         """
         ...
 
-    async def settle(self, reservation_id: str, cost: int) -> None:
-        """Charge `cost` (<= the held amount) and give back the rest; once only."""
+    async def settle(self, reservation_id: str, cost: int, served: Served | None = None) -> None:
+        """Charge `cost` (<= the held amount) and give back the rest; once only.
+        `served` records the route(s) and the upstream list cost with the usage row."""
         ...
 
     async def release(self, reservation_id: str) -> None:

@@ -29,6 +29,7 @@ from service.store.base import (
     Charge,
     Instance,
     KeyRecord,
+    Served,
     UnknownAccount,
     UsageRow,
     new_reservation_id,
@@ -98,6 +99,10 @@ CREATE TABLE IF NOT EXISTS instances (
 ADDED_COLUMNS = (
     # The Instance holding a 'held' reservation; NULL for rows from before owners.
     ("reservations", "owner", "TEXT"),
+    # The route(s) that served a settled request, and their upstream list cost.
+    ("reservations", "provider", "TEXT NOT NULL DEFAULT ''"),
+    ("reservations", "upstream_model", "TEXT NOT NULL DEFAULT ''"),
+    ("reservations", "upstream_cost_micros", "INTEGER NOT NULL DEFAULT 0"),
 )
 # Indexes on added columns, created after them.
 ADDED_INDEXES = """
@@ -316,8 +321,8 @@ class SqliteStore:
         await self._tx(reserve)
         return reservation_id
 
-    async def settle(self, reservation_id: str, cost: int) -> None:
-        await self._tx(_resolve, reservation_id, "settled", cost, self._clock())
+    async def settle(self, reservation_id: str, cost: int, served: Served | None = None) -> None:
+        await self._tx(_resolve, reservation_id, "settled", cost, self._clock(), served)
 
     async def release(self, reservation_id: str) -> None:
         await self._tx(_resolve, reservation_id, "released", 0, self._clock())
@@ -391,7 +396,8 @@ class SqliteStore:
     async def usage(self, account_name: str, limit: int = 20) -> list[UsageRow]:
         rows = await self._read(
             "SELECT r.created_at, r.request_id, r.model, r.n, r.size, r.quality, "
-            "r.amount_micros, r.cost_micros, r.status FROM reservations r "
+            "r.amount_micros, r.cost_micros, r.status, r.provider, r.upstream_model, "
+            "r.upstream_cost_micros FROM reservations r "
             "JOIN accounts a ON a.id = r.account_id WHERE a.name = ? "
             "ORDER BY r.created_at DESC, r.rowid DESC LIMIT ?",
             (account_name, limit),
@@ -436,7 +442,12 @@ def _credit(
 
 
 def _resolve(
-    db: sqlite3.Connection, reservation_id: str, status: str, cost: int, now: float
+    db: sqlite3.Connection,
+    reservation_id: str,
+    status: str,
+    cost: int,
+    now: float,
+    served: Served | None = None,
 ) -> None:
     """Settle or release a held reservation; a resolved one is left as it is (exactly once)."""
     row = db.execute(
@@ -448,9 +459,19 @@ def _resolve(
     account_id, amount = row
     if not 0 <= cost <= amount:
         raise ValueError(f"cost {cost} outside reservation of {amount}")
+    served = served or Served()
     db.execute(
-        "UPDATE reservations SET status = ?, cost_micros = ?, resolved_at = ? WHERE id = ?",
-        (status, cost, now, reservation_id),
+        "UPDATE reservations SET status = ?, cost_micros = ?, resolved_at = ?, provider = ?, "
+        "upstream_model = ?, upstream_cost_micros = ? WHERE id = ?",
+        (
+            status,
+            cost,
+            now,
+            served.provider,
+            served.upstream_model,
+            served.upstream_cost_micros,
+            reservation_id,
+        ),
     )
     refund = amount - cost
     if refund:
