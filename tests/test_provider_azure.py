@@ -56,7 +56,10 @@ async def make(fake: FakeOpenAI) -> AsyncIterator[Make]:
 
 
 async def test_deployment_form_url_headers_and_body(make: Make, fake: FakeOpenAI) -> None:
-    call = image_call("gpt-image-1", "prod-images", n=2, quality="low", request_id="req-az-1")
+    # Neither the catalog id nor the deployment shows the model: the catalog's family does.
+    call = image_call(
+        "house-style", "prod-images", family="gpt-image", n=2, quality="low", request_id="req-az-1"
+    )
     result = await make().generate(call)
     seen = fake.requests[-1]
     assert seen.path == "/openai/deployments/prod-images/images/generations"
@@ -78,7 +81,8 @@ async def test_deployment_form_url_headers_and_body(make: Make, fake: FakeOpenAI
 
 async def test_dall_e_3_deployment_with_dated_api_version(make: Make, fake: FakeOpenAI) -> None:
     provider = make(options={"api_version": "2024-10-21"})
-    result = await provider.generate(image_call("dall-e-3", "hero-art", style="vivid"))
+    call = image_call("hero", "hero-art", family="dall-e-3", style="vivid")
+    result = await provider.generate(call)
     seen = fake.requests[-1]
     assert seen.query == {"api-version": "2024-10-21"}
     assert seen.json["response_format"] == "b64_json"
@@ -89,6 +93,7 @@ async def test_dall_e_3_deployment_with_dated_api_version(make: Make, fake: Fake
 
 async def test_v1_form_names_the_deployment_as_model(make: Make, fake: FakeOpenAI) -> None:
     provider = make(options={"api_version": "v1"})
+    # No family in the catalog: the catalog id's name shows it.
     await provider.generate(image_call("dall-e-2", "thumbs", n=3))
     seen = fake.requests[-1]
     assert seen.path == "/openai/v1/images/generations"

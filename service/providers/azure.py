@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from service.catalog import CatalogError
+from service.catalog_settings import CatalogError
 from service.providers import openai_wire as wire
 from service.providers.base import (
     AdapterDeps,

@@ -26,7 +26,7 @@ many compatible servers ignore `n`).
 
 from __future__ import annotations
 
-from service.catalog import CatalogError
+from service.catalog_settings import CatalogError
 from service.providers import openai_wire as wire
 from service.providers.base import (
     AdapterDeps,

@@ -60,8 +60,8 @@ ACCOUNT_CODES = frozenset(
 ROUTE_CODES = frozenset({"DeploymentNotFound", "OperationNotSupported", "model_not_found"})
 SAFETY_MESSAGE = "Your request was rejected by the upstream provider's safety system."
 MAX_ERROR_BYTES = 1 << 20
-# More tokens than any one image call can use: such a count is a lie, not a bill.
-MAX_TOKENS = 10_000_000
+# A usage count the upstream sent as something other than an integer.
+INVALID_COUNT = -1
 # OpenAI's limit for X-Client-Request-Id.
 MAX_REQUEST_ID = 512
 
@@ -80,10 +80,8 @@ def family_of_name(name: str) -> str:
 
 def family(call: UpstreamCall) -> str:
     """The catalog's family for the model, else what its upstream or catalog name shows."""
-    declared = getattr(call.request.model, "family", "")
-    if isinstance(declared, str) and declared:
-        return declared
-    return family_of_name(call.upstream_model) or family_of_name(call.request.model.id)
+    model = call.request.model
+    return model.family or family_of_name(call.upstream_model) or family_of_name(model.id)
 
 
 def max_n_for(name: str, unknown: int) -> int:
@@ -226,18 +224,20 @@ class Upstream:
         details = details if isinstance(details, dict) else {}
         image_in = self._count(details, "image_tokens")
         text_in = (
-            self._count(details, "text_tokens")
-            if "text_tokens" in details
-            else max(total_in - image_in, 0)
+            self._count(details, "text_tokens") if "text_tokens" in details else total_in - image_in
         )
         return TokenUsage(text_in, image_in, self._count(raw, "output_tokens"))
 
     def _count(self, raw: Mapping[str, object], key: str) -> int:
+        """The count as reported; the core judges it (costs.py refuses negative or absurd
+        usage and charges per image), so a count that is not even an integer is passed
+        as -1, which it refuses, rather than losing the images already made."""
         value = raw.get(key, 0)
         if value is None:
             return 0
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS:
-            raise self._bad(f"a usage count that makes no sense ({key})")
+        if isinstance(value, bool) or not isinstance(value, int):
+            log.warning("provider %s reported a %s that is not an integer", self.provider_id, key)
+            return INVALID_COUNT
         return value
 
     async def _images(self, items: list[_Item], url: str) -> list[GeneratedImage]:

@@ -517,9 +517,11 @@ def image_call(
     *,
     n: int = 1,
     request_id: str = "req-test-1",
+    family: str = "",
     **fields: Any,
 ) -> UpstreamCall:
-    """An UpstreamCall as the dispatcher makes it, for catalog model `model_id`."""
+    """An UpstreamCall as the dispatcher makes it, for catalog model `model_id` of `family`
+    (empty: the adapter goes by the names)."""
     spec = ModelSpec(
         id=model_id,
         provider="test",
@@ -530,6 +532,7 @@ def image_call(
         default_quality="auto",
         prices={},
         n_max=10,
+        family=family,
     )
     values: dict[str, Any] = {
         "prompt": "a lighthouse at dusk",
