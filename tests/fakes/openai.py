@@ -147,6 +147,8 @@ class FakeOpenAI(FakeUpstream):
         self.echo_in_errors = ""
         # When set, replaces the `usage` of gpt-image replies (a lying upstream).
         self.usage_override: dict[str, Any] | None = None
+        # Seconds the 429 fault asks to wait (Retry-After).
+        self.retry_after = 7
         # Hand out URLs relative to the server, as some local servers do.
         self.relative_urls = False
         self.files: dict[str, bytes] = {}
@@ -290,20 +292,20 @@ class FakeOpenAI(FakeUpstream):
                 type_="server_error",
             )
         if fault is Fault.RATE_LIMITED:
-            retry = {"Retry-After": "7"}
+            retry = {"Retry-After": str(self.retry_after)}
             if azure:
                 return azure_error(
                     429,
                     "429",
                     "Requests to the ImageGenerations_Create Operation under Azure OpenAI API "
                     "have exceeded call rate limit of your current OpenAI S0 pricing tier. "
-                    "Please retry after 7 seconds.",
+                    f"Please retry after {self.retry_after} seconds.",
                     headers=retry,
                 )
             return openai_error(
                 429,
                 f"Rate limit reached for {body['model']} on images per minute (IPM): Limit 5, "
-                "Used 5, Requested 1. Please try again in 7s.",
+                f"Used 5, Requested 1. Please try again in {self.retry_after}s.",
                 type_="requests",
                 code="rate_limit_exceeded",
                 headers=retry,
