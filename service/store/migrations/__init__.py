@@ -2,10 +2,16 @@
 
 Layout: `sqlite/NNNN_name.sql` and `postgres/NNNN_name.sql`, the same numbers and
 names in both dialects (a test checks), each file one migration applied in one
-transaction together with its `schema_version` row. A released file is never
-changed: a schema change is a new file in both folders. SQLite runs DDL in a
-transaction too, but a change that needs `PRAGMA foreign_keys=OFF` (a table
-rebuild) cannot: prefer ADD COLUMN and new tables.
+transaction together with its `schema_version` row (version, name, applied_at).
+A released file is never changed: a schema change (say an idempotency table) is
+a new file in both folders, the store methods that use it in both stores, and
+their cases in tests/test_store_contract.py. SQLite runs DDL in a transaction
+too, but a change that needs `PRAGMA foreign_keys=OFF` (a table rebuild) cannot:
+prefer ADD COLUMN and new tables.
+
+SQLite files made before versioned migrations have no schema_version: they are
+version 1, and may already hold the columns of 2 and 3, which imagegate then
+added on open (sqlite.py skips those). PostgreSQL has no such past.
 """
 
 from __future__ import annotations
