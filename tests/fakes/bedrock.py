@@ -25,7 +25,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from tests.fakes.base import Fault, FakeUpstream, image_bytes
+from tests.fakes.base import FakeUpstream, Fault, image_bytes
 
 NOVA_MODELS = (
     "amazon.nova-canvas-v1:0",
@@ -60,7 +60,18 @@ def aws_error(status: int, kind: str, message: str, **headers: str) -> web.Respo
     return web.json_response(
         {"message": message},
         status=status,
-        headers={"x-amzn-ErrorType": f"{kind}:http://internal.amazon.com/coral/com.amazon.bedrock/", **headers},
+        headers={
+            "x-amzn-ErrorType": f"{kind}:http://internal.amazon.com/coral/com.amazon.bedrock/",
+            **headers,
+        },
+    )
+
+
+def malformed(problem: str) -> web.Response:
+    return aws_error(
+        400,
+        "ValidationException",
+        f"Malformed input request: {problem}, please reformat your input and try again.",
     )
 
 
@@ -89,13 +100,17 @@ class BedrockFake(FakeUpstream):
             return refused
         if fault is Fault.AUTH:
             return aws_error(
-                403, "UnrecognizedClientException", "The security token included in the request is invalid."
+                403,
+                "UnrecognizedClientException",
+                "The security token included in the request is invalid.",
             )
         if self.errors:
             status, kind, message = self.errors.popleft()
             return aws_error(status, kind, message)
         if fault is Fault.SERVER_ERROR:
-            return aws_error(500, "InternalServerException", "The server encountered an internal error.")
+            return aws_error(
+                500, "InternalServerException", "The server encountered an internal error."
+            )
         if fault is Fault.RATE_LIMITED:
             # Bedrock itself sends no Retry-After; a proxy in front may, and it is honoured.
             return aws_error(
@@ -108,11 +123,13 @@ class BedrockFake(FakeUpstream):
             return web.Response(text='{"images": ["unterminated', content_type="application/json")
         model = request.match_info["model"]
         if model not in NOVA_MODELS + STABILITY_MODELS:
-            return aws_error(400, "ValidationException", "The provided model identifier is invalid.")
+            return aws_error(
+                400, "ValidationException", "The provided model identifier is invalid."
+            )
         try:
             data = json.loads(body)
         except ValueError:
-            return aws_error(400, "ValidationException", "Malformed input request, please reformat your input and try again.")
+            return malformed("#: expected type: JSONObject")
         if model in NOVA_MODELS:
             return self._nova(data, fault)
         return self._stability(data, fault)
@@ -120,9 +137,9 @@ class BedrockFake(FakeUpstream):
     def _nova(self, data: Any, fault: Fault | None) -> web.Response:
         problem = _nova_problem(data)
         if problem:
-            return aws_error(400, "ValidationException", f"Malformed input request: {problem}, please reformat your input and try again.")
+            return malformed(problem)
         if fault is Fault.BAD_REQUEST:
-            return aws_error(400, "ValidationException", "Malformed input request: #/imageGenerationConfig/width: 4000 is not a multiple of 16, please reformat your input and try again.")
+            return malformed("#/imageGenerationConfig/width: 4000 is not a multiple of 16")
         if fault is Fault.SAFETY or BLOCKED_WORD in data["textToImageParams"]["text"]:
             return aws_error(400, "ValidationException", INPUT_FILTER)
         count = data["imageGenerationConfig"]["numberOfImages"]
@@ -136,36 +153,62 @@ class BedrockFake(FakeUpstream):
     def _stability(self, data: Any, fault: Fault | None) -> web.Response:
         problem = _stability_problem(data)
         if problem:
-            return aws_error(400, "ValidationException", f"Malformed input request: {problem}, please reformat your input and try again.")
+            return malformed(problem)
         if fault is Fault.BAD_REQUEST:
-            return aws_error(400, "ValidationException", "Malformed input request: #/prompt: expected maxLength: 10000, please reformat your input and try again.")
+            return malformed("#/prompt: expected maxLength: 10000")
         if fault is Fault.SAFETY or BLOCKED_WORD in data["prompt"]:
             return web.json_response({"finish_reasons": ["Filter reason: prompt"]})
         if self.filter_next:
             self.filter_next = 0
-            return web.json_response({"seeds": [1234], "finish_reasons": ["Filter reason: output image"], "images": []})
+            return web.json_response(
+                {"seeds": [1234], "finish_reasons": ["Filter reason: output image"], "images": []}
+            )
         fmt = "JPEG" if data.get("output_format") == "jpeg" else "PNG"
         count = 3 if fault is Fault.EXTRA_IMAGES else 1
         images = [base64.b64encode(image_bytes(fmt, seed=i)).decode() for i in range(count)]
-        return web.json_response({"seeds": [1234 + i for i in range(count)], "finish_reasons": [None] * count, "images": images})
+        return web.json_response(
+            {
+                "seeds": [1234 + i for i in range(count)],
+                "finish_reasons": [None] * count,
+                "images": images,
+            }
+        )
 
     def _check_signature(self, request: web.Request, body: bytes) -> web.Response | None:
         """None if the SigV4 signature is AWS-valid for our credentials, else AWS's 403."""
         header = request.headers.get("Authorization")
         if header is None:
-            return aws_error(403, "MissingAuthenticationTokenException", "Missing Authentication Token")
+            return aws_error(
+                403, "MissingAuthenticationTokenException", "Missing Authentication Token"
+            )
         match = AUTH_RE.match(header)
         amz_date = request.headers.get("X-Amz-Date", "")
         if match is None or not amz_date:
-            return aws_error(403, "IncompleteSignatureException", "Authorization header requires 'Credential', 'Signature', 'SignedHeaders' and 'X-Amz-Date'.")
-        if match["key"] != self.access_key or request.headers.get("X-Amz-Security-Token", "") != self.session_token:
-            return aws_error(403, "UnrecognizedClientException", "The security token included in the request is invalid.")
+            return aws_error(
+                403,
+                "IncompleteSignatureException",
+                "Authorization header requires 'Credential', 'Signature', 'SignedHeaders' and "
+                "'X-Amz-Date'.",
+            )
+        if (
+            match["key"] != self.access_key
+            or request.headers.get("X-Amz-Security-Token", "") != self.session_token
+        ):
+            return aws_error(
+                403,
+                "UnrecognizedClientException",
+                "The security token included in the request is invalid.",
+            )
         when = datetime.datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.UTC)
         if abs(datetime.datetime.now(datetime.UTC) - when) > MAX_SKEW:
             return aws_error(403, "InvalidSignatureException", "Signature expired.")
         signed = match["signed"].split(";")
         if "host" not in signed or match["date"] != amz_date[:8]:
-            return aws_error(403, "InvalidSignatureException", "The request signature we calculated does not match the signature you provided.")
+            return aws_error(
+                403,
+                "InvalidSignatureException",
+                "The request signature we calculated does not match the signature you provided.",
+            )
         # botocore recomputes it from exactly the headers the client claims to have signed.
         aws_request = AWSRequest(
             method=request.method,
@@ -178,7 +221,10 @@ class BedrockFake(FakeUpstream):
         signer = SigV4Auth(credentials, "bedrock", self.region)
         canonical = signer.canonical_request(aws_request)
         expected = signer.signature(signer.string_to_sign(aws_request, canonical), aws_request)
-        if (match["region"], match["service"]) != (self.region, "bedrock") or not hmac.compare_digest(expected, match["signature"]):
+        if (match["region"], match["service"]) != (
+            self.region,
+            "bedrock",
+        ) or not hmac.compare_digest(expected, match["signature"]):
             return aws_error(
                 403,
                 "InvalidSignatureException",
@@ -198,7 +244,11 @@ def _nova_problem(data: Any) -> str:
     if data.get("taskType") != "TEXT_IMAGE":
         return "#/taskType: TEXT_IMAGE is the only task type served here"
     params = data.get("textToImageParams")
-    if not isinstance(params, dict) or not isinstance(params.get("text"), str) or not params["text"]:
+    if (
+        not isinstance(params, dict)
+        or not isinstance(params.get("text"), str)
+        or not params["text"]
+    ):
         return "#/textToImageParams: required key [text] not found"
     config = data.get("imageGenerationConfig", {})
     allowed = {"numberOfImages", "width", "height", "quality", "cfgScale", "seed"}
@@ -220,7 +270,9 @@ def _nova_problem(data: Any) -> str:
 def _stability_problem(data: Any) -> str:
     if not isinstance(data, dict):
         return "#: expected type: JSONObject"
-    extra = sorted(set(data) - {"prompt", "aspect_ratio", "output_format", "seed", "mode", "negative_prompt"})
+    extra = sorted(
+        set(data) - {"prompt", "aspect_ratio", "output_format", "seed", "mode", "negative_prompt"}
+    )
     if extra:
         return f"#: extraneous key [{extra[0]}] is not permitted"
     if not isinstance(data.get("prompt"), str) or not data["prompt"]:

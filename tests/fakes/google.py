@@ -9,6 +9,10 @@ the service does (sampleCount 1-4, known aspect ratios, no Vertex-only fields
 on the Gemini API). A prompt containing BLOCKED_WORD is refused by the input
 safety filter (400, Responsible-AI wording); `filter_next` output images of the
 next reply are replaced by `raiFilteredReason` entries.
+
+`POST /token` is Google's OAuth token endpoint for service-account credentials
+(a JWT-bearer grant), so google-auth's application default credentials can be
+pointed at the fake through a key file's `token_uri`.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.base import Fault, FakeUpstream, image_bytes
+from tests.fakes.base import FakeUpstream, Fault, image_bytes
 
 MODELS = (
     "imagen-3.0-generate-002",
@@ -65,6 +69,7 @@ OUTPUT_REFUSAL = (
     "send feedback. Support codes: 58061214"
 )
 RETRY_DELAY_S = 7
+JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 
 
 def google_error(
@@ -90,12 +95,32 @@ class GoogleFake(FakeUpstream):
         # (status, google status, message, details) replies to play before any other.
         self.errors: deque[tuple[int, str, str, list[dict[str, Any]]]] = deque()
         self.revised_prompt = ""
+        # Lifetime of the tokens /token hands out; google-auth refreshes 3m45s early.
+        self.token_lifetime_s = 3600
+        self.token_grants = 0
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1beta/models/{model}:predict", self._gemini)
         app.router.add_post(
             "/v1/projects/{project}/locations/{location}/publishers/google/models/{model}:predict",
             self._vertex,
+        )
+        app.router.add_post("/token", self._token)
+
+    async def _token(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        assertion = str(form.get("assertion", ""))
+        if form.get("grant_type") != JWT_GRANT or assertion.count(".") != 2:
+            return web.json_response(
+                {"error": "invalid_grant", "error_description": "Invalid JWT."}, status=400
+            )
+        self.token_grants += 1
+        return web.json_response(
+            {
+                "access_token": self.token,
+                "expires_in": self.token_lifetime_s,
+                "token_type": "Bearer",
+            }
         )
 
     async def _gemini(self, request: web.Request) -> web.StreamResponse:
@@ -239,7 +264,7 @@ def _validate(body: bytes, allowed: set[str]) -> tuple[str, str, dict[str, Any]]
         return "Image generation failed with the following error: prompt is empty.", "", {}
     parameters = data.get("parameters", {})
     if not isinstance(parameters, dict):
-        return "Invalid JSON payload received. Unknown name \"parameters\".", prompt, {}
+        return 'Invalid JSON payload received. Unknown name "parameters".', prompt, {}
     unknown = sorted(set(parameters) - allowed)
     if unknown:
         return f'Invalid JSON payload received. Unknown name "{unknown[0]}".', prompt, {}
