@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 from aiohttp import web
 from google.api import httpbody_pb2
-from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -38,6 +37,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.cleanup_ctx.append(_channel)
     app.router.add_post("/v1/images/generations", generate_images)
     app.router.add_get("/v1/models", list_models, allow_head=False)
+    app.router.add_get("/v1/models/{model}", get_model, allow_head=False)
     app.router.add_get("/v1/images/files/{image_id}", get_image, allow_head=False)
     return app
 
@@ -70,6 +70,12 @@ async def list_models(request: web.Request) -> web.Response:
     return _json(reply)
 
 
+async def get_model(request: web.Request) -> web.Response:
+    message = images_pb2.GetModelRequest(model=request.match_info["model"])
+    reply = await request.app[STUB].GetModel(message, **_call_options(request))
+    return _json(reply)
+
+
 async def get_image(request: web.Request) -> web.Response:
     message = images_pb2.GetImageRequest(
         image_id=request.match_info["image_id"],
@@ -95,10 +101,7 @@ def _call_options(request: web.Request) -> dict[str, object]:
 
 
 def _json(message: Message) -> web.Response:
-    data = json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    return _json_bytes(200, json_text.dumps(data))
+    return _json_bytes(200, json_text.message_json(message))
 
 
 def _json_bytes(status: int, body: bytes, headers: dict[str, str] | None = None) -> web.Response:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from service import keys
 from service.catalog import Catalog, ModelSpec
-from service.errors import InvalidApiKey, ModelNotAllowed, UpstreamError
+from service.errors import InvalidApiKey, ModelNotAllowed, ModelNotFound, UpstreamError
 from service.images import ImageStore
 from service.providers.base import GeneratedImage, Provider, TokenUsage, UpstreamCall
 from service.requests import GenerationParams, ImageRequest, validate
@@ -99,10 +99,20 @@ class ImageCore:
             if caller.models is None or model_id in caller.models
         ]
 
+    def get_model(self, caller: Caller, model_id: str) -> ModelSpec:
+        model = self._catalog.get(model_id)
+        if model is None or (caller.models is not None and model_id not in caller.models):
+            raise ModelNotFound(
+                f"The model '{model_id}' does not exist or you do not have access to it."
+            )
+        return model
+
     async def generate(
         self, caller: Caller, params: GenerationParams, ctx: RequestContext
     ) -> Generation:
-        request = validate(params, self._catalog, self._default_model)
+        # An unknown model's message names only the models this key may use.
+        visible = [m.id for m in self.list_models(caller)]
+        request = validate(params, self._catalog, self._default_model, available=visible)
         if caller.models is not None and request.model.id not in caller.models:
             raise ModelNotAllowed(
                 f"This API key is not allowed to use the model '{request.model.id}'."

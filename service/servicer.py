@@ -12,6 +12,7 @@ import grpc
 from google.api import httpbody_pb2
 from imagegate.v1 import images_pb2, images_pb2_grpc
 
+from service.catalog import ModelSpec
 from service.core import Caller, Generation, ImageCore, RequestContext
 from service.errors import ImagegateError
 from service.grpc_errors import abort, internal_status, to_status
@@ -21,6 +22,16 @@ log = logging.getLogger("imagegate.servicer")
 T = TypeVar("T")
 # Host header values we are willing to echo into image URLs.
 _HOST_RE = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
+# The values OpenAI's ImagesResponse may hold in these top-level fields. Typed
+# clients validate them (the Python SDK's strict mode, older SDKs whose `size`
+# is this Literal too), so any other value (the local model's "standard"/"hd",
+# a 256x256 size) is left out rather than reported.
+REPORTABLE: dict[str, frozenset[str]] = {
+    "background": frozenset({"transparent", "opaque"}),
+    "output_format": frozenset({"png", "webp", "jpeg"}),
+    "quality": frozenset({"low", "medium", "high"}),
+    "size": frozenset({"1024x1024", "1024x1536", "1536x1024"}),
+}
 
 
 class ImageServicer(images_pb2_grpc.ImageServiceServicer):
@@ -43,11 +54,17 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
     ) -> images_pb2.ModelList:
         async def call() -> images_pb2.ModelList:
             caller = await self._caller(context)
-            models = [
-                images_pb2.Model(id=m.id, object="model", created=m.created, owned_by=m.owned_by)
-                for m in self._core.list_models(caller)
-            ]
+            models = [_model(m) for m in self._core.list_models(caller)]
             return images_pb2.ModelList(object="list", data=models)
+
+        return await self._run(context, call)
+
+    async def GetModel(
+        self, request: images_pb2.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> images_pb2.Model:
+        async def call() -> images_pb2.Model:
+            caller = await self._caller(context)
+            return _model(self._core.get_model(caller, request.model))
 
         return await self._run(context, call)
 
@@ -113,13 +130,25 @@ def _params(request: images_pb2.GenerateImagesRequest) -> GenerationParams:
     )
 
 
+def _model(spec: ModelSpec) -> images_pb2.Model:
+    return images_pb2.Model(
+        id=spec.id, object="model", created=spec.created, owned_by=spec.owned_by
+    )
+
+
 def _response(gen: Generation) -> images_pb2.ImagesResponse:
+    usage = gen.usage
     response = images_pb2.ImagesResponse(
         created=gen.created,
         usage=images_pb2.Usage(
-            prompt_tokens=gen.usage.input_tokens,
-            completion_tokens=gen.usage.output_tokens,
-            total_tokens=gen.usage.total_tokens,
+            prompt_tokens=usage.input_tokens,
+            completion_tokens=usage.output_tokens,
+            total_tokens=usage.total_tokens,
+            input_tokens=usage.input_tokens,
+            input_tokens_details=images_pb2.InputTokensDetails(
+                text_tokens=usage.input_text_tokens, image_tokens=usage.input_image_tokens
+            ),
+            output_tokens=usage.output_tokens,
         ),
     )
     for image in gen.images:
@@ -130,8 +159,8 @@ def _response(gen: Generation) -> images_pb2.ImagesResponse:
             item.b64_json = image.data
         if image.revised_prompt is not None:
             item.revised_prompt = image.revised_prompt
-    for name in ("background", "output_format", "quality", "size"):
+    for name, allowed in REPORTABLE.items():
         value = getattr(gen, name)
-        if value is not None:
+        if value in allowed:
             setattr(response, name, value)
     return response

@@ -101,12 +101,25 @@ async def tenant(stack: Stack) -> Tenant:
 _clients: list[openai.AsyncOpenAI] = []
 
 
-def sdk(base_url: str, key: str) -> openai.AsyncOpenAI:
-    """The official SDK pointed at a front; closed after the test."""
+def sdk(base_url: str, key: str, *, strict: bool = False) -> openai.AsyncOpenAI:
+    """The official SDK pointed at a front; closed after the test.
+
+    strict: the SDK validates every response against its types (required fields,
+    Literal enumerations) and raises on any mismatch, as typed clients do.
+    """
     # No retries: a test must see the first answer, not a retried one.
-    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0)
+    client = openai.AsyncOpenAI(
+        base_url=f"{base_url}/v1",
+        api_key=key,
+        max_retries=0,
+        _strict_response_validation=strict,
+    )
     _clients.append(client)
     return client
+
+
+def strict_sdk(base_url: str, key: str) -> openai.AsyncOpenAI:
+    return sdk(base_url, key, strict=True)
 
 
 @pytest.fixture(autouse=True)
