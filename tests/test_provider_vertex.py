@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import sys
@@ -168,13 +169,18 @@ def test_without_token_or_default_credentials(
         vertex.create(settings(fake), empty)
 
 
-def service_account_file(tmp_path: Path, token_uri: str) -> Path:
+@functools.cache
+def private_key_pem() -> str:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
+    return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     ).decode()
+
+
+def service_account_file(tmp_path: Path, token_uri: str) -> Path:
+    pem = private_key_pem()
     path = tmp_path / "service-account.json"
     path.write_text(
         json.dumps(
