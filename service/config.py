@@ -20,8 +20,12 @@ class Config:
     database_url: str = ""
     catalog: Path | None = None
     default_model: str = "local"
-    # Base of returned image URLs when the front does not say where it is.
-    public_url: str = "http://127.0.0.1:8080"
+    # Base of every returned image URL; empty: the host the front reports (from a
+    # trusted proxy only), else the REST address this process serves.
+    public_url: str = ""
+    # Peers (CIDRs, comma-separated) whose x-forwarded-host may set image URL hosts:
+    # loopback covers the aiohttp front and an Envoy on the same host.
+    trusted_proxies: str = "127.0.0.0/8,::1/128"
     image_ttl_s: int = 3600
     # Empty: generated once and kept in data_dir (set it when replicas share links).
     url_secret: str = field(default="", repr=False)
@@ -31,6 +35,9 @@ class Config:
     upstream_timeout_s: float = 300.0
     # How often held reservations past their expiry are released and old images deleted.
     sweep_interval_s: float = 60.0
+    # How often a running service records that it lives; what a process silent for
+    # six intervals held is released by the others (at once if it ran on this machine).
+    heartbeat_interval_s: float = 5.0
 
     @property
     def sqlite_path(self) -> Path:
@@ -48,6 +55,10 @@ class Config:
     def reservation_ttl_s(self) -> float:
         # A held reservation outlives any request that could still settle it.
         return self.upstream_timeout_s + 600
+
+    @property
+    def instance_stale_s(self) -> float:
+        return 6 * self.heartbeat_interval_s
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:

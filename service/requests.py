@@ -67,9 +67,16 @@ class ImageRequest:
         assert price is not None, "validate() refuses unpriced requests"
         return price
 
+    def prompt_bound_micros(self, calls: int) -> int:
+        """Token-priced models: the most the prompt's input tokens cost over `calls` calls."""
+        prices = self.model.token_prices
+        return 0 if prices is None else prices.prompt_bound_micros(self.prompt, calls)
+
     @property
     def quote(self) -> int:
-        return self.n * self.unit_price
+        """What is reserved: n * the per-image list price, plus for token-priced models
+        the prompt's bound over the most upstream calls a request makes (one per image)."""
+        return self.n * self.unit_price + self.prompt_bound_micros(self.n)
 
 
 def validate(

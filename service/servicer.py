@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+from urllib.parse import unquote
 
 import grpc
 from google.api import httpbody_pb2
@@ -14,14 +15,14 @@ from imagegate.v1 import images_pb2, images_pb2_grpc
 
 from service.catalog import ModelSpec
 from service.core import Caller, Generation, ImageCore, RequestContext
-from service.errors import ImagegateError
+from service.errors import ImagegateError, InvalidParameter
 from service.grpc_errors import abort, internal_status, to_status
+from service.links import LinkBase
 from service.requests import GenerationParams
 
 log = logging.getLogger("imagegate.servicer")
 T = TypeVar("T")
-# Host header values we are willing to echo into image URLs.
-_HOST_RE = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
+MiB = 1024 * 1024
 # The values OpenAI's ImagesResponse may hold in these top-level fields. Typed
 # clients validate them (the Python SDK's strict mode, older SDKs whose `size`
 # is this Literal too), so any other value (the local model's "standard"/"hd",
@@ -35,19 +36,37 @@ REPORTABLE: dict[str, frozenset[str]] = {
 
 
 class ImageServicer(images_pb2_grpc.ImageServiceServicer):
-    def __init__(self, core: ImageCore, public_url: str) -> None:
+    def __init__(self, core: ImageCore, links: LinkBase, max_message_bytes: int) -> None:
         self._core = core
-        self._public_url = public_url.rstrip("/")
+        self._links = links
+        self._max_message_bytes = max_message_bytes
 
     async def GenerateImages(
         self, request: images_pb2.GenerateImagesRequest, context: grpc.aio.ServicerContext
     ) -> images_pb2.ImagesResponse:
         async def call() -> images_pb2.ImagesResponse:
             caller = await self._caller(context)
-            ctx = RequestContext(self._request_id(context), self._base_url(context))
-            return _response(await self._core.generate(caller, _params(request), ctx))
+            ctx = RequestContext(
+                self._request_id(context), self._base_url(context), _deadline(context)
+            )
+            return await self._core.generate(caller, _params(request), ctx, self._render)
 
         return await self._run(context, call)
+
+    async def _render(self, gen: Generation) -> images_pb2.ImagesResponse:
+        """The response as it will be sent; the core charges only once this succeeded."""
+        response = _response(gen)
+        size = response.ByteSize()
+        if size > self._max_message_bytes:
+            # The caller's choice of n and format made it too big: a 400 they can act
+            # on, not a 5xx that SDKs would retry into the same wall.
+            raise InvalidParameter(
+                f"The response would be {size / MiB:.1f} MiB, over this service's limit of "
+                f"{self._max_message_bytes / MiB:.1f} MiB. Ask for fewer images, or for "
+                "response_format 'url'.",
+                param="n" if len(gen.images) > 1 else "response_format",
+            )
+        return response
 
     async def ListModels(
         self, request: images_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -95,11 +114,25 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         return _metadata(context, "x-request-id") or uuid.uuid4().hex
 
     def _base_url(self, context: grpc.aio.ServicerContext) -> str:
-        host = _metadata(context, "x-forwarded-host")
-        proto = _metadata(context, "x-forwarded-proto")
-        if host and _HOST_RE.fullmatch(host) and proto in ("http", "https"):
-            return f"{proto}://{host}"
-        return self._public_url
+        return self._links.base_url(
+            _peer_ip(context.peer()),
+            _metadata(context, "x-forwarded-host"),
+            _metadata(context, "x-forwarded-proto"),
+        )
+
+
+def _peer_ip(peer: str | None) -> str | None:
+    """'ipv4:127.0.0.1:5000' or 'ipv6:[::1]:5000' (maybe %-escaped) -> the address."""
+    kind, _, address = unquote(peer or "").partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return None
+    return address.rpartition(":")[0].removeprefix("[").removesuffix("]") or None
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The caller's gRPC deadline on the monotonic clock the dispatcher uses."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from gateway.server import bound_port, start_gateway
 from service import keys
 from service.config import Config
 from service.money import usd_to_micros
+from service.providers.registry import KIND_MODULES
 from service.server import Service, message_size_options, start_service
 
 _names = itertools.count()
@@ -49,8 +50,22 @@ class Tenant:
     key_id: str
 
 
-async def start_stack(data_dir: Path, *, envoy: bool, **config: object) -> tuple[Stack, list]:
-    service = await start_service(service_config(data_dir, **config), port=0)
+async def start_stack(
+    data_dir: Path,
+    *,
+    envoy: bool,
+    env: Mapping[str, str] | None = None,
+    kind_modules: Mapping[str, str] | None = None,
+    **config: object,
+) -> tuple[Stack, list]:
+    """The service (with provider credentials from `env`, {} by default: a test never
+    reads the machine's own) and its fronts; close with the returned closers in order."""
+    service = await start_service(
+        service_config(data_dir, **config),
+        port=0,
+        env={} if env is None else env,
+        kind_modules=KIND_MODULES if kind_modules is None else {**KIND_MODULES, **kind_modules},
+    )
     runner = await start_gateway(GatewayConfig(grpc_target=f"127.0.0.1:{service.port}"), port=0)
     fronts = {"aiohttp": f"http://127.0.0.1:{bound_port(runner)}"}
     closers: list[Callable[[], Awaitable[object]]] = [runner.cleanup, service.stop]

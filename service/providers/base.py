@@ -18,27 +18,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+# Defined with the rest of the catalog's tables; re-exported for adapters.
+from service.catalog_settings import ProviderSettings as ProviderSettings
 from service.requests import ImageRequest
 
 if TYPE_CHECKING:
     import aiohttp
-
-
-@dataclass(frozen=True)
-class ProviderSettings:
-    """One `[providers.ID]` table of the catalog, read once at start-up."""
-
-    id: str
-    kind: str
-    # What the vendor's own SDK calls its base URL / endpoint; "" = the vendor's default.
-    base_url: str = ""
-    # Environment variable holding the credential; "" = the kind's default name.
-    api_key_env: str = ""
-    timeout_s: float = 300.0
-    # Hosts (exact, or "*.suffix") that this provider's output URLs may be fetched from.
-    download_hosts: tuple[str, ...] = ()
-    # Kind-specific keys: api_version (azure_openai); project, location (vertex); region (bedrock).
-    options: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

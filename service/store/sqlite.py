@@ -21,14 +21,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from service.errors import InsufficientBalance
-from service.money import format_usd
+from service.money import MAX_BALANCE_MICROS, check_credit, format_usd
+from service.private import private_dir, touch_private
 from service.store.base import (
     Account,
     AccountExists,
     Charge,
+    Instance,
     KeyRecord,
+    Served,
     UnknownAccount,
     UsageRow,
+    new_reservation_id,
 )
 
 T = TypeVar("T")
@@ -79,6 +83,30 @@ CREATE TABLE IF NOT EXISTS ledger (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ledger_account ON ledger (account_id);
+-- Running service processes; a reservation's owner is one of them while it lives.
+CREATE TABLE IF NOT EXISTS instances (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    pid_start TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL
+);
+"""
+
+# Columns added after a table's first release: (table, column, declaration). Added
+# once, when PRAGMA table_info does not list them (versioned migrations will replace this).
+ADDED_COLUMNS = (
+    # The Instance holding a 'held' reservation; NULL for rows from before owners.
+    ("reservations", "owner", "TEXT"),
+    # The route(s) that served a settled request, and their upstream list cost.
+    ("reservations", "provider", "TEXT NOT NULL DEFAULT ''"),
+    ("reservations", "upstream_model", "TEXT NOT NULL DEFAULT ''"),
+    ("reservations", "upstream_cost_micros", "INTEGER NOT NULL DEFAULT 0"),
+)
+# Indexes on added columns, created after them.
+ADDED_INDEXES = """
+CREATE INDEX IF NOT EXISTS reservations_owner ON reservations (owner) WHERE status = 'held';
 """
 
 _KEY_SELECT = (
@@ -102,16 +130,20 @@ class SqliteStore:
         await self._run(self._open)
 
     def _open(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self._path.parent)
+        # Created 0600 before SQLite opens it: SQLite gives -wal and -shm the same mode.
+        touch_private(self._path)
         # Autocommit mode; transactions are explicit BEGIN IMMEDIATE ... COMMIT below.
         db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        # The CLI may write while the server runs: wait for its lock, don't fail.
+        db.execute("PRAGMA busy_timeout=5000")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA foreign_keys=ON")
-        # The CLI may write while the server runs: wait for its lock, don't fail.
-        db.execute("PRAGMA busy_timeout=5000")
         db.executescript(SCHEMA)
         self._db = db
+        self._in_tx(_add_columns)
+        db.executescript(ADDED_INDEXES)
 
     async def close(self) -> None:
         if self._db is not None:
@@ -145,6 +177,7 @@ class SqliteStore:
     # Accounts
 
     async def create_account(self, name: str, credit_micros: int = 0) -> Account:
+        check_credit(credit_micros)
         await self._tx(self._create_account, name, credit_micros, self._clock())
         return await self._account(name)
 
@@ -170,6 +203,8 @@ class SqliteStore:
         return account
 
     async def add_credit(self, name: str, micros: int, note: str = "") -> Account:
+        check_credit(micros)
+
         def add(db: sqlite3.Connection) -> None:
             _credit(db, _account_id(db, name), micros, note, self._clock())
 
@@ -230,8 +265,17 @@ class SqliteStore:
 
     # Money
 
-    async def reserve(self, account_id: int, amount: int, charge: Charge, expires_at: float) -> str:
-        reservation_id = "res_" + secrets.token_hex(12)
+    async def reserve(
+        self,
+        account_id: int,
+        amount: int,
+        charge: Charge,
+        expires_at: float,
+        *,
+        reservation_id: str | None = None,
+        owner: str | None = None,
+    ) -> str:
+        reservation_id = reservation_id or new_reservation_id()
         now = self._clock()
 
         def reserve(db: sqlite3.Connection) -> None:
@@ -251,8 +295,8 @@ class SqliteStore:
                 )
             db.execute(
                 "INSERT INTO reservations (id, account_id, key_id, request_id, model, n, size, "
-                "quality, amount_micros, status, created_at, expires_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'held', ?, ?)",
+                "quality, amount_micros, status, created_at, expires_at, owner) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'held', ?, ?, ?)",
                 (
                     reservation_id,
                     account_id,
@@ -265,6 +309,7 @@ class SqliteStore:
                     amount,
                     now,
                     expires_at,
+                    owner,
                 ),
             )
             db.execute(
@@ -276,8 +321,8 @@ class SqliteStore:
         await self._tx(reserve)
         return reservation_id
 
-    async def settle(self, reservation_id: str, cost: int) -> None:
-        await self._tx(_resolve, reservation_id, "settled", cost, self._clock())
+    async def settle(self, reservation_id: str, cost: int, served: Served | None = None) -> None:
+        await self._tx(_resolve, reservation_id, "settled", cost, self._clock(), served)
 
     async def release(self, reservation_id: str) -> None:
         await self._tx(_resolve, reservation_id, "released", 0, self._clock())
@@ -293,6 +338,55 @@ class SqliteStore:
 
         return await self._tx(release_all)
 
+    # Instances
+
+    async def beat(self, instance: Instance) -> None:
+        def upsert(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO instances (id, host, pid, pid_start, started_at, heartbeat_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                (
+                    instance.id,
+                    instance.host,
+                    instance.pid,
+                    instance.pid_start,
+                    instance.started_at,
+                    instance.heartbeat_at,
+                ),
+            )
+
+        await self._tx(upsert)
+
+    async def instances(self) -> list[Instance]:
+        rows = await self._read(
+            "SELECT id, host, pid, pid_start, started_at, heartbeat_at FROM instances"
+        )
+        return [Instance(*row) for row in rows]
+
+    async def release_orphans(self, dead: list[str], stale_before: float, keep: str) -> int:
+        def release(db: sqlite3.Connection) -> int:
+            db.executemany("DELETE FROM instances WHERE id = ?", [(i,) for i in dead if i != keep])
+            db.execute(
+                "DELETE FROM instances WHERE heartbeat_at < ? AND id != ?", (stale_before, keep)
+            )
+            orphans = db.execute(
+                "SELECT id FROM reservations WHERE status = 'held' AND owner IS NOT NULL "
+                "AND owner NOT IN (SELECT id FROM instances)"
+            ).fetchall()
+            now = self._clock()
+            for (reservation_id,) in orphans:
+                _resolve(db, reservation_id, "released", 0, now)
+            return len(orphans)
+
+        return await self._tx(release)
+
+    async def retire(self, instance_id: str) -> None:
+        def delete(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
+
+        await self._tx(delete)
+
     async def ledger_sum(self, account_id: int) -> int:
         rows = await self._read(
             "SELECT COALESCE(SUM(delta_micros), 0) FROM ledger WHERE account_id = ?", (account_id,)
@@ -302,7 +396,8 @@ class SqliteStore:
     async def usage(self, account_name: str, limit: int = 20) -> list[UsageRow]:
         rows = await self._read(
             "SELECT r.created_at, r.request_id, r.model, r.n, r.size, r.quality, "
-            "r.amount_micros, r.cost_micros, r.status FROM reservations r "
+            "r.amount_micros, r.cost_micros, r.status, r.provider, r.upstream_model, "
+            "r.upstream_cost_micros FROM reservations r "
             "JOIN accounts a ON a.id = r.account_id WHERE a.name = ? "
             "ORDER BY r.created_at DESC, r.rowid DESC LIMIT ?",
             (account_name, limit),
@@ -317,13 +412,28 @@ def _account_id(db: sqlite3.Connection, name: str) -> int:
     return int(row[0])
 
 
+def _add_columns(db: sqlite3.Connection) -> None:
+    """ADDED_COLUMNS missing from an older database; in a write transaction, so two
+    processes opening it together do not both add a column."""
+    for table, column, declaration in ADDED_COLUMNS:
+        present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
+
 def _credit(
     db: sqlite3.Connection, account_id: int | None, micros: int, note: str, now: float
 ) -> None:
-    db.execute(
-        "UPDATE accounts SET balance_micros = balance_micros + ? WHERE id = ?",
-        (micros, account_id),
+    # The cap keeps the sum an integer: SQLite turns an overflowing sum into a float.
+    cur = db.execute(
+        "UPDATE accounts SET balance_micros = balance_micros + ? "
+        "WHERE id = ? AND balance_micros <= ?",
+        (micros, account_id, MAX_BALANCE_MICROS - micros),
     )
+    if cur.rowcount != 1:
+        raise ValueError(
+            f"credit refused: the balance would be over {format_usd(MAX_BALANCE_MICROS)}"
+        )
     db.execute(
         "INSERT INTO ledger (account_id, delta_micros, kind, note, created_at) "
         "VALUES (?, ?, 'credit', ?, ?)",
@@ -332,7 +442,12 @@ def _credit(
 
 
 def _resolve(
-    db: sqlite3.Connection, reservation_id: str, status: str, cost: int, now: float
+    db: sqlite3.Connection,
+    reservation_id: str,
+    status: str,
+    cost: int,
+    now: float,
+    served: Served | None = None,
 ) -> None:
     """Settle or release a held reservation; a resolved one is left as it is (exactly once)."""
     row = db.execute(
@@ -344,9 +459,19 @@ def _resolve(
     account_id, amount = row
     if not 0 <= cost <= amount:
         raise ValueError(f"cost {cost} outside reservation of {amount}")
+    served = served or Served()
     db.execute(
-        "UPDATE reservations SET status = ?, cost_micros = ?, resolved_at = ? WHERE id = ?",
-        (status, cost, now, reservation_id),
+        "UPDATE reservations SET status = ?, cost_micros = ?, resolved_at = ?, provider = ?, "
+        "upstream_model = ?, upstream_cost_micros = ? WHERE id = ?",
+        (
+            status,
+            cost,
+            now,
+            served.provider,
+            served.upstream_model,
+            served.upstream_cost_micros,
+            reservation_id,
+        ),
     )
     refund = amount - cost
     if refund:
