@@ -88,6 +88,8 @@ class BedrockFake(FakeUpstream):
         self.filter_next = 0
         # (status, x-amzn-ErrorType, message) replies to play before any other.
         self.errors: deque[tuple[int, str, str]] = deque()
+        # Retry-After of a 429 (end-to-end tests make it short).
+        self.retry_after = "3"
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/model/{model}/invoke", self._invoke)
@@ -117,7 +119,7 @@ class BedrockFake(FakeUpstream):
                 429,
                 "ThrottlingException",
                 "Too many requests, please wait before trying again.",
-                **{"Retry-After": "3"},
+                **{"Retry-After": self.retry_after},
             )
         if fault is Fault.MALFORMED:
             return web.Response(text='{"images": ["unterminated', content_type="application/json")

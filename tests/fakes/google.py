@@ -98,6 +98,8 @@ class GoogleFake(FakeUpstream):
         # Lifetime of the tokens /token hands out; google-auth refreshes 3m45s early.
         self.token_lifetime_s = 3600
         self.token_grants = 0
+        # What a 429's RetryInfo asks for (end-to-end tests make it short).
+        self.retry_delay_s: float = RETRY_DELAY_S
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1beta/models/{model}:predict", self._gemini)
@@ -196,7 +198,7 @@ class GoogleFake(FakeUpstream):
                 [
                     {
                         "@type": "type.googleapis.com/google.rpc.RetryInfo",
-                        "retryDelay": f"{RETRY_DELAY_S}s",
+                        "retryDelay": f"{self.retry_delay_s}s",
                     }
                 ],
             )
