@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from tests.conftest import FRONTS, Stack, Tenant, balance, make_tenant, sdk
-from tests.fakes.base import Fault, FakeUpstream, image_bytes
+from tests.fakes.base import FakeUpstream, Fault, image_bytes
 from tests.fakes.bedrock import BedrockFake
 from tests.fakes.google import OUTPUT_REFUSAL, GoogleFake
 from tests.providers_harness import FAST_DISPATCH, model, provider, provider_stack, route
