@@ -7,8 +7,8 @@ bedrock provider is built; without it the provider is MissingCredentials.
 
 Credentials come from botocore's standard chain (environment, shared files,
 SSO, container and instance roles), resolved once when the provider is built,
-which may probe the instance metadata service: call `create` off the event
-loop. Temporary credentials refresh themselves inside botocore; signing runs
+which may probe the instance metadata service (the registry calls `create`
+in a thread). Temporary credentials refresh themselves inside botocore; signing runs
 in a thread, so such a refresh never blocks the loop. Region: option `region`,
 else `AWS_REGION` / `AWS_DEFAULT_REGION`. `base_url` is boto3's `endpoint_url`.
 

@@ -203,7 +203,7 @@ def create(settings: ProviderSettings, deps: AdapterDeps) -> VertexImagen:
 def _default_credentials(variable: str) -> tuple[Any, str]:
     """google-auth's application default credentials and their project, or MissingCredentials.
 
-    May probe the GCE metadata server: call `create` off the event loop.
+    May probe the GCE metadata server: the registry calls `create` in a thread.
     """
     try:
         import google.auth
