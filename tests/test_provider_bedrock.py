@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import sys
 import threading
 from collections.abc import AsyncIterator
@@ -211,9 +212,9 @@ def test_region_and_credential_sources(fake: BedrockFake, deps: AdapterDeps) -> 
     assert endpoint == "https://bedrock-runtime.us-east-1.amazonaws.com"
 
 
-def test_no_credentials_anywhere(
-    fake: BedrockFake, deps: AdapterDeps, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+@pytest.fixture
+def machine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A process environment with no AWS credentials, files under tmp_path, no metadata."""
     for name in (
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
@@ -227,6 +228,31 @@ def test_no_credentials_anywhere(
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    return tmp_path / "credentials"
+
+
+def test_no_credentials_anywhere(fake: BedrockFake, deps: AdapterDeps, machine: Path) -> None:
+    process = AdapterDeps(deps.http, deps.download, os.environ)
+    with pytest.raises(MissingCredentials, match="no AWS credentials found"):
+        bedrock.create(settings(fake), process)
+
+
+@pytest.fixture
+def shared_credentials(machine: Path) -> None:
+    machine.write_text(
+        f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"
+        f"aws_session_token = {SESSION_TOKEN}\n"
+    )
+
+
+@pytest.mark.usefixtures("shared_credentials")
+async def test_the_rest_of_the_chain_serves_the_process_environment(
+    fake: BedrockFake, deps: AdapterDeps
+) -> None:
+    provider = bedrock.create(settings(fake), AdapterDeps(deps.http, deps.download, os.environ))
+    assert len((await provider.generate(upstream_call(NOVA))).images) == 1
+    # A mapping handed to the registry (a test's) is the whole truth: no files, no metadata.
     region_only = AdapterDeps(deps.http, deps.download, {"AWS_REGION": "us-east-1"})
     with pytest.raises(MissingCredentials, match="no AWS credentials found"):
         bedrock.create(settings(fake), region_only)

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -149,13 +150,19 @@ def test_a_named_token_variable_must_be_set(fake: GoogleFake, deps: AdapterDeps)
         vertex.create(settings(fake, api_key_env="MY_VERTEX_TOKEN"), deps)
 
 
+def process_env(deps: AdapterDeps, monkeypatch: pytest.MonkeyPatch) -> AdapterDeps:
+    """The process's own environment (what production passes), without a token in it."""
+    for name in ("VERTEX_ACCESS_TOKEN", "GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_LOCATION"):
+        monkeypatch.delenv(name, raising=False)
+    return AdapterDeps(deps.http, deps.download, os.environ)
+
+
 def test_without_token_or_google_auth(
     fake: GoogleFake, deps: AdapterDeps, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "google.auth", None)
-    empty = AdapterDeps(deps.http, deps.download, {})
     with pytest.raises(MissingCredentials, match="google-auth is not installed"):
-        vertex.create(settings(fake), empty)
+        vertex.create(settings(fake), process_env(deps, monkeypatch))
 
 
 def test_without_token_or_default_credentials(
@@ -164,9 +171,8 @@ def test_without_token_or_default_credentials(
     monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
     monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path))
     monkeypatch.setenv("NO_GCE_CHECK", "True")
-    empty = AdapterDeps(deps.http, deps.download, {})
     with pytest.raises(MissingCredentials, match="no Google application default credentials"):
-        vertex.create(settings(fake), empty)
+        vertex.create(settings(fake), process_env(deps, monkeypatch))
 
 
 @functools.cache
@@ -207,10 +213,19 @@ def adc(fake: GoogleFake, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
 
 
 @pytest.mark.usefixtures("adc")
-async def test_default_credentials_fetch_a_token_once_for_concurrent_calls(
+def test_a_given_environment_never_falls_back_to_the_machines_credentials(
     fake: GoogleFake, deps: AdapterDeps
 ) -> None:
-    empty = AdapterDeps(deps.http, deps.download, {})
+    # Default credentials exist on this "machine", but the registry was handed a mapping.
+    with pytest.raises(MissingCredentials, match="VERTEX_ACCESS_TOKEN is not set"):
+        vertex.create(settings(fake), AdapterDeps(deps.http, deps.download, {}))
+
+
+@pytest.mark.usefixtures("adc")
+async def test_default_credentials_fetch_a_token_once_for_concurrent_calls(
+    fake: GoogleFake, deps: AdapterDeps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    empty = process_env(deps, monkeypatch)
     # No project option: it comes from the credentials.
     provider = vertex.create(
         ProviderSettings("v", "vertex", fake.base_url, options={"location": "us-central1"}), empty
@@ -227,10 +242,10 @@ async def test_default_credentials_fetch_a_token_once_for_concurrent_calls(
 
 @pytest.mark.usefixtures("adc")
 async def test_default_credentials_refresh_a_stale_token(
-    fake: GoogleFake, deps: AdapterDeps
+    fake: GoogleFake, deps: AdapterDeps, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake.token_lifetime_s = 60  # inside google-auth's refresh margin: stale at once
-    provider = vertex.create(settings(fake), AdapterDeps(deps.http, deps.download, {}))
+    provider = vertex.create(settings(fake), process_env(deps, monkeypatch))
     try:
         await provider.generate(upstream_call(MODEL))
         await provider.generate(upstream_call(MODEL))
@@ -245,7 +260,7 @@ async def test_a_refused_token_grant_is_an_upstream_error(
 ) -> None:
     path = service_account_file(tmp_path, f"{fake.base_url}/no-such-endpoint")
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(path))
-    provider = vertex.create(settings(fake), AdapterDeps(deps.http, deps.download, {}))
+    provider = vertex.create(settings(fake), process_env(deps, monkeypatch))
     try:
         with pytest.raises(UpstreamError, match="Could not obtain a Google access token") as caught:
             await provider.generate(upstream_call(MODEL))

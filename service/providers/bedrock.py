@@ -6,7 +6,8 @@ optional dependency (`pip install 'imagegate[bedrock]'`), imported when a
 bedrock provider is built; without it the provider is MissingCredentials.
 
 Credentials come from botocore's standard chain (environment, shared files,
-SSO, container and instance roles), resolved once when the provider is built,
+SSO, container and instance roles; only the environment when the registry was
+given a mapping other than os.environ), resolved once when the provider is built,
 which may probe the instance metadata service (the registry calls `create`
 in a thread). Temporary credentials refresh themselves inside botocore; signing runs
 in a thread, so such a refresh never blocks the loop. Region: option `region`,
@@ -27,6 +28,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
@@ -190,9 +192,11 @@ def create(settings: ProviderSettings, deps: AdapterDeps) -> BedrockImages:
         raise MissingCredentials(
             f"provider '{settings.id}' has no AWS region: set option 'region' or AWS_REGION"
         )
-    # The chain's first link reads the environment we were given; the rest as boto3 does.
+    # The chain's first link reads the environment we were given; the rest (shared
+    # files, SSO, container and instance roles) belong to the machine, so they are
+    # asked only when that environment is the process's own: a test's is the whole truth.
     credentials = botocore.credentials.EnvProvider(environ=dict(deps.env)).load()
-    if credentials is None:
+    if credentials is None and deps.env is os.environ:
         credentials = botocore.session.get_session().get_credentials()
     if credentials is None:
         raise MissingCredentials(

@@ -9,8 +9,8 @@ Where the token comes from, first match wins:
 1. the variable `api_key_env` names (default `VERTEX_ACCESS_TOKEN`): a token
    someone else keeps fresh (`gcloud auth print-access-token`, a sidecar);
 2. google-auth's application default credentials, when google-auth is
-   installed (`pip install 'imagegate[vertex]'`), refreshed in a thread before
-   they expire.
+   installed (`pip install 'imagegate[vertex]'`) and the environment given is
+   the process's own, refreshed in a thread before they expire.
 `project` and `location` come from the provider's options, else from
 `GOOGLE_CLOUD_PROJECT` / `GOOGLE_CLOUD_LOCATION` as google-genai reads them (the
 project also from the default credentials). Whatever is missing is a
@@ -20,6 +20,7 @@ MissingCredentials naming it: the provider is not built and its models not serve
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -181,6 +182,10 @@ def create(settings: ProviderSettings, deps: AdapterDeps) -> VertexImagen:
         tokens = StaticToken(token)
     elif settings.api_key_env:
         # A variable named on purpose is the only source wanted: say it is empty.
+        raise MissingCredentials(f"{variable} is not set")
+    elif deps.env is not os.environ:
+        # Default credentials are the machine's (files, metadata server): asked only
+        # when the environment given is the process's own; a test's is the whole truth.
         raise MissingCredentials(f"{variable} is not set")
     else:
         credentials, adc_project = _default_credentials(variable)
