@@ -141,8 +141,7 @@ async def test_catalog_family_decides_the_body(
     provider: bedrock.BedrockImages, fake: BedrockFake
 ) -> None:
     # An inference-profile id says nothing useful; the catalog's family does.
-    spec = model_spec()
-    object.__setattr__(spec, "family", "stability")
+    spec = model_spec(family="stability")
     with pytest.raises(UpstreamError, match="refused the model id"):
         await provider.generate(upstream_call("us.some-profile", model=spec))
     assert "mode" in fake.requests[0].json

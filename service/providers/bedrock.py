@@ -231,7 +231,7 @@ def _family_of(model: str) -> str:
 
 def family_for(call: UpstreamCall) -> str:
     """The body shape: the catalog's `family`, else what the model id says."""
-    family = str(getattr(call.request.model, "family", "")) or _family_of(call.upstream_model)
+    family = call.request.model.family or _family_of(call.upstream_model)
     if family not in FAMILIES:
         raise UpstreamError(
             f"Bedrock model '{call.upstream_model}' is not one of the image families "
