@@ -15,7 +15,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from imagegate.v1 import images_pb2, images_pb2_grpc
 
-from gateway import errors, http_input, response_json
+from gateway import errors, http_input, json_text, response_json
 from gateway.config import GatewayConfig
 from gateway.request_json import InvalidJson, parse_request
 
@@ -36,6 +36,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ROUTES: tuple[tuple[str, str], ...] = (
     (r"^/v1/images/generations$", "POST"),
     (r"^/v1/models$", "GET"),
+    (r"^/v1/models/[^/]+$", "GET"),
     (r"^/v1/images/files/[^/]+$", "GET"),
     (r"^/openapi\.json$", "GET"),
 )
@@ -53,6 +54,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     route = app.router.add_route
     route("POST", "/v1/images/generations", generate_images, expect_handler=_expect)
     route("GET", "/v1/models", list_models, expect_handler=_expect)
+    route("GET", "/v1/models/{model}", get_model, expect_handler=_expect)
     route("GET", "/v1/images/files/{image_id}", get_image, expect_handler=_expect)
     route("GET", "/openapi.json", openapi, expect_handler=_expect)
     # Every other method and path: the middleware answers 404/405 from ROUTES,
@@ -98,12 +100,18 @@ async def list_models(request: web.Request) -> web.Response:
     reply = await request.app[STUB].ListModels(
         images_pb2.ListModelsRequest(), **_call_options(request)
     )
-    return _json_bytes(200, response_json.dumps(reply))
+    return _json_bytes(200, json_text.message_json(reply))
+
+
+async def get_model(request: web.Request) -> web.Response:
+    message = images_pb2.GetModelRequest(model=_path_param(request))
+    reply = await request.app[STUB].GetModel(message, **_call_options(request))
+    return _json_bytes(200, json_text.message_json(reply))
 
 
 async def get_image(request: web.Request) -> web.Response:
     message = images_pb2.GetImageRequest(
-        image_id=request.match_info["image_id"],
+        image_id=_path_param(request),
         # The last of repeated parameters, as Envoy's transcoder binds them.
         expires=request.query.getall("expires", [""])[-1],
         signature=request.query.getall("signature", [""])[-1],
@@ -169,6 +177,11 @@ class _Failure(Exception):
         self, row: errors.Row, message: str | None = None, *, close: bool = False, allow: str = ""
     ) -> None:
         self.row, self.message, self.close, self.allow = row, message, close, allow
+
+
+def _path_param(request: web.Request) -> str:
+    """The route's one variable, the last path segment, decoded as Envoy decodes it."""
+    return http_input.path_param(_path(request).rpartition("/")[2])
 
 
 def _path(request: web.Request) -> str:

@@ -35,6 +35,7 @@ BY_REASON: dict[str, Row] = {
     "RATE_LIMITED": Row(429, "requests", "rate_limit_exceeded"),
     "UPSTREAM_ERROR": Row(502, "upstream_error", "upstream_error"),
     "IMAGE_NOT_FOUND": Row(404, "invalid_request_error", "image_not_found"),
+    "MODEL_NOT_FOUND": Row(404, "invalid_request_error", "model_not_found"),
 }
 
 # gRPC status without an imagegate reason -> HTTP, with a fixed message.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterable
+from urllib.parse import unquote_to_bytes
 
 from multidict import CIMultiDictProxy
 
@@ -49,6 +50,19 @@ def host_ok(host: str | None) -> bool:
 def method_ok(method: str, raw_target: str) -> bool:
     """Methods aiohttp's parser takes but Envoy's refuses; CONNECT takes no path."""
     return method not in _ENVOY_REFUSES and not (method == "CONNECT" and raw_target[:1] == "/")
+
+
+def path_param(raw: str) -> str:
+    """A path variable as Envoy's transcoder decodes it, after the Lua filter's rule.
+
+    The transcoder decodes every escape, reserved characters included (%2F is
+    '/', measured); a segment that would decode to invalid UTF-8 reaches it
+    with its '%' escaped by the Lua filter, that is, as its literal text.
+    """
+    try:
+        return unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
 
 
 def target_ok(raw_target: str) -> bool:

@@ -11,6 +11,11 @@ keeps checking a sample of them).
 from __future__ import annotations
 
 import json
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 _ESCAPED_RANGES = [
     (0x3C, 0x3C),
@@ -49,3 +54,29 @@ _TABLE = {cp: _escape(cp) for lo, hi in _ESCAPED_RANGES for cp in range(lo, hi +
 def dumps(value: object) -> bytes:
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
     return text.translate(_TABLE).encode()
+
+
+def message_json(message: Message) -> bytes:
+    """A message as the transcoder prints it: proto field names, zero plain fields
+    included, keys in field order (MessageToDict puts the set fields first)."""
+    data = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return dumps(_in_field_order(message, data))
+
+
+def _in_field_order(message: Message, data: dict[str, Any]) -> dict[str, Any]:
+    ordered = {}
+    for field in message.DESCRIPTOR.fields:
+        if field.name not in data:
+            continue
+        value = data[field.name]
+        # Nested messages are ours (no maps or well-known types in responses).
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            nested = getattr(message, field.name)
+            if isinstance(value, list):
+                value = [_in_field_order(m, v) for m, v in zip(nested, value, strict=True)]
+            else:
+                value = _in_field_order(nested, value)
+        ordered[field.name] = value
+    return ordered

@@ -16,8 +16,6 @@ from typing import Any
 
 from aiohttp import payload
 from aiohttp.abc import AbstractStreamWriter
-from google.protobuf import json_format
-from google.protobuf.message import Message
 from imagegate.v1 import images_pb2
 
 from gateway import json_text
@@ -27,13 +25,6 @@ _SLICE = 3 * 128 * 1024
 # What an emptied b64_json prints as; a JSON string value can never contain it
 # (its inner quotes would be escaped), so it only ever marks an emptied field.
 _MARK = b'"b64_json":""'
-
-
-def dumps(message: Message) -> bytes:
-    data = json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    return json_text.dumps(data)
 
 
 async def images_parts(raw: bytes) -> list[bytes]:
@@ -52,7 +43,7 @@ def _image_parts(raw: bytes) -> list[bytes]:
         if item.HasField("b64_json"):
             images.append(item.b64_json)
             item.b64_json = b""  # still set, so the skeleton prints the key
-    pieces = dumps(message).split(_MARK)
+    pieces = json_text.message_json(message).split(_MARK)
     if len(pieces) != len(images) + 1:
         raise AssertionError("b64_json marks do not match the images")
     parts = [pieces[0]]

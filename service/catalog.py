@@ -1,24 +1,83 @@
-"""The model catalog: which models exist, what they accept, and what they cost."""
+"""The model catalog: which models exist, what they accept, what they cost, and who makes them."""
 
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from service.catalog_settings import (
+    LOCAL,
+    CatalogError,
+    DispatchSettings,
+    ProviderSettings,
+    parse_dispatch,
+    parse_providers,
+)
+
+__all__ = [
+    "DEFAULT_CATALOG",
+    "Catalog",
+    "CatalogError",
+    "DispatchSettings",
+    "ModelSpec",
+    "ProviderSettings",
+    "Route",
+    "TokenPrices",
+    "load_catalog",
+]
+
 DEFAULT_CATALOG = "catalog_default.toml"
+# micro-USD prices by (size, quality).
+Prices = Mapping[tuple[str, str], int]
+# Token prices are per million tokens.
+TOKENS_PER_PRICE_UNIT = 1_000_000
+# Tokens an upstream may add around the prompt's own, per call (its instructions).
+PROMPT_TOKEN_OVERHEAD = 64
 
 
-class CatalogError(ValueError):
-    """The catalog file is malformed; raised at start-up, never per request."""
+@dataclass(frozen=True)
+class Route:
+    """One way to make a model's images: a provider id and that provider's model name."""
+
+    provider: str
+    upstream_model: str
+    # Most images per upstream call on this route; None = whatever the adapter allows.
+    max_n: int | None = None
+    # What the upstream lists the images at (for margins); None = the model's prices.
+    upstream_prices: Prices | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.provider, self.upstream_model)
+
+    @property
+    def label(self) -> str:
+        return f"{self.provider}/{self.upstream_model}"
+
+
+@dataclass(frozen=True)
+class TokenPrices:
+    """micro-USD per 1M tokens, for models the upstream bills by token (gpt-image)."""
+
+    text_input: int = 0
+    image_input: int = 0
+    output: int = 0
+
+    def prompt_bound_micros(self, prompt: str, calls: int) -> int:
+        """The most a prompt's input text can cost over `calls` upstream calls, rounded up:
+        a token is at least one UTF-8 byte, plus what an upstream wraps around it."""
+        tokens = (len(prompt.encode()) + PROMPT_TOKEN_OVERHEAD) * calls
+        return -(-tokens * self.text_input // TOKENS_PER_PRICE_UNIT)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     id: str
+    # The preferred route (routes[0]); kept for the one-route shorthand of the file.
     provider: str
     upstream_model: str
     sizes: tuple[str, ...]
@@ -26,7 +85,7 @@ class ModelSpec:
     qualities: tuple[str, ...]
     default_quality: str
     # micro-USD per image, keyed by (size, quality).
-    prices: Mapping[tuple[str, str], int]
+    prices: Prices
     n_max: int = 1
     prompt_max_chars: int = 4000
     owned_by: str = "imagegate"
@@ -38,14 +97,38 @@ class ModelSpec:
     styles: tuple[str, ...] = ()
     moderations: tuple[str, ...] = ()
     reports_output: bool = False
+    # In order of preference; empty = the single route (provider, upstream_model).
+    routes: tuple[Route, ...] = ()
+    # The request shape adapters build: gpt-image, dall-e-3, imagen, flux, ... (docs/providers.md).
+    family: str = ""
+    # Set for token-priced models: charged from the usage the upstream reports.
+    token_prices: TokenPrices | None = None
+
+    def __post_init__(self) -> None:
+        if not self.routes:
+            object.__setattr__(self, "routes", (Route(self.provider, self.upstream_model),))
 
     def unit_price(self, size: str, quality: str) -> int | None:
         return self.prices.get((size, quality))
+
+    def upstream_unit_price(self, route: Route, size: str, quality: str) -> int:
+        """What the route's upstream lists one image at; the model's price where the
+        route names none."""
+        own = self.prices.get((size, quality), 0)
+        return (
+            own
+            if route.upstream_prices is None
+            else route.upstream_prices.get((size, quality), own)
+        )
 
 
 @dataclass(frozen=True)
 class Catalog:
     models: Mapping[str, ModelSpec] = field(default_factory=dict)
+    providers: Mapping[str, ProviderSettings] = field(
+        default_factory=lambda: {LOCAL: ProviderSettings(LOCAL, LOCAL)}
+    )
+    dispatch: DispatchSettings = field(default_factory=DispatchSettings)
 
     def get(self, model_id: str) -> ModelSpec | None:
         return self.models.get(model_id)
@@ -53,23 +136,60 @@ class Catalog:
     def ids(self) -> list[str]:
         return sorted(self.models)
 
+    def served(self, live: Collection[str]) -> Catalog:
+        """Only routes to live providers, and only models left with at least one route."""
+        models = {}
+        for model_id, spec in self.models.items():
+            routes = tuple(r for r in spec.routes if r.provider in live)
+            if routes:
+                models[model_id] = _with_routes(spec, routes)
+        return replace(self, models=models)
+
 
 def load_catalog(user_file: Path | None = None) -> Catalog:
-    """The shipped defaults, with the user's file laid over them model by model."""
+    """The shipped defaults, with the user's file laid over them model by model and
+    provider by provider (an id in the user's file replaces the default entry whole)."""
     text = resources.files("service").joinpath(DEFAULT_CATALOG).read_text()
-    raw: dict[str, Any] = dict(_parse(text, DEFAULT_CATALOG).get("models", {}))
+    tables = _parse(text, DEFAULT_CATALOG)
+    raw = {name: dict(tables.get(name, {})) for name in ("models", "providers", "dispatch")}
     if user_file is not None:
         try:
             user_text = user_file.read_text()
         except OSError as exc:
             raise CatalogError(f"cannot read catalog {user_file}: {exc.strerror}") from exc
-        raw.update(_parse(user_text, str(user_file)).get("models", {}))
-    models = {
-        model_id: _model(model_id, entry)
-        for model_id, entry in raw.items()
-        if entry.get("enabled", True)
-    }
-    return Catalog(models)
+        for name, table in _parse(user_text, str(user_file)).items():
+            if name not in raw or not isinstance(table, Mapping):
+                raise CatalogError(
+                    f"{user_file}: unknown top-level key {name!r}; "
+                    "expected [models.ID], [providers.ID] or [dispatch]"
+                )
+            raw[name].update(table)
+    providers, disabled = parse_providers(raw["providers"])
+    models = {}
+    for model_id, entry in raw["models"].items():
+        if not isinstance(entry, Mapping):
+            raise CatalogError(f"model {model_id!r}: expected a table")
+        if not entry.get("enabled", True):
+            continue
+        spec = _model(model_id, entry)
+        for route in spec.routes:
+            if route.provider not in providers and route.provider not in disabled:
+                raise CatalogError(
+                    f"model {model_id!r}: route names provider {route.provider!r}, "
+                    "which is not declared in [providers]"
+                )
+        # Routes to a provider switched off with `enabled = false` are dropped.
+        routes = tuple(r for r in spec.routes if r.provider in providers)
+        if routes:
+            models[model_id] = _with_routes(spec, routes)
+    return Catalog(models, providers, parse_dispatch(raw["dispatch"]))
+
+
+def _with_routes(spec: ModelSpec, routes: tuple[Route, ...]) -> ModelSpec:
+    first = routes[0]
+    return replace(
+        spec, routes=routes, provider=first.provider, upstream_model=first.upstream_model
+    )
 
 
 def _parse(text: str, origin: str) -> dict[str, Any]:
@@ -81,20 +201,16 @@ def _parse(text: str, origin: str) -> dict[str, Any]:
 
 def _model(model_id: str, entry: Mapping[str, Any]) -> ModelSpec:
     try:
-        prices = {
-            (size, quality): _micros(model_id, price)
-            for quality, by_size in entry.get("prices", {}).items()
-            for size, price in by_size.items()
-        }
+        routes = _routes(model_id, entry)
         spec = ModelSpec(
             id=model_id,
-            provider=str(entry["provider"]),
-            upstream_model=str(entry.get("upstream_model", model_id)),
+            provider=routes[0].provider,
+            upstream_model=routes[0].upstream_model,
             sizes=tuple(entry["sizes"]),
             default_size=str(entry["default_size"]),
             qualities=tuple(entry["qualities"]),
             default_quality=str(entry["default_quality"]),
-            prices=prices,
+            prices=_prices(model_id, entry.get("prices", {})),
             n_max=int(entry.get("n_max", 1)),
             prompt_max_chars=int(entry.get("prompt_max_chars", 4000)),
             owned_by=str(entry.get("owned_by", "imagegate")),
@@ -105,16 +221,72 @@ def _model(model_id: str, entry: Mapping[str, Any]) -> ModelSpec:
             styles=tuple(entry.get("styles", ())),
             moderations=tuple(entry.get("moderations", ())),
             reports_output=bool(entry.get("reports_output", False)),
+            routes=routes,
+            family=str(entry.get("family", "")),
+            token_prices=_token_prices(model_id, entry.get("token_prices")),
         )
     except CatalogError:
         raise
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CatalogError(f"model {model_id!r}: bad or missing field {exc}") from exc
     if spec.default_size not in spec.sizes or spec.default_quality not in spec.qualities:
         raise CatalogError(f"model {model_id!r}: default size/quality not among its allowed ones")
     if not 1 <= spec.n_max <= 10:
         raise CatalogError(f"model {model_id!r}: n_max must be 1-10")
     return spec
+
+
+def _routes(model_id: str, entry: Mapping[str, Any]) -> tuple[Route, ...]:
+    if "routes" not in entry:
+        # The one-route shorthand: provider = ..., upstream_model = ...
+        provider = entry["provider"]
+        if not isinstance(provider, str):
+            raise TypeError("provider must be a string")
+        return (Route(provider, str(entry.get("upstream_model", model_id))),)
+    if "provider" in entry:
+        raise CatalogError(f"model {model_id!r}: give either `routes` or `provider`, not both")
+    raw = entry["routes"]
+    if not isinstance(raw, list) or not raw:
+        raise CatalogError(f"model {model_id!r}: routes must be a non-empty list of tables")
+    return tuple(_route(model_id, r) for r in raw)
+
+
+def _route(model_id: str, raw: object) -> Route:
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("provider"), str):
+        raise CatalogError(f"model {model_id!r}: each route needs a provider (a string)")
+    unknown = set(raw) - {"provider", "upstream_model", "max_n", "upstream_prices"}
+    if unknown:
+        raise CatalogError(f"model {model_id!r}: unknown route keys {sorted(unknown)}")
+    max_n = raw.get("max_n")
+    if max_n is not None and (
+        isinstance(max_n, bool) or not isinstance(max_n, int) or not 1 <= max_n <= 10
+    ):
+        raise CatalogError(f"model {model_id!r}: a route's max_n must be an integer 1-10")
+    upstream = raw.get("upstream_prices")
+    return Route(
+        provider=raw["provider"],
+        upstream_model=str(raw.get("upstream_model", model_id)),
+        max_n=max_n,
+        upstream_prices=None if upstream is None else _prices(model_id, upstream),
+    )
+
+
+def _prices(model_id: str, table: Mapping[str, Mapping[str, object]]) -> dict[tuple[str, str], int]:
+    return {
+        (size, quality): _micros(model_id, price)
+        for quality, by_size in table.items()
+        for size, price in by_size.items()
+    }
+
+
+def _token_prices(model_id: str, table: object) -> TokenPrices | None:
+    if table is None:
+        return None
+    if not isinstance(table, Mapping) or set(table) - {"text_input", "image_input", "output"}:
+        raise CatalogError(
+            f"model {model_id!r}: token_prices takes text_input, image_input and output"
+        )
+    return TokenPrices(**{k: _micros(model_id, v) for k, v in table.items()})
 
 
 def _micros(model_id: str, price: object) -> int:

@@ -5,23 +5,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeAlias
 
 # The CLI is the one place the two halves meet: `serve` runs both in one process.
 from gateway.config import GatewayConfig
-from gateway.server import start_gateway
+from gateway.server import bound_port, start_gateway
 from service import keys
+from service.catalog import Catalog, ModelSpec, load_catalog
 from service.config import Config
-from service.money import format_usd, usd_to_micros
+from service.links import url_host
+from service.money import credit_micros, format_usd, usd_to_micros
+from service.providers.registry import ProviderStatus, build_registry
 from service.server import Service, open_store, start_service
-from service.store.base import AccountExists, Store, UnknownAccount
+from service.store.base import AccountExists, Store, StoreError, UnknownAccount
 
 DEMO_ACCOUNT = "demo"
 DEMO_CREDIT = "5.00"
@@ -35,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(asyncio.run(args.func(args)) or 0)
-    except (UnknownAccount, AccountExists, ValueError) as exc:
+    except (UnknownAccount, AccountExists, StoreError, ValueError) as exc:
         print(f"imagegate: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # e.g. a port in use: say so, without a traceback
@@ -116,11 +122,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("key_id")
 
     p = _command(
+        sub,
+        "models",
+        _models,
+        "List every catalog model with its routes, whether each is live, and its prices.",
+    )
+    p.add_argument("--catalog", type=Path, help="your model catalog TOML [IMAGEGATE_CATALOG]")
+    p.add_argument("--json", action="store_true")
+
+    p = _command(
         sub, "usage", _usage, "Show an account's recent requests and their cost.", store=True
     )
     p.add_argument("account")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
+
+    _command(
+        sub,
+        "migrate",
+        _migrate,
+        "Bring the database schema up to date (needed for PostgreSQL; SQLite does it itself).",
+        store=True,
+    )
     return parser
 
 
@@ -128,7 +151,10 @@ def _store_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir", type=Path, help="data directory [IMAGEGATE_DATA_DIR, ./.imagegate]"
     )
-    p.add_argument("--database-url", help="sqlite:///PATH [IMAGEGATE_DATABASE_URL]")
+    p.add_argument(
+        "--database-url",
+        help="sqlite:///PATH or postgresql://USER@HOST/DB [IMAGEGATE_DATABASE_URL]",
+    )
 
 
 def _service_flags(p: argparse.ArgumentParser) -> None:
@@ -165,15 +191,20 @@ async def _store(args: argparse.Namespace) -> AsyncIterator[Store]:
 
 async def _serve(args: argparse.Namespace) -> int:
     config = _config(args)
-    service = await start_service(config)
-    gateway_config = _gateway_config(args, grpc_target=f"127.0.0.1:{service.port}")
+    gateway_config = _gateway_config(args, grpc_target=None)
+    rest_url = f"http://{url_host(gateway_config.host)}:{gateway_config.rest_port}"
+    service = await start_service(config, rest_url=rest_url)
+    # The front dials the address the service is bound to, not a guess.
+    gateway_config = replace(gateway_config, grpc_target=f"{url_host(config.host)}:{service.port}")
     try:
         runner = await start_gateway(gateway_config)
     except BaseException:
         await service.stop()
         raise
     try:
-        rest_url = f"http://{_url_host(gateway_config.host)}:{gateway_config.rest_port}"
+        # The port really bound (--rest-port 0 picks one): image URLs for gRPC callers.
+        rest_url = f"http://{url_host(gateway_config.host)}:{bound_port(runner)}"
+        service.links.fallback_url = rest_url
         if args.demo:
             await _demo(service, rest_url)
         print(
@@ -188,7 +219,10 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 async def _serve_grpc(args: argparse.Namespace) -> int:
-    service = await start_service(_config(args))
+    config = _config(args)
+    # No front in this process: image URLs for gRPC callers point at the default
+    # REST address on this host, unless --public-url says otherwise.
+    service = await start_service(config, rest_url=f"http://{url_host(config.host)}:8080")
     try:
         print(f"imagegate: gRPC on {service.config.host}:{service.port}. Ctrl-C stops.", flush=True)
         await _until_signal()
@@ -214,10 +248,6 @@ async def _serve_rest(args: argparse.Namespace) -> int:
 
 def _gateway_config(args: argparse.Namespace, grpc_target: str | None) -> GatewayConfig:
     return GatewayConfig.from_env(host=args.host, rest_port=args.rest_port, grpc_target=grpc_target)
-
-
-def _url_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 async def _until_signal() -> None:
@@ -255,7 +285,7 @@ async def _demo(service: Service, rest_url: str) -> None:
 
 async def _accounts_create(args: argparse.Namespace) -> int:
     async with _store(args) as store:
-        account = await store.create_account(args.name, usd_to_micros(args.credit))
+        account = await store.create_account(args.name, credit_micros(args.credit, allow_zero=True))
     print(f"created account {account.name} with {format_usd(account.balance_micros)}")
     return 0
 
@@ -282,9 +312,7 @@ async def _accounts_show(args: argparse.Namespace) -> int:
 
 
 async def _credit_add(args: argparse.Namespace) -> int:
-    micros = usd_to_micros(args.usd)
-    if micros <= 0:
-        raise ValueError("credit must be a positive amount")
+    micros = credit_micros(args.usd)
     async with _store(args) as store:
         account = await store.add_credit(args.name, micros, "credit add")
     print(
@@ -339,13 +367,108 @@ async def _usage(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.__dict__ for r in rows]))
         return 0
-    print(f"{'time':20} {'model':14} {'n':>2} {'size':10} {'quality':8} {'cost':>10} status")
+    print(
+        f"{'time':20} {'model':14} {'n':>2} {'size':10} {'quality':8} {'cost':>10} "
+        f"{'status':9} {'upstream cost':>13} route"
+    )
     for r in rows:
+        route = f"{r.provider}/{r.upstream_model}" if r.provider else ""
         print(
             f"{_iso(r.created_at):20} {r.model:14} {r.n:>2} {r.size:10} {r.quality:8} "
-            f"{format_usd(r.cost_micros):>10} {r.status}"
+            f"{format_usd(r.cost_micros):>10} {r.status:9} "
+            f"{format_usd(r.upstream_cost_micros):>13} {route}"
         )
     return 0
+
+
+async def _migrate(args: argparse.Namespace) -> int:
+    store = open_store(_config(args))
+    applied = await store.open(migrate=True)
+    try:
+        version = await store.schema_version()
+    finally:
+        await store.close()
+    for name in applied:
+        print(f"applied {name}")
+    print(f"schema at version {version}{'' if applied else ', up to date'}")
+    return 0
+
+
+async def _models(args: argparse.Namespace) -> int:
+    catalog = load_catalog(_config(args).catalog)
+    # The table says what is missing; the registry's start-up lines would repeat it.
+    logging.getLogger("imagegate.providers").setLevel(logging.ERROR)
+    registry = await build_registry(catalog.providers, os.environ)
+    await registry.aclose()
+    models = [_model_info(catalog, catalog.models[i], registry.status) for i in catalog.ids()]
+    if args.json:
+        print(json.dumps([dataclasses.asdict(m) for m in models]))
+        return 0
+    for m in models:
+        served = "served" if m.served else "not served"
+        print(f"{m.id}  [{m.family or '-'}]  {served}  {m.prices}")
+        for r in m.routes:
+            state = "live" if r.live else f"not live: {r.missing}"
+            print(f"    {r.provider}/{r.upstream_model} ({r.kind}): {state}")
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _RouteInfo:
+    provider: str
+    upstream_model: str
+    kind: str
+    live: bool
+    missing: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModelInfo:
+    id: str
+    family: str
+    served: bool
+    prices: str
+    # "quality/size" -> micro-USD per image.
+    prices_micros: dict[str, int]
+    routes: list[_RouteInfo]
+
+
+def _model_info(catalog: Catalog, spec: ModelSpec, status: dict[str, ProviderStatus]) -> _ModelInfo:
+    routes = [
+        _RouteInfo(
+            r.provider,
+            r.upstream_model,
+            catalog.providers[r.provider].kind,
+            status[r.provider].live,
+            status[r.provider].missing,
+        )
+        for r in spec.routes
+    ]
+    return _ModelInfo(
+        id=spec.id,
+        family=spec.family,
+        served=any(r.live for r in routes),
+        prices=_price_text(spec),
+        prices_micros={f"{q}/{s}": p for (s, q), p in sorted(spec.prices.items())},
+        routes=routes,
+    )
+
+
+def _price_text(spec: ModelSpec) -> str:
+    prices = sorted(set(spec.prices.values()))
+    if not prices:
+        text = "unpriced"
+    elif len(prices) == 1:
+        text = f"{format_usd(prices[0])} per image"
+    else:
+        text = f"{format_usd(prices[0])}-{format_usd(prices[-1])} per image"
+    t = spec.token_prices
+    if t is not None:
+        text += (
+            f"; charged by tokens per 1M: text in {format_usd(t.text_input)}, "
+            f"image in {format_usd(t.image_input)}, out {format_usd(t.output)}"
+        )
+    return text
 
 
 def _iso(ts: float | None) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 MiB = 1024 * 1024
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 @dataclass(frozen=True)
@@ -17,11 +18,17 @@ class Config:
     grpc_port: int = 50051
     data_dir: Path = Path(".imagegate")
     # sqlite:///path or postgresql://... ; empty means SQLite in data_dir.
-    database_url: str = ""
+    database_url: str = field(default="", repr=False)
+    # Connections each process keeps to PostgreSQL (replicas x this <= max_connections).
+    database_pool_size: int = 10
     catalog: Path | None = None
     default_model: str = "local"
-    # Base of returned image URLs when the front does not say where it is.
-    public_url: str = "http://127.0.0.1:8080"
+    # Base of every returned image URL; empty: the host the front reports (from a
+    # trusted proxy only), else the REST address this process serves.
+    public_url: str = ""
+    # Peers (CIDRs, comma-separated) whose x-forwarded-host may set image URL hosts:
+    # loopback covers the aiohttp front and an Envoy on the same host.
+    trusted_proxies: str = "127.0.0.0/8,::1/128"
     image_ttl_s: int = 3600
     # Empty: generated once and kept in data_dir (set it when replicas share links).
     url_secret: str = field(default="", repr=False)
@@ -31,6 +38,13 @@ class Config:
     upstream_timeout_s: float = 300.0
     # How often held reservations past their expiry are released and old images deleted.
     sweep_interval_s: float = 60.0
+    # How often a running service records that it lives; what a process silent for
+    # six intervals held is released by the others (at once if it ran on this machine).
+    heartbeat_interval_s: float = 5.0
+
+    @property
+    def uses_postgres(self) -> bool:
+        return self.database_url.startswith(POSTGRES_SCHEMES)
 
     @property
     def sqlite_path(self) -> Path:
@@ -39,15 +53,20 @@ class Config:
             return self.data_dir / "imagegate.db"
         if url.startswith("sqlite:///"):
             return Path(url.removeprefix("sqlite:///"))
+        # Only the scheme: the rest of a URL may hold a password.
         raise ValueError(
-            f"unsupported database URL {url!r}: use sqlite:///PATH "
-            "(PostgreSQL support is planned, not built yet)"
+            f"unsupported database URL scheme {url.split(':', 1)[0]!r}: "
+            "use sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE"
         )
 
     @property
     def reservation_ttl_s(self) -> float:
         # A held reservation outlives any request that could still settle it.
         return self.upstream_timeout_s + 600
+
+    @property
+    def instance_stale_s(self) -> float:
+        return 6 * self.heartbeat_interval_s
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:

@@ -6,18 +6,23 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
-from service import keys
+from service import costs, keys
 from service.catalog import Catalog, ModelSpec
-from service.errors import InvalidApiKey, ModelNotAllowed, UpstreamError
+from service.errors import InvalidApiKey, ModelNotAllowed, ModelNotFound
 from service.images import ImageStore
-from service.providers.base import GeneratedImage, Provider, TokenUsage, UpstreamCall
+from service.providers.base import GeneratedImage, Provider, TokenUsage
+from service.providers.dispatch import Dispatched, Dispatcher
 from service.requests import GenerationParams, ImageRequest, validate
-from service.store.base import Charge, Store
+from service.store.base import Charge, Served, Store, new_reservation_id
 
 log = logging.getLogger("imagegate.core")
+T = TypeVar("T")
+# Turns a Generation into what the transport sends; raises if it cannot be sent.
+Render = Callable[["Generation"], Awaitable[T]]
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,8 @@ class RequestContext:
     request_id: str
     # Scheme://host[:port] the client used, so image URLs point back at the same front.
     base_url: str
+    # The caller's deadline as time.monotonic(); None = none (upstream_timeout_s still bounds).
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)
@@ -67,16 +74,24 @@ class ImageCore:
         default_model: str,
         upstream_timeout_s: float,
         reservation_ttl_s: float,
+        owner: str | None = None,
         clock: Callable[[], float] = time.time,
+        dispatcher: Dispatcher | None = None,
     ) -> None:
         self._catalog = catalog
         self._store = store
-        self._providers = providers
         self._images = images
         self._default_model = default_model
-        self._upstream_timeout_s = upstream_timeout_s
         self._reservation_ttl_s = reservation_ttl_s
+        # The Instance id recorded on reservations, so a restart knows whose they are.
+        self._owner = owner
         self._clock = clock
+        self.dispatcher = dispatcher or Dispatcher(
+            providers,
+            catalog.dispatch,
+            provider_settings=catalog.providers,
+            upstream_timeout_s=upstream_timeout_s,
+        )
 
     async def authenticate(self, authorization: str | None) -> Caller:
         key = keys.key_from_authorization(authorization)
@@ -99,15 +114,71 @@ class ImageCore:
             if caller.models is None or model_id in caller.models
         ]
 
+    def get_model(self, caller: Caller, model_id: str) -> ModelSpec:
+        model = self._catalog.get(model_id)
+        if model is None or (caller.models is not None and model_id not in caller.models):
+            raise ModelNotFound(
+                f"The model '{model_id}' does not exist or you do not have access to it."
+            )
+        return model
+
     async def generate(
-        self, caller: Caller, params: GenerationParams, ctx: RequestContext
-    ) -> Generation:
-        request = validate(params, self._catalog, self._default_model)
+        self, caller: Caller, params: GenerationParams, ctx: RequestContext, render: Render[T]
+    ) -> T:
+        """Reserve, generate, render, and charge only once `render` has succeeded.
+
+        `render` builds what the transport will send (raising a domain error when
+        it cannot be sent); whatever fails or is cancelled, at any moment, the
+        reservation is resolved before this returns or raises. A streaming RPC
+        can pass a render that sends, so that only what it handed over is charged.
+        """
+        # An unknown model's message names only the models this key may use.
+        visible = [m.id for m in self.list_models(caller)]
+        request = validate(params, self._catalog, self._default_model, available=visible)
         if caller.models is not None and request.model.id not in caller.models:
             raise ModelNotAllowed(
                 f"This API key is not allowed to use the model '{request.model.id}'."
             )
-        provider = self._providers[request.model.provider]
+        started = self._clock()
+        reservation = await self._reserve(caller, request, ctx, started)
+        log.debug("request %s prompt %r", ctx.request_id, request.prompt)
+        try:
+            dispatched = await self._dispatch(request, ctx)
+            images = await self._deliver(dispatched.images, request, ctx)
+            bill = costs.bill(request, dispatched.calls, request.quote)
+            cost = bill.cost_micros
+            served = Served(bill.provider, bill.upstream_model, bill.upstream_cost_micros)
+            rendered = await render(_generation(request, started, images, bill.usage, cost))
+            await _uninterrupted(self._store.settle(reservation, cost, served))
+        except BaseException:
+            # Failed, timed out, unsendable or cancelled (client gone): charge nothing.
+            # A settle that did commit makes this release a no-op (resolved once).
+            await _uninterrupted(self._store.release(reservation))
+            raise
+        log.info(
+            "request %s account=%s model=%s route=%s/%s n=%d/%d size=%s quality=%s cost=%d "
+            "upstream_cost=%d latency_ms=%d",
+            ctx.request_id,
+            caller.account_name,
+            request.model.id,
+            served.provider,
+            served.upstream_model,
+            len(images),
+            request.n,
+            request.size,
+            request.quality,
+            cost,
+            served.upstream_cost_micros,
+            (self._clock() - started) * 1000,
+        )
+        return rendered
+
+    async def _reserve(
+        self, caller: Caller, request: ImageRequest, ctx: RequestContext, started: float
+    ) -> str:
+        """Hold the quote. A cancellation landing while the store works waits for the
+        store's answer and releases what it committed, so nothing stays held."""
+        reservation = new_reservation_id()
         charge = Charge(
             request_id=ctx.request_id,
             key_id=caller.key_id,
@@ -116,71 +187,44 @@ class ImageCore:
             size=request.size,
             quality=request.quality,
         )
-        started = self._clock()
-        reservation = await self._store.reserve(
-            caller.account_id, request.quote, charge, started + self._reservation_ttl_s
+        held = asyncio.ensure_future(
+            self._store.reserve(
+                caller.account_id,
+                request.quote,
+                charge,
+                started + self._reservation_ttl_s,
+                reservation_id=reservation,
+                owner=self._owner,
+            )
         )
-        log.debug("request %s prompt %r", ctx.request_id, request.prompt)
         try:
-            generated, usage = await self._dispatch(provider, request, ctx)
-            images = await self._deliver(generated, request, ctx)
-        except BaseException:
-            # Failed, timed out or cancelled (client gone): charge nothing. Shielded so
-            # a cancellation cannot interrupt the release itself.
-            await asyncio.shield(self._store.release(reservation))
+            await asyncio.shield(held)
+        except asyncio.CancelledError:
+            await _uninterrupted(self._undo_reserve(held, reservation))
             raise
-        cost = len(images) * request.unit_price
-        await asyncio.shield(self._store.settle(reservation, cost))
-        log.info(
-            "request %s account=%s model=%s n=%d/%d size=%s quality=%s cost=%d latency_ms=%d",
-            ctx.request_id,
-            caller.account_name,
-            request.model.id,
-            len(images),
-            request.n,
-            request.size,
-            request.quality,
-            cost,
-            (self._clock() - started) * 1000,
-        )
-        reported = request.model.reports_output
-        return Generation(
-            created=int(started),
-            images=images,
-            usage=usage,
-            cost_micros=cost,
-            # What was rendered: "auto" and unset come out opaque.
-            background=("transparent" if request.background == "transparent" else "opaque")
-            if reported
-            else None,
-            output_format=request.output_format if reported else None,
-            quality=request.quality if reported else None,
-            size=request.size if reported else None,
-        )
+        return reservation
 
-    async def _dispatch(
-        self, provider: Provider, request: ImageRequest, ctx: RequestContext
-    ) -> tuple[list[GeneratedImage], TokenUsage]:
-        call = UpstreamCall(request, request.model.upstream_model, request.n, ctx.request_id)
+    async def _undo_reserve(self, held: asyncio.Future[str], reservation: str) -> None:
         try:
-            async with asyncio.timeout(self._upstream_timeout_s):
-                result = await provider.generate(call)
-        except TimeoutError:
-            raise UpstreamError(
-                f"The upstream provider did not answer within {self._upstream_timeout_s:g} s."
-            ) from None
-        # Never charge for more than was asked, even if an upstream sends extra.
-        images = result.images[: request.n]
-        if not images:
-            raise UpstreamError("The upstream provider returned no images.")
-        return images, result.usage
+            await held
+        except Exception:
+            return  # nothing was held (e.g. the balance was too low)
+        await self._store.release(reservation)
+
+    async def _dispatch(self, request: ImageRequest, ctx: RequestContext) -> Dispatched:
+        """Split, retry and fail over across the model's routes (providers/dispatch.py).
+        Each call's images are cut to what it asked for: extra ones are neither
+        returned nor charged."""
+        return await self.dispatcher.dispatch(
+            request, request_id=ctx.request_id, deadline=ctx.deadline
+        )
 
     async def _deliver(
         self, generated: list[GeneratedImage], request: ImageRequest, ctx: RequestContext
     ) -> list[ResultImage]:
         if request.response_format == "b64_json":
             return [ResultImage(data=g.data, revised_prompt=g.revised_prompt) for g in generated]
-        ids = await asyncio.gather(*(self._images.put(g.data, g.content_type) for g in generated))
+        ids = await self._images.put_all([(g.data, g.content_type) for g in generated])
         return [
             ResultImage(
                 url=ctx.base_url + self._images.signed_path(i), revised_prompt=g.revised_prompt
@@ -197,3 +241,44 @@ class ImageCore:
         removed = await self._images.sweep()
         if released or removed:
             log.info("sweep released=%d reservations removed=%d images", released, removed)
+
+
+def _generation(
+    request: ImageRequest, started: float, images: list[ResultImage], usage: TokenUsage, cost: int
+) -> Generation:
+    reported = request.model.reports_output
+    return Generation(
+        created=int(started),
+        images=images,
+        usage=usage,
+        cost_micros=cost,
+        # What was rendered: "auto" and unset come out opaque.
+        background=("transparent" if request.background == "transparent" else "opaque")
+        if reported
+        else None,
+        output_format=request.output_format if reported else None,
+        quality=request.quality if reported else None,
+        size=request.size if reported else None,
+    )
+
+
+async def _uninterrupted(work: Awaitable[T]) -> T:
+    """Run `work` to its end even if the caller is cancelled meanwhile, then pass the
+    cancellation on: money is resolved before a cancelled request finishes ending."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                cancelled = True
+                continue
+        except Exception:
+            pass  # task.result() below raises it
+        break
+    if cancelled:
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation wins
+        raise asyncio.CancelledError
+    return task.result()

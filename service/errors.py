@@ -31,6 +31,13 @@ class ModelNotSupported(ImagegateError):
         super().__init__(message, param="model")
 
 
+class ModelNotFound(ImagegateError):
+    """GET /v1/models/{id} for a model that does not exist or the caller's key may not use:
+    one answer for both, so a limited key cannot learn which other models exist."""
+
+    reason = "MODEL_NOT_FOUND"
+
+
 class ContentPolicy(ImagegateError):
     """The upstream refused the prompt; never retried on another model."""
 

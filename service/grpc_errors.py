@@ -24,6 +24,7 @@ CODES: dict[type[errors.ImagegateError], grpc.StatusCode] = {
     errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.UpstreamError: grpc.StatusCode.UNAVAILABLE,
     errors.ImageNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
 }
 # DEADLINE_EXCEEDED (the caller's own deadline) comes from grpc itself, without a reason.
 

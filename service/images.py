@@ -9,10 +9,11 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from service.errors import ImageNotFound
+from service.private import create_private, private_dir
 
 ROUTE = "/v1/images/files/"
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
@@ -41,12 +42,41 @@ class ImageStore:
         await asyncio.to_thread(self._write, image_id, data)
         return image_id
 
+    async def put_all(self, images: Sequence[tuple[bytes, str]]) -> list[str]:
+        """Store every image or none: if one write fails, those written are deleted."""
+        results = await asyncio.gather(
+            *(self.put(data, content_type) for data, content_type in images),
+            return_exceptions=True,
+        )
+        ids = [r for r in results if isinstance(r, str)]
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            await asyncio.to_thread(self._delete, ids)
+            raise failures[0]
+        return ids
+
     def _write(self, image_id: str, data: bytes) -> None:
-        self._root.mkdir(parents=True, exist_ok=True)
+        private_dir(self._root)
         tmp = self._root / f".{image_id}.tmp"
-        tmp.write_bytes(data)
-        # Rename so a concurrent GET never sees a half-written file.
-        tmp.replace(self._root / image_id)
+        fd = create_private(tmp)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            # Rename so a concurrent GET never sees a half-written file.
+            tmp.replace(self._root / image_id)
+        except BaseException:
+            # A full disk leaves a partial file: delete it, which also frees the
+            # space the database needs to give the reservation back.
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _delete(self, image_ids: list[str]) -> None:
+        for image_id in image_ids:
+            (self._root / image_id).unlink(missing_ok=True)
 
     def signed_path(self, image_id: str) -> str:
         """The path and query of a link valid for ttl_s from now."""
@@ -96,9 +126,17 @@ def load_or_create_secret(path: Path) -> bytes:
     """The URL-signing key: kept in the data dir so links survive a restart."""
     if path.exists():
         return path.read_bytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     secret = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secret)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        with os.fdopen(create_private(tmp), "wb") as f:
+            f.write(secret)
+        # link() publishes the complete file or fails: two processes starting
+        # together on a new data dir then agree on one secret.
+        os.link(tmp, path)
+    except FileExistsError:
+        return path.read_bytes()
+    finally:
+        tmp.unlink(missing_ok=True)
     return secret

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from service.catalog import Catalog, ModelSpec
@@ -11,6 +12,8 @@ RESPONSE_FORMATS = ("url", "b64_json")
 DEFAULT_OUTPUT_FORMAT = "png"
 # Formats that can carry an alpha channel (OpenAI: transparent needs png or webp).
 ALPHA_FORMATS = ("png", "webp")
+# OpenAI's default quality, which clients send explicitly: the model's own default.
+AUTO_QUALITY = "auto"
 
 
 @dataclass(frozen=True)
@@ -64,14 +67,31 @@ class ImageRequest:
         assert price is not None, "validate() refuses unpriced requests"
         return price
 
+    def prompt_bound_micros(self, calls: int) -> int:
+        """Token-priced models: the most the prompt's input tokens cost over `calls` calls."""
+        prices = self.model.token_prices
+        return 0 if prices is None else prices.prompt_bound_micros(self.prompt, calls)
+
     @property
     def quote(self) -> int:
-        return self.n * self.unit_price
+        """What is reserved: n * the per-image list price, plus for token-priced models
+        the prompt's bound over the most upstream calls a request makes (one per image)."""
+        return self.n * self.unit_price + self.prompt_bound_micros(self.n)
 
 
-def validate(params: GenerationParams, catalog: Catalog, default_model: str) -> ImageRequest:
-    """Apply the model's rules and defaults; raise InvalidParameter naming the field."""
-    model = _model(params.model or default_model, catalog)
+def validate(
+    params: GenerationParams,
+    catalog: Catalog,
+    default_model: str,
+    *,
+    available: Sequence[str] = (),
+) -> ImageRequest:
+    """Apply the model's rules and defaults; raise InvalidParameter naming the field.
+
+    `available` is what an unknown model's message may list: the caller's models
+    only, never the whole catalog (a limited key must not learn the others).
+    """
+    model = _model(params.model or default_model, catalog, available)
     prompt = params.prompt
     if not prompt.strip():
         raise InvalidParameter(
@@ -103,7 +123,12 @@ def validate(params: GenerationParams, catalog: Catalog, default_model: str) -> 
             param="n",
         )
     size = _choice("size", params.size or model.default_size, model.sizes, model)
-    quality = _choice("quality", params.quality or model.default_quality, model.qualities, model)
+    quality = _choice(
+        "quality",
+        model.default_quality if params.quality in ("", AUTO_QUALITY) else params.quality,
+        model.qualities,
+        model,
+    )
     response_format = _choice(
         "response_format", params.response_format or "url", RESPONSE_FORMATS, model
     )
@@ -142,12 +167,12 @@ def validate(params: GenerationParams, catalog: Catalog, default_model: str) -> 
     )
 
 
-def _model(model_id: str, catalog: Catalog) -> ModelSpec:
+def _model(model_id: str, catalog: Catalog, available: Sequence[str]) -> ModelSpec:
     model = catalog.get(model_id)
     if model is None:
+        listed = f" Available models: {', '.join(available)}." if available else ""
         raise ModelNotSupported(
-            f"The model '{model_id}' does not exist or is not an image model served here. "
-            f"Available models: {', '.join(catalog.ids())}."
+            f"The model '{model_id}' does not exist or is not an image model served here." + listed
         )
     return model
 

@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -21,8 +22,9 @@ from service.core import ImageCore
 from service.errors import InvalidParameter
 from service.grpc_errors import abort, to_status
 from service.images import ImageStore, load_or_create_secret
-from service.providers.base import Provider
-from service.providers.local import LocalProvider
+from service.instances import Liveness
+from service.links import DEFAULT_REST_URL, LinkBase, bind_address, parse_networks
+from service.providers.registry import KIND_MODULES, Registry, build_registry
 from service.servicer import ImageServicer
 from service.store.base import Store
 from service.store.sqlite import SqliteStore
@@ -36,22 +38,22 @@ def message_size_options(limit: int) -> list[tuple[str, int]]:
 
 
 def open_store(config: Config) -> Store:
+    """The store the database URL names; PostgreSQL's driver is imported only when used."""
+    if config.uses_postgres:
+        from service.store.postgres import PostgresStore
+
+        return PostgresStore(config.database_url, pool_size=config.database_pool_size)
     return SqliteStore(config.sqlite_path)
 
 
-def build_providers(config: Config) -> dict[str, Provider]:
-    return {"local": LocalProvider()}
-
-
-def servable(catalog: Catalog, providers: dict[str, Provider]) -> Catalog:
-    """Only models whose provider is configured: the others would fail every call."""
-    kept = {}
-    for model_id, spec in catalog.models.items():
-        if spec.provider in providers:
-            kept[model_id] = spec
-        else:
-            log.warning("model %s skipped: provider %s is not configured", model_id, spec.provider)
-    return replace(catalog, models=kept)
+def servable(catalog: Catalog, registry: Registry) -> Catalog:
+    """Only routes to live providers, and only models left with one: the others would
+    fail every call. Not listed in /v1/models either."""
+    served = catalog.served(registry.live)
+    dropped = sorted(set(catalog.models) - set(served.models))
+    if dropped:
+        log.info("models not served (no live provider on any route): %s", ", ".join(dropped))
+    return served
 
 
 @dataclass
@@ -63,7 +65,11 @@ class Service:
     core: ImageCore
     server: grpc.aio.Server
     port: int
-    providers: dict[str, Provider]
+    # The live provider adapters (and every declared provider's status).
+    registry: Registry
+    # Image URL policy; `serve` sets links.fallback_url once its REST front is bound.
+    links: LinkBase
+    liveness: Liveness
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace: float | None = 5.0) -> None:
@@ -72,34 +78,70 @@ class Service:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # In-flight requests end here, each releasing or settling its reservation.
         await self.server.stop(grace)
-        for provider in self.providers.values():
-            await provider.aclose()
+        await self.liveness.retire()
+        await self.registry.aclose()
         await self.store.close()
 
 
-async def start_service(config: Config, port: int | None = None) -> Service:
-    """Start on config.host:port (config.grpc_port by default; 0 picks a free port)."""
+async def start_service(
+    config: Config,
+    port: int | None = None,
+    rest_url: str = DEFAULT_REST_URL,
+    *,
+    env: Mapping[str, str] | None = None,
+    kind_modules: Mapping[str, str] = KIND_MODULES,
+) -> Service:
+    """Start on config.host:port (config.grpc_port by default; 0 picks a free port).
+
+    `rest_url`: the REST front's address, the base of image URLs when neither a
+    public URL nor a trusted proxy says otherwise. `env` is where provider
+    credentials come from (os.environ by default), read once here;
+    `kind_modules` maps provider kinds to adapter modules (tests add fakes).
+    """
     catalog = load_catalog(config.catalog)
+    links = LinkBase(config.public_url, parse_networks(config.trusted_proxies), rest_url)
     store = open_store(config)
     await store.open()
-    providers = build_providers(config)
-    secret = config.url_secret.encode() or load_or_create_secret(config.data_dir / "url_secret")
+    liveness = Liveness(store, config.instance_stale_s)
+    try:
+        secret = config.url_secret.encode() or load_or_create_secret(config.data_dir / "url_secret")
+        registry = await build_registry(
+            catalog.providers, os.environ if env is None else env, kind_modules=kind_modules
+        )
+    except BaseException:
+        await store.close()
+        raise
     core = ImageCore(
-        catalog=servable(catalog, providers),
+        catalog=servable(catalog, registry),
         store=store,
-        providers=providers,
+        providers=registry.providers,
         images=ImageStore(config.data_dir / "images", secret, config.image_ttl_s),
         default_model=config.default_model,
         upstream_timeout_s=config.upstream_timeout_s,
         reservation_ttl_s=config.reservation_ttl_s,
+        owner=liveness.owner,
     )
-    # Reservations left held by a crash are released before serving anything.
-    await core.sweep()
-    server, bound = await create_server(config, core, config.grpc_port if port is None else port)
-    await server.start()
-    service = Service(config, store, core, server, bound, providers)
+    servicer = ImageServicer(core, links, config.max_message_bytes)
+    try:
+        # Recorded before serving, then what stopped processes left held is released
+        # (at once for those of this machine), and what expired.
+        await liveness.beat()
+        await core.sweep()
+        server, bound = await create_server(
+            config, servicer, config.grpc_port if port is None else port
+        )
+        await server.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await liveness.retire()
+        await registry.aclose()
+        await store.close()
+        raise
+    service = Service(config, store, core, server, bound, registry, links, liveness)
     service._tasks.append(asyncio.create_task(_sweep_forever(core, config.sweep_interval_s)))
+    service._tasks.append(asyncio.create_task(_beat_forever(liveness, config.heartbeat_interval_s)))
     log.info("ImageService listening on %s:%d", config.host, bound)
     return service
 
@@ -180,13 +222,13 @@ def _codec(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler
 _KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 
-async def create_server(config: Config, core: ImageCore, port: int) -> tuple[grpc.aio.Server, int]:
+async def create_server(
+    config: Config, servicer: ImageServicer, port: int
+) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server(
         options=message_size_options(config.max_message_bytes), interceptors=[MessageCodec()]
     )
-    images_pb2_grpc.add_ImageServiceServicer_to_server(
-        ImageServicer(core, config.public_url), server
-    )
+    images_pb2_grpc.add_ImageServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -199,7 +241,7 @@ async def create_server(config: Config, core: ImageCore, port: int) -> tuple[grp
         ),
         server,
     )
-    bound = server.add_insecure_port(f"{config.host}:{port}")
+    bound = server.add_insecure_port(bind_address(config.host, port))
     if bound == 0:
         raise OSError(f"cannot bind gRPC to {config.host}:{port}")
     return server, bound
@@ -212,3 +254,12 @@ async def _sweep_forever(core: ImageCore, interval_s: float) -> None:
             await core.sweep()
         except Exception:
             log.exception("sweep failed; retrying next interval")
+
+
+async def _beat_forever(liveness: Liveness, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await liveness.beat()
+        except Exception:
+            log.exception("heartbeat failed; retrying next interval")

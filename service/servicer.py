@@ -5,54 +5,88 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+from urllib.parse import unquote
 
 import grpc
 from google.api import httpbody_pb2
 from imagegate.v1 import images_pb2, images_pb2_grpc
 
+from service.catalog import ModelSpec
 from service.core import Caller, Generation, ImageCore, RequestContext
-from service.errors import ImagegateError
+from service.errors import ImagegateError, InvalidParameter
 from service.grpc_errors import abort, internal_status, to_status
+from service.links import LinkBase
 from service.requests import GenerationParams
 
 log = logging.getLogger("imagegate.servicer")
 T = TypeVar("T")
-# Host header values we are willing to echo into image URLs.
+MiB = 1024 * 1024
 # Request ids kept as sent (the fronts apply the same rule).
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_HOST_RE = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
+# The values OpenAI's ImagesResponse may hold in these top-level fields. Typed
+# clients validate them (the Python SDK's strict mode, older SDKs whose `size`
+# is this Literal too), so any other value (the local model's "standard"/"hd",
+# a 256x256 size) is left out rather than reported.
+REPORTABLE: dict[str, frozenset[str]] = {
+    "background": frozenset({"transparent", "opaque"}),
+    "output_format": frozenset({"png", "webp", "jpeg"}),
+    "quality": frozenset({"low", "medium", "high"}),
+    "size": frozenset({"1024x1024", "1024x1536", "1536x1024"}),
+}
 
 
 class ImageServicer(images_pb2_grpc.ImageServiceServicer):
-    def __init__(self, core: ImageCore, public_url: str) -> None:
+    def __init__(self, core: ImageCore, links: LinkBase, max_message_bytes: int) -> None:
         self._core = core
-        self._public_url = public_url.rstrip("/")
+        self._links = links
+        self._max_message_bytes = max_message_bytes
 
     async def GenerateImages(
         self, request: images_pb2.GenerateImagesRequest, context: grpc.aio.ServicerContext
     ) -> images_pb2.ImagesResponse:
         async def call() -> images_pb2.ImagesResponse:
             caller = await self._caller(context)
-            ctx = RequestContext(_request_id(context), self._base_url(context))
-            generation = await self._core.generate(caller, _params(request), ctx)
-            # Copying megabytes of images into the message holds the GIL: not on the loop.
-            return await asyncio.to_thread(_response, generation)
+            ctx = RequestContext(_request_id(context), self._base_url(context), _deadline(context))
+            return await self._core.generate(caller, _params(request), ctx, self._render)
 
         return await self._run(context, call)
+
+    async def _render(self, gen: Generation) -> images_pb2.ImagesResponse:
+        """The response as it will be sent; the core charges only once this succeeded."""
+        # Copying megabytes of images into the message, and measuring it (upb
+        # encodes it to know), hold the GIL: not on the loop.
+        response, size = await asyncio.to_thread(_sized_response, gen)
+        if size > self._max_message_bytes:
+            # The caller's choice of n and format made it too big: a 400 they can act
+            # on, not a 5xx that SDKs would retry into the same wall.
+            raise InvalidParameter(
+                f"The response would be {size / MiB:.1f} MiB, over this service's limit of "
+                f"{self._max_message_bytes / MiB:.1f} MiB. Ask for fewer images, or for "
+                "response_format 'url'.",
+                param="n" if len(gen.images) > 1 else "response_format",
+            )
+        return response
 
     async def ListModels(
         self, request: images_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> images_pb2.ModelList:
         async def call() -> images_pb2.ModelList:
             caller = await self._caller(context)
-            models = [
-                images_pb2.Model(id=m.id, object="model", created=m.created, owned_by=m.owned_by)
-                for m in self._core.list_models(caller)
-            ]
+            models = [_model(m) for m in self._core.list_models(caller)]
             return images_pb2.ModelList(object="list", data=models)
+
+        return await self._run(context, call)
+
+    async def GetModel(
+        self, request: images_pb2.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> images_pb2.Model:
+        async def call() -> images_pb2.Model:
+            caller = await self._caller(context)
+            return _model(self._core.get_model(caller, request.model))
 
         return await self._run(context, call)
 
@@ -80,11 +114,25 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         return await self._core.authenticate(_metadata(context, "authorization"))
 
     def _base_url(self, context: grpc.aio.ServicerContext) -> str:
-        host = _metadata(context, "x-forwarded-host")
-        proto = _metadata(context, "x-forwarded-proto")
-        if host and _HOST_RE.fullmatch(host) and proto in ("http", "https"):
-            return f"{proto}://{host}"
-        return self._public_url
+        return self._links.base_url(
+            _peer_ip(context.peer()),
+            _metadata(context, "x-forwarded-host"),
+            _metadata(context, "x-forwarded-proto"),
+        )
+
+
+def _peer_ip(peer: str | None) -> str | None:
+    """'ipv4:127.0.0.1:5000' or 'ipv6:[::1]:5000' (maybe %-escaped) -> the address."""
+    kind, _, address = unquote(peer or "").partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return None
+    return address.rpartition(":")[0].removeprefix("[").removesuffix("]") or None
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The caller's gRPC deadline on the monotonic clock the dispatcher uses."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:
@@ -121,13 +169,30 @@ def _params(request: images_pb2.GenerateImagesRequest) -> GenerationParams:
     )
 
 
+def _model(spec: ModelSpec) -> images_pb2.Model:
+    return images_pb2.Model(
+        id=spec.id, object="model", created=spec.created, owned_by=spec.owned_by
+    )
+
+
+def _sized_response(gen: Generation) -> tuple[images_pb2.ImagesResponse, int]:
+    response = _response(gen)
+    return response, response.ByteSize()
+
+
 def _response(gen: Generation) -> images_pb2.ImagesResponse:
+    usage = gen.usage
     response = images_pb2.ImagesResponse(
         created=gen.created,
         usage=images_pb2.Usage(
-            prompt_tokens=gen.usage.input_tokens,
-            completion_tokens=gen.usage.output_tokens,
-            total_tokens=gen.usage.total_tokens,
+            prompt_tokens=usage.input_tokens,
+            completion_tokens=usage.output_tokens,
+            total_tokens=usage.total_tokens,
+            input_tokens=usage.input_tokens,
+            input_tokens_details=images_pb2.InputTokensDetails(
+                text_tokens=usage.input_text_tokens, image_tokens=usage.input_image_tokens
+            ),
+            output_tokens=usage.output_tokens,
         ),
     )
     for image in gen.images:
@@ -138,8 +203,8 @@ def _response(gen: Generation) -> images_pb2.ImagesResponse:
             item.b64_json = image.data
         if image.revised_prompt is not None:
             item.revised_prompt = image.revised_prompt
-    for name in ("background", "output_format", "quality", "size"):
+    for name, allowed in REPORTABLE.items():
         value = getattr(gen, name)
-        if value is not None:
+        if value in allowed:
             setattr(response, name, value)
     return response

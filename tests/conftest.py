@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 import openai
@@ -18,7 +20,10 @@ from gateway.server import bound_port, start_gateway
 from service import keys
 from service.config import Config
 from service.money import usd_to_micros
+from service.providers.registry import KIND_MODULES
 from service.server import Service, message_size_options, start_service
+from service.store.base import Store
+from service.store.sqlite import SqliteStore
 
 _names = itertools.count()
 
@@ -49,8 +54,22 @@ class Tenant:
     key_id: str
 
 
-async def start_stack(data_dir: Path, *, envoy: bool, **config: object) -> tuple[Stack, list]:
-    service = await start_service(service_config(data_dir, **config), port=0)
+async def start_stack(
+    data_dir: Path,
+    *,
+    envoy: bool,
+    env: Mapping[str, str] | None = None,
+    kind_modules: Mapping[str, str] | None = None,
+    **config: object,
+) -> tuple[Stack, list]:
+    """The service (with provider credentials from `env`, {} by default: a test never
+    reads the machine's own) and its fronts; close with the returned closers in order."""
+    service = await start_service(
+        service_config(data_dir, **config),
+        port=0,
+        env={} if env is None else env,
+        kind_modules=KIND_MODULES if kind_modules is None else {**KIND_MODULES, **kind_modules},
+    )
     runner = await start_gateway(GatewayConfig(grpc_target=f"127.0.0.1:{service.port}"), port=0)
     fronts = {"aiohttp": f"http://127.0.0.1:{bound_port(runner)}"}
     closers: list[Callable[[], Awaitable[object]]] = [runner.cleanup, service.stop]
@@ -101,12 +120,25 @@ async def tenant(stack: Stack) -> Tenant:
 _clients: list[openai.AsyncOpenAI] = []
 
 
-def sdk(base_url: str, key: str) -> openai.AsyncOpenAI:
-    """The official SDK pointed at a front; closed after the test."""
+def sdk(base_url: str, key: str, *, strict: bool = False) -> openai.AsyncOpenAI:
+    """The official SDK pointed at a front; closed after the test.
+
+    strict: the SDK validates every response against its types (required fields,
+    Literal enumerations) and raises on any mismatch, as typed clients do.
+    """
     # No retries: a test must see the first answer, not a retried one.
-    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0)
+    client = openai.AsyncOpenAI(
+        base_url=f"{base_url}/v1",
+        api_key=key,
+        max_retries=0,
+        _strict_response_validation=strict,
+    )
     _clients.append(client)
     return client
+
+
+def strict_sdk(base_url: str, key: str) -> openai.AsyncOpenAI:
+    return sdk(base_url, key, strict=True)
 
 
 @pytest.fixture(autouse=True)
@@ -129,3 +161,50 @@ async def balance(service: Service, account: str) -> int:
     acct = await service.store.get_account(account)
     assert acct is not None
     return acct.balance_micros
+
+
+@pytest.fixture(scope="session")
+async def postgres_server() -> str:
+    """The machine's PostgreSQL. Skipped only locally when unreachable; CI must run these."""
+    try:
+        from tests import pg
+    except ImportError as exc:  # asyncpg comes with the dev extra
+        _unavailable(f"asyncpg is not installed ({exc})")
+    url, why = await pg.find_server()
+    if url is None:
+        _unavailable(f"no PostgreSQL reachable ({why})")
+    return url
+
+
+def _unavailable(reason: str) -> NoReturn:
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason}; CI=true, so the PostgreSQL tests must run", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+async def postgres_url(postgres_server: str) -> AsyncIterator[str]:
+    """A URL to an empty schema of this test's own, dropped afterwards."""
+    from tests import pg
+
+    name, url = await pg.create_schema(postgres_server)
+    yield url
+    await pg.drop_schema(postgres_server, name)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh empty database for this test: a SQLite file, or a PostgreSQL schema."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'imagegate.db'}"
+    # From a sync fixture: an async fixture cannot be requested from inside the loop.
+    return str(request.getfixturevalue("postgres_url"))
+
+
+def store_for(url: str, clock: Callable[[], float] = time.time) -> Store:
+    """The store a database URL selects (as open_store does), with a clock of the test's."""
+    if url.startswith("sqlite:///"):
+        return SqliteStore(Path(url.removeprefix("sqlite:///")), clock=clock)
+    from service.store.postgres import PostgresStore
+
+    return PostgresStore(url, clock=clock)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 from pathlib import Path
 
 import pytest
 
 from service import keys
 from service.catalog import load_catalog
-from service.core import ImageCore, RequestContext
+from service.core import Generation, ImageCore, RequestContext
 from service.errors import ContentPolicy, InsufficientBalance, UpstreamError
 from service.images import ImageStore
 from service.providers.base import GeneratedImage, ProviderResult, UpstreamCall
@@ -83,6 +85,11 @@ async def parts(tmp_path: Path):  # type: ignore[no-untyped-def]
 CTX = RequestContext("req-1", "http://127.0.0.1:8080")
 
 
+async def as_is(gen: Generation) -> Generation:
+    """The render step of a transport that sends the Generation itself."""
+    return gen
+
+
 async def _balance(store: SqliteStore) -> int:
     account = await store.get_account("a")
     assert account
@@ -93,7 +100,7 @@ async def _balance(store: SqliteStore) -> int:
 async def test_settles_only_images_returned(parts) -> None:  # type: ignore[no-untyped-def]
     core, store, provider, caller, _ = parts
     provider.images_returned = 2
-    gen = await core.generate(caller, GenerationParams(prompt="p", n=4, size="256x256"), CTX)
+    gen = await core.generate(caller, GenerationParams(prompt="p", n=4, size="256x256"), CTX, as_is)
     assert len(gen.images) == 2 and gen.cost_micros == 2000
     assert await _balance(store) == 100_000 - 2000
 
@@ -101,7 +108,7 @@ async def test_settles_only_images_returned(parts) -> None:  # type: ignore[no-u
 async def test_extra_upstream_images_are_neither_returned_nor_charged(parts) -> None:  # type: ignore[no-untyped-def]
     core, store, provider, caller, _ = parts
     provider.images_returned = 5
-    gen = await core.generate(caller, GenerationParams(prompt="p", n=2, size="256x256"), CTX)
+    gen = await core.generate(caller, GenerationParams(prompt="p", n=2, size="256x256"), CTX, as_is)
     assert len(gen.images) == 2
     assert await _balance(store) == 100_000 - 2000
 
@@ -113,7 +120,7 @@ async def test_failure_releases_everything(parts, error: Exception) -> None:  # 
     core, store, provider, caller, _ = parts
     provider.error = error
     with pytest.raises(type(error)):
-        await core.generate(caller, GenerationParams(prompt="p", n=3), CTX)
+        await core.generate(caller, GenerationParams(prompt="p", n=3), CTX, as_is)
     assert await _balance(store) == 100_000
     assert [u.status for u in await store.usage("a")] == ["released"]
 
@@ -122,7 +129,7 @@ async def test_zero_images_is_an_upstream_error_and_free(parts) -> None:  # type
     core, store, provider, caller, _ = parts
     provider.images_returned = 0
     with pytest.raises(UpstreamError):
-        await core.generate(caller, GenerationParams(prompt="p"), CTX)
+        await core.generate(caller, GenerationParams(prompt="p"), CTX, as_is)
     assert await _balance(store) == 100_000
 
 
@@ -130,20 +137,57 @@ async def test_timeout_is_upstream_error_and_free(parts) -> None:  # type: ignor
     core, store, provider, caller, _ = parts
     provider.delay_s = 5
     with pytest.raises(UpstreamError, match="did not answer"):
-        await core.generate(caller, GenerationParams(prompt="p"), CTX)
+        await core.generate(caller, GenerationParams(prompt="p"), CTX, as_is)
     assert await _balance(store) == 100_000
 
 
 async def test_cancelled_request_is_free(parts) -> None:  # type: ignore[no-untyped-def]
     core, store, provider, caller, _ = parts
     provider.delay_s = 0.3
-    task = asyncio.create_task(core.generate(caller, GenerationParams(prompt="p"), CTX))
+    task = asyncio.create_task(core.generate(caller, GenerationParams(prompt="p"), CTX, as_is))
     await asyncio.sleep(0.05)
     assert await _balance(store) == 100_000 - 1000  # held while in flight
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     await asyncio.sleep(0.05)
+    assert await _balance(store) == 100_000
+
+
+async def test_cancelled_at_any_moment_holds_nothing_after(parts) -> None:  # type: ignore[no-untyped-def]
+    """Cancelled after 0..11 loop turns or a few ms: in the reserve hop, the dispatch,
+    the image writes, the settle. Checked right after each task has ended."""
+    core, store, _, caller, _ = parts
+    rng = random.Random(6)
+    for i in range(80):
+        task = asyncio.create_task(
+            core.generate(caller, GenerationParams(prompt="p", size="256x256"), CTX, as_is)
+        )
+        if i % 2:
+            for _ in range(rng.randrange(12)):
+                await asyncio.sleep(0)
+        else:
+            await asyncio.sleep(rng.uniform(0, 0.004))
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        usage = await store.usage("a", limit=1000)
+        assert [u.request_id for u in usage if u.status == "held"] == []
+        delivered = sum(u.cost_micros for u in usage if u.status == "settled")
+        assert await _balance(store) == 100_000 - delivered
+
+
+async def test_cancelled_again_while_releasing_still_releases(parts) -> None:  # type: ignore[no-untyped-def]
+    core, store, provider, caller, _ = parts
+    provider.delay_s = 0.3
+    task = asyncio.create_task(core.generate(caller, GenerationParams(prompt="p"), CTX, as_is))
+    await asyncio.sleep(0.05)
+    for _ in range(5):  # a transport may cancel more than once
+        task.cancel()
+        await asyncio.sleep(0)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert [u.status for u in await store.usage("a")] == ["released"]
     assert await _balance(store) == 100_000
 
 
@@ -172,7 +216,7 @@ async def test_reserve_refuses_more_than_balance(parts) -> None:  # type: ignore
 
 async def test_image_links_expire(parts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     core, _, _, caller, clock = parts
-    gen = await core.generate(caller, GenerationParams(prompt="p", size="256x256"), CTX)
+    gen = await core.generate(caller, GenerationParams(prompt="p", size="256x256"), CTX, as_is)
     url = gen.images[0].url
     assert url
     path, _, query = url.removeprefix(CTX.base_url).partition("?")

@@ -69,6 +69,7 @@ REASON_CODES: dict[str, Code] = {
     "RATE_LIMITED": Code.RESOURCE_EXHAUSTED,
     "UPSTREAM_ERROR": Code.UNAVAILABLE,
     "IMAGE_NOT_FOUND": Code.NOT_FOUND,
+    "MODEL_NOT_FOUND": Code.NOT_FOUND,
 }
 # Every JSON escape and odd character a message can hold.
 NASTY = (
@@ -117,7 +118,12 @@ class StubImageService(images_pb2_grpc.ImageServiceServicer):
         self.images = images_pb2.ImagesResponse(
             created=4_000_000_000,
             data=[images_pb2.Image(b64_json=b"\x00\xff", revised_prompt='é<>&\u2028"\\')],
-            usage=images_pb2.Usage(),
+            # Some counters zero, some not: the printed key order must not depend on which.
+            usage=images_pb2.Usage(
+                completion_tokens=3,
+                input_tokens_details=images_pb2.InputTokensDetails(image_tokens=2),
+                output_tokens=3,
+            ),
             size="1024x1024",
         )
 
@@ -129,6 +135,10 @@ class StubImageService(images_pb2_grpc.ImageServiceServicer):
         return await self._answer(
             "ListModels", request, context, images_pb2.ModelList(object="list", data=[model])
         )
+
+    async def GetModel(self, request: Message, context: Any) -> Message:
+        model = images_pb2.Model(id="local", object="model", created=1, owned_by="imagegate")
+        return await self._answer("GetModel", request, context, model)
 
     async def GetImage(self, request: Message, context: Any) -> Message:
         body = httpbody_pb2.HttpBody(content_type="image/png", data=b"\x89PNG\r\n\x1a\n" * 4)
@@ -535,11 +545,13 @@ async def test_success_prints_proto_json(front: Front) -> None:
         headers={"Authorization": "Bearer sk-test"},
     )
     # Measured: uint32 is a JSON number, bytes are padded standard base64, zero
-    # usage counters print, unset optionals do not, '<' '>' and U+2028 are escaped.
+    # usage counters print, unset optionals do not, '<' '>' and U+2028 are escaped,
+    # keys come in field order whichever fields are set.
     assert reply.body == (
         b'{"created":4000000000,"data":[{"b64_json":"AP8=","revised_prompt":"\xc3\xa9'
-        b'\\u003c\\u003e&\\u2028\\"\\\\"}],"usage":{"prompt_tokens":0,"completion_tokens":0,'
-        b'"total_tokens":0},"size":"1024x1024"}'
+        b'\\u003c\\u003e&\\u2028\\"\\\\"}],"usage":{"prompt_tokens":0,"completion_tokens":3,'
+        b'"total_tokens":0,"input_tokens":0,"input_tokens_details":{"text_tokens":0,'
+        b'"image_tokens":2},"output_tokens":3},"size":"1024x1024"}'
     )
     assert (reply.status, reply.headers["Content-Type"]) == (200, "application/json")
     assert_clean(reply)
@@ -579,6 +591,12 @@ async def test_models_and_image_routes(front: Front) -> None:
         "object": "list",
         "data": [{"id": "local", "object": "model", "created": 1, "owned_by": "imagegate"}],
     }
+    reply = await fetch("GET", front.url + "/v1/models/local?x=1")
+    assert (reply.status, reply.body) == (
+        200,
+        b'{"id":"local","object":"model","created":1,"owned_by":"imagegate"}',
+    )
+    assert front.stub.calls[-1].request == images_pb2.GetModelRequest(model="local")
     # Query values: '+' is a space, %2B a plus, and a repeated parameter's LAST value wins.
     reply = await fetch(
         "GET",
@@ -670,6 +688,12 @@ async def test_parameter_code_and_absent_param(front: Front) -> None:
     assert_row(reply, errors.BY_REASON["IDEMPOTENCY_CONFLICT"], "in flight")
 
 
+async def test_model_not_found_on_the_model_route(front: Front) -> None:
+    front.stub.failure = Failure(Code.NOT_FOUND, "No such model.", "MODEL_NOT_FOUND")
+    reply = await fetch("GET", front.url + "/v1/models/nope")
+    assert_row(reply, errors.BY_REASON["MODEL_NOT_FOUND"], "No such model.")
+
+
 async def test_image_not_found_on_the_image_route(front: Front) -> None:
     front.stub.failure = Failure(Code.NOT_FOUND, "No such image.", "IMAGE_NOT_FOUND")
     reply = await fetch("GET", front.url + "/v1/images/files/nope?expires=1&signature=x")
@@ -716,6 +740,7 @@ async def test_unknown_reason_and_crash_are_internal(front: Front) -> None:
         ("GET", "/v1/nothing?key=secret", "/v1/nothing"),
         ("POST", "/v1/images/edits", "/v1/images/edits"),
         ("GET", "/v1/models/", "/v1/models/"),
+        ("GET", "/v1/models/a/b", "/v1/models/a/b"),
         ("GET", "/v1/images/files/", "/v1/images/files/"),
         ("GET", "/v1/images/files/a/b", "/v1/images/files/a/b"),
         ("POST", GRPC_PATH, GRPC_PATH),  # native gRPC is not served on the REST port
@@ -732,6 +757,7 @@ async def test_unknown_url(front: Front, method: str, target: str, path: str) ->
     ("method", "path", "allow"),
     [
         ("POST", "/v1/models", "GET"),
+        ("POST", "/v1/models/local", "GET"),
         ("GET", GENERATE, "POST"),
         ("PUT", GENERATE, "POST"),
         ("DELETE", "/v1/images/files/abc", "GET"),

@@ -126,6 +126,43 @@ async def test_image_not_found(grpc_stub: images_pb2_grpc.ImageServiceStub) -> N
     assert _reason(raised.value)[:2] == (grpc.StatusCode.NOT_FOUND, "IMAGE_NOT_FOUND")
 
 
+async def test_get_model(grpc_stub: images_pb2_grpc.ImageServiceStub, tenant: Tenant) -> None:
+    reply = await grpc_stub.GetModel(
+        images_pb2.GetModelRequest(model="local"), metadata=_auth(tenant.key)
+    )
+    assert (reply.id, reply.object, reply.owned_by) == ("local", "model", "imagegate")
+    assert reply.created > 0
+
+
+async def test_get_model_unknown_or_hidden_is_not_found(
+    grpc_stub: images_pb2_grpc.ImageServiceStub, stack: Stack, tenant: Tenant
+) -> None:
+    limited = await make_tenant(stack.service, models=("other",))
+    answers = []
+    # Unknown, and known but not this key's: the same answer, so the key learns nothing.
+    for key, model in ((tenant.key, "dall-e-9"), (limited.key, "local")):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await grpc_stub.GetModel(images_pb2.GetModelRequest(model=model), metadata=_auth(key))
+        assert _reason(raised.value) == (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", {})
+        answers.append(raised.value.details().replace(model, "MODEL"))
+    assert answers[0] == answers[1]
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await grpc_stub.GetModel(images_pb2.GetModelRequest(model="local"))
+    assert _reason(raised.value)[:2] == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_API_KEY")
+
+
+async def test_usage_carries_both_vocabularies(
+    grpc_stub: images_pb2_grpc.ImageServiceStub, tenant: Tenant
+) -> None:
+    reply = await grpc_stub.GenerateImages(
+        images_pb2.GenerateImagesRequest(model="local", prompt=PROMPT, size="256x256"),
+        metadata=_auth(tenant.key),
+    )
+    # The local renderer counts no tokens; the details are there all the same.
+    assert reply.usage.HasField("input_tokens_details")
+    assert reply.usage == images_pb2.Usage(input_tokens_details=images_pb2.InputTokensDetails())
+
+
 async def test_health_and_reflection(stack: Stack) -> None:
     async with grpc.aio.insecure_channel(stack.grpc_target) as channel:
         health = health_pb2_grpc.HealthStub(channel)

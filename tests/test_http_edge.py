@@ -302,6 +302,20 @@ async def test_routes_match_the_raw_path(base_url: str) -> None:
     assert_row(reply, errors.UNKNOWN_URL, "Invalid URL (GET /v1/%6Dodels)")
 
 
+async def test_path_variables_decode_alike(stack: Stack, tenant: Tenant) -> None:
+    # The model id is echoed in the error: both fronts must decode it alike
+    # (as Envoy's transcoder does: every escape, '/' included; invalid UTF-8 as sent).
+    if "envoy" not in stack.fronts:
+        pytest.skip("IMAGEGATE_TEST_FRONTS excludes envoy")
+    for segment in ("%2F", "%2Fx%3F", "%C3%A9", "a%20b", "%25", "%FF", "%2F%FF", "%ZZ", "%", "+"):
+        bodies = set()
+        for url in stack.fronts.values():
+            reply = await call("GET", f"{url}/v1/models/{segment}", key=tenant.key)
+            assert_error(reply, 404, "invalid_request_error", "model_not_found", None)
+            bodies.add(reply.body)
+        assert len(bodies) == 1, (segment, bodies)
+
+
 # --- 6. request ids -------------------------------------------------------------------
 
 

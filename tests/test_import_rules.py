@@ -8,19 +8,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # The domain core: everything in service/ but the gRPC edge and the process wiring.
 GRPC_EDGE = {"servicer.py", "grpc_errors.py", "server.py", "cli.py"}
+GRPC = ("grpc", "grpc_status", "grpc_health", "grpc_reflection", "imagegate", "gateway")
+# Provider adapters may use HTTP and vendor libraries (aiohttp, botocore, google-auth)...
+FORBIDDEN_IN_ADAPTERS = (*GRPC, "google.protobuf", "google.rpc", "google.api")
+# ...the rest of the domain core none of them.
 FORBIDDEN_IN_CORE = (
-    "grpc",
-    "grpc_status",
-    "grpc_health",
-    "grpc_reflection",
+    *GRPC,
     "google",
-    "imagegate",
     "openai",
     "aiohttp",
-    "gateway",
     "boto3",
+    "botocore",
+    "aiobotocore",
     "replicate",
 )
+ADAPTERS = ROOT / "service" / "providers"
 
 
 def _imports(path: Path) -> set[str]:
@@ -44,15 +46,35 @@ def test_gateway_never_imports_service() -> None:
         assert not {n for n in _imports(path) if _top(n) == "service"}, path
 
 
+def _forbidden(name: str, rules: tuple[str, ...]) -> bool:
+    return any(name == rule or name.startswith(rule + ".") for rule in rules)
+
+
 def test_domain_core_imports_no_grpc_generated_code_or_vendor_sdk() -> None:
-    core = [p for p in (ROOT / "service").rglob("*.py") if p.name not in GRPC_EDGE]
+    core = [
+        p
+        for p in (ROOT / "service").rglob("*.py")
+        if p.name not in GRPC_EDGE and ADAPTERS not in p.parents
+    ]
     assert any(p.name == "core.py" for p in core)
     for path in core:
-        bad = {n for n in _imports(path) if _top(n) in FORBIDDEN_IN_CORE}
+        bad = {n for n in _imports(path) if _forbidden(n, FORBIDDEN_IN_CORE)}
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_provider_adapters_import_no_grpc() -> None:
+    adapters = list(ADAPTERS.rglob("*.py"))
+    assert any(p.name == "http.py" for p in adapters)
+    for path in adapters:
+        bad = {n for n in _imports(path) if _forbidden(n, FORBIDDEN_IN_ADAPTERS)}
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 
 def test_checker_sees_imports() -> None:
     # Guard against a checker that silently finds nothing.
     assert "grpc" in _imports(ROOT / "service" / "servicer.py")
+    assert "aiohttp" in _imports(ADAPTERS / "http.py")
+    assert _forbidden("grpc.aio", FORBIDDEN_IN_ADAPTERS)
+    assert _forbidden("google.auth", FORBIDDEN_IN_CORE)
+    assert not _forbidden("google.auth", FORBIDDEN_IN_ADAPTERS)
     assert "service.core" in _imports(ROOT / "service" / "servicer.py")

@@ -25,7 +25,7 @@ def test_document_is_valid_openapi() -> None:
 
 def test_paths_are_the_routes_of_both_fronts() -> None:
     documented = {
-        (path.replace("{image_id}", "x"), method.upper())
+        (path.replace("{image_id}", "x").replace("{model}", "x"), method.upper())
         for path, ops in DOC["paths"].items()
         for method in ops
     }
@@ -45,7 +45,15 @@ def test_every_http_rule_of_the_proto_is_documented() -> None:
 
 
 def test_schemas_have_the_proto_fields() -> None:
-    for name in ("GenerateImagesRequest", "ImagesResponse", "Image", "Usage", "Model", "ModelList"):
+    for name in (
+        "GenerateImagesRequest",
+        "ImagesResponse",
+        "Image",
+        "Usage",
+        "InputTokensDetails",
+        "Model",
+        "ModelList",
+    ):
         fields = {f.name for f in images_pb2.DESCRIPTOR.message_types_by_name[name].fields}
         assert set(SCHEMAS[name]["properties"]) == fields, name
 
@@ -95,5 +103,7 @@ async def test_answers_match_the_document(base_url: str, tenant: Tenant) -> None
     _validator("ImagesResponse").validate(generated.json())
     models = await call("GET", base_url + "/v1/models", key=tenant.key)
     _validator("ModelList").validate(models.json())
+    model = await call("GET", base_url + "/v1/models/local", key=tenant.key)
+    _validator("Model").validate(model.json())
     refused = await call("POST", base_url + "/v1/images/generations", key=tenant.key, body=b"{")
     _validator("Error").validate(refused.json())

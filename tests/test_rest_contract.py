@@ -17,7 +17,7 @@ from PIL import Image
 from gateway.config import GatewayConfig
 from gateway.server import bound_port, start_gateway
 from service.server import message_size_options
-from tests.conftest import FRONTS, Stack, Tenant, balance, make_tenant, sdk
+from tests.conftest import FRONTS, Stack, Tenant, balance, make_tenant, sdk, strict_sdk
 from tests.rest import assert_error, call
 
 PROMPT = "a lighthouse at dusk, watercolour"
@@ -73,7 +73,8 @@ async def test_sdk_generate_b64(base_url: str, tenant: Tenant, n: int, fmt: str,
         assert item.url is None and item.b64_json
         image = _image(base64.b64decode(item.b64_json, validate=True))
         assert (image.format, image.size) == (mime, (1024, 1536))
-    assert (result.size, result.quality, result.output_format) == ("1024x1536", "standard", fmt)
+    # "standard" is not one of OpenAI's response qualities: left out.
+    assert (result.size, result.quality, result.output_format) == ("1024x1536", None, fmt)
 
 
 async def test_models_list(base_url: str, tenant: Tenant) -> None:
@@ -107,23 +108,147 @@ async def test_exact_json_shape(base_url: str, tenant: Tenant) -> None:
     assert reply.status == 200, reply.body[:300]
     assert reply.headers["Content-Type"] == "application/json"
     body = reply.json()
-    assert list(body) == [
-        "created",
-        "data",
-        "usage",
-        "background",
-        "output_format",
-        "quality",
-        "size",
-    ]
+    # quality "standard" and size 256x256 are not OpenAI values: left out.
+    assert list(body) == ["created", "data", "usage", "background", "output_format"]
+    assert (body["background"], body["output_format"]) == ("opaque", "png")
     assert isinstance(body["created"], int)  # a number, not proto3's string for 64-bit ints
-    assert body["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    # Both vocabularies, every counter printed, in field order on both fronts.
+    assert list(body["usage"].items()) == [
+        ("prompt_tokens", 0),
+        ("completion_tokens", 0),
+        ("total_tokens", 0),
+        ("input_tokens", 0),
+        ("input_tokens_details", {"text_tokens": 0, "image_tokens": 0}),
+        ("output_tokens", 0),
+    ]
+    assert list(body["usage"]["input_tokens_details"]) == ["text_tokens", "image_tokens"]
     (item,) = body["data"]
     assert set(item) == {"b64_json", "revised_prompt"}
     assert len(item["b64_json"]) % 4 == 0  # standard padded base64
     assert _image(base64.b64decode(item["b64_json"], validate=True)).size == (256, 256)
     for name in reply.headers:
         assert not name.lower().startswith("grpc-"), name
+
+
+@pytest.mark.parametrize("response_format", ["url", "b64_json"])
+async def test_strict_sdk_validates_the_response(
+    base_url: str, tenant: Tenant, response_format: str
+) -> None:
+    # Strict mode checks required fields (usage.input_tokens...) and Literal values.
+    client = strict_sdk(base_url, tenant.key)
+    for size in ("1024x1024", "256x256"):
+        result = await client.images.generate(
+            model="local",
+            prompt=PROMPT,
+            size=size,  # type: ignore[arg-type]
+            quality="auto",
+            response_format=response_format,  # type: ignore[arg-type]
+        )
+        (item,) = result.data or []
+        assert (item.url is not None) == (response_format == "url")
+        assert (item.b64_json is not None) == (response_format == "b64_json")
+        assert result.usage is not None
+        assert (result.usage.input_tokens, result.usage.output_tokens) == (0, 0)
+        assert result.usage.input_tokens_details.text_tokens == 0
+        assert result.size == (size if size == "1024x1024" else None)
+    model = await client.models.retrieve("local")
+    assert model.id == "local"
+    assert "local" in [m.id async for m in client.models.list()]
+
+
+async def test_quality_auto_is_the_model_default(base_url: str, stack: Stack) -> None:
+    tenant = await make_tenant(stack.service)
+    url = f"{base_url}/v1/images/generations"
+    body = {"model": "local", "prompt": PROMPT, "size": "256x256", "response_format": "b64_json"}
+    auto = await call("POST", url, key=tenant.key, json_body={**body, "quality": "auto"})
+    assert auto.status == 200, auto.body[:300]
+    default = await call("POST", url, key=tenant.key, json_body=body)
+    # The same image as with no quality at all (the renderer is deterministic)...
+    assert auto.json()["data"] == default.json()["data"]
+    # ...at the default quality's price, and not reported ("standard" is not OpenAI's).
+    assert await balance(stack.service, tenant.account) == 1_000_000 - 2 * 1000
+    assert "quality" not in auto.json()
+    result = await sdk(base_url, tenant.key).images.generate(
+        model="local", prompt=PROMPT, size="256x256", quality="auto"
+    )
+    assert len(result.data or []) == 1
+
+
+@pytest.mark.parametrize(
+    ("request_", "reported"),
+    [
+        (
+            {"size": "1024x1024", "output_format": "webp", "background": "transparent"},
+            {"size": "1024x1024", "output_format": "webp", "background": "transparent"},
+        ),
+        (
+            {"size": "1536x1024", "quality": "hd", "output_format": "jpeg"},
+            {"size": "1536x1024", "output_format": "jpeg", "background": "opaque"},
+        ),
+        (
+            {"size": "512x512", "background": "auto"},
+            {"output_format": "png", "background": "opaque"},
+        ),
+    ],
+)
+async def test_reported_fields_hold_only_openai_values(
+    base_url: str, tenant: Tenant, request_: dict[str, str], reported: dict[str, str]
+) -> None:
+    reply = await call(
+        "POST",
+        f"{base_url}/v1/images/generations",
+        key=tenant.key,
+        json_body={"model": "local", "prompt": PROMPT, "response_format": "b64_json", **request_},
+    )
+    assert reply.status == 200, reply.body[:300]
+    body = reply.json()
+    fields = ("background", "output_format", "quality", "size")
+    assert {name: body[name] for name in fields if name in body} == reported
+
+
+async def test_models_retrieve(base_url: str, tenant: Tenant) -> None:
+    model = await sdk(base_url, tenant.key).models.retrieve("local")
+    assert (model.id, model.object, model.owned_by) == ("local", "model", "imagegate")
+    listed = await sdk(base_url, tenant.key).models.list()
+    assert model == next(m for m in listed.data if m.id == "local")
+
+
+async def test_models_retrieve_unknown_or_hidden_is_404(base_url: str, stack: Stack) -> None:
+    tenant = await make_tenant(stack.service)
+    limited = await make_tenant(stack.service, models=("some-other-model",))
+    messages = []
+    # A model that does not exist, and one that exists but this key may not use.
+    for key, model in ((tenant.key, "dall-e-9"), (limited.key, "local")):
+        reply = await call("GET", f"{base_url}/v1/models/{model}", key=key)
+        error = assert_error(reply, 404, "invalid_request_error", "model_not_found")
+        messages.append(error["message"].replace(model, "MODEL"))
+        with pytest.raises(openai.NotFoundError) as raised:
+            await sdk(base_url, key).models.retrieve(model)
+        assert raised.value.code == "model_not_found"
+    # The same words for both: the limited key cannot tell "local" exists.
+    assert messages[0] == messages[1]
+    reply = await call("GET", f"{base_url}/v1/models/local")
+    assert_error(reply, 401, "invalid_request_error", "invalid_api_key")
+
+
+@pytest.mark.parametrize(("allowed", "listed"), [(("local",), "local"), (("no-such-model",), None)])
+async def test_unknown_model_lists_only_the_keys_models(
+    base_url: str, stack: Stack, allowed: tuple[str, ...], listed: str | None
+) -> None:
+    limited = await make_tenant(stack.service, models=allowed)
+    reply = await call(
+        "POST",
+        f"{base_url}/v1/images/generations",
+        key=limited.key,
+        json_body={"model": "dall-e-9", "prompt": PROMPT},
+    )
+    error = assert_error(reply, 400, "invalid_request_error", "model_not_found", "model")
+    if listed is None:
+        # Nothing this key may use exists: no list, and no other model's name.
+        assert "Available" not in error["message"]
+        assert "local" not in error["message"]
+    else:
+        assert error["message"].endswith(f"Available models: {listed}.")
 
 
 # Characters Envoy's JSON printer escapes beyond what Python's json module does
@@ -161,8 +286,13 @@ async def test_fronts_answer_byte_for_byte_the_same(stack: Stack, tenant: Tenant
     for body in cases:
         aiohttp_body, envoy_body = await _both(stack, "POST", gen, key=tenant.key, json_body=body)
         assert aiohttp_body == envoy_body
-    aiohttp_body, envoy_body = await _both(stack, "GET", "/v1/models", key=tenant.key)
+    for path in ("/v1/models", "/v1/models/local", "/v1/models/dall-e-9"):
+        aiohttp_body, envoy_body = await _both(stack, "GET", path, key=tenant.key)
+        assert aiohttp_body == envoy_body
+    limited = await make_tenant(stack.service, models=("other",))
+    aiohttp_body, envoy_body = await _both(stack, "GET", "/v1/models/local", key=limited.key)
     assert aiohttp_body == envoy_body
+    assert aiohttp_body.startswith(b"\x04")  # the 404, not a model
 
 
 async def test_unknown_fields_are_ignored(base_url: str, tenant: Tenant) -> None:

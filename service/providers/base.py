@@ -16,26 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+# Defined with the rest of the catalog's tables; re-exported for adapters.
+from service.catalog_settings import ProviderSettings as ProviderSettings
 from service.requests import ImageRequest
 
-
-@dataclass(frozen=True)
-class ProviderSettings:
-    """One `[providers.ID]` table of the catalog, read once at start-up."""
-
-    id: str
-    kind: str
-    # What the vendor's own SDK calls its base URL / endpoint; "" = the vendor's default.
-    base_url: str = ""
-    # Environment variable holding the credential; "" = the kind's default name.
-    api_key_env: str = ""
-    timeout_s: float = 300.0
-    # Hosts (exact, or "*.suffix") that this provider's output URLs may be fetched from.
-    download_hosts: tuple[str, ...] = ()
-    # Kind-specific keys: api_version (azure_openai); project, location (vertex); region (bedrock).
-    options: Mapping[str, str] = field(default_factory=dict)
+if TYPE_CHECKING:
+    import aiohttp
 
 
 @dataclass(frozen=True)
@@ -107,6 +95,26 @@ class Provider(Protocol):
     async def generate(self, call: UpstreamCall) -> ProviderResult: ...
 
     async def aclose(self) -> None: ...
+
+
+class Downloader(Protocol):
+    """Fetches an image from a URL an upstream returned (download.py: host allowlist,
+    no private addresses unless listed, size cap, timeout, decode check)."""
+
+    async def fetch(self, url: str) -> tuple[bytes, str]:
+        """The image bytes and their MIME type, or UpstreamError."""
+        ...
+
+
+@dataclass(frozen=True)
+class AdapterDeps:
+    """What the registry hands each adapter factory: `create(settings, deps) -> Provider`."""
+
+    # One pooled session per provider, closed by the registry, not by the adapter.
+    http: aiohttp.ClientSession
+    download: Downloader
+    # Where credentials come from (os.environ in production, a dict in tests).
+    env: Mapping[str, str]
 
 
 class MissingCredentials(Exception):

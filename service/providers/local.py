@@ -6,10 +6,21 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
-from service.providers.base import GeneratedImage, ProviderResult, UpstreamCall
+from service.providers.base import (
+    AdapterDeps,
+    GeneratedImage,
+    ProviderResult,
+    ProviderSettings,
+    UpstreamCall,
+)
 from service.providers.local_render import CONTENT_TYPES, render
 
 OFFLINE_NOTE = "(Rendered offline by imagegate's local renderer.)"
+
+
+def create(settings: ProviderSettings, deps: AdapterDeps) -> LocalProvider:
+    """The adapter factory: the local renderer needs no credential, session or downloads."""
+    return LocalProvider(provider_id=settings.id)
 
 
 class LocalProvider:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,6 +42,33 @@ class Charge:
 
 
 @dataclass(frozen=True)
+class Served:
+    """Who made a settled request's images, and what the upstream lists them at (margins).
+
+    Several routes (a split request that failed over in part) are ","-joined in
+    call order, provider and upstream model alike.
+    """
+
+    provider: str = ""
+    upstream_model: str = ""
+    upstream_cost_micros: int = 0
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A running service process: the owner of the reservations it holds."""
+
+    id: str
+    # Machine and pid namespace (Linux boot id + namespace); "" where unknown.
+    host: str
+    pid: int
+    # The process's start time as its host counts it, to tell a reused pid; "" if unknown.
+    pid_start: str
+    started_at: float
+    heartbeat_at: float
+
+
+@dataclass(frozen=True)
 class UsageRow:
     created_at: float
     request_id: str
@@ -52,10 +80,23 @@ class UsageRow:
     cost_micros: int
     # held (in flight), settled (charged `cost`), released (nothing charged)
     status: str
+    # The route(s) that served it and their list cost; empty/0 until settled.
+    provider: str = ""
+    upstream_model: str = ""
+    upstream_cost_micros: int = 0
 
 
 class Store(Protocol):
-    async def open(self) -> None: ...
+    async def open(self, *, migrate: bool = False) -> list[str]:
+        """Connect and check the schema; the names of the migrations applied, if any.
+
+        migrate=True applies pending migrations first (the embedded SQLite store
+        always does). SchemaTooNew for a schema newer than this code knows;
+        SchemaOutdated for an older one that was not migrated.
+        """
+        ...
+
+    async def schema_version(self) -> int: ...
 
     async def close(self) -> None: ...
 
@@ -80,12 +121,26 @@ class Store(Protocol):
 
     async def revoke_key(self, key_id: str) -> bool: ...
 
-    async def reserve(self, account_id: int, amount: int, charge: Charge, expires_at: float) -> str:
-        """Hold `amount` atomically; InsufficientBalance if the balance is lower."""
+    async def reserve(
+        self,
+        account_id: int,
+        amount: int,
+        charge: Charge,
+        expires_at: float,
+        *,
+        reservation_id: str | None = None,
+        owner: str | None = None,
+    ) -> str:
+        """Hold `amount` atomically; InsufficientBalance if the balance is lower.
+
+        `reservation_id` (new_reservation_id()) lets a caller that stops waiting
+        still release what the store commits; `owner` is the holding Instance's id.
+        """
         ...
 
-    async def settle(self, reservation_id: str, cost: int) -> None:
-        """Charge `cost` (<= the held amount) and give back the rest; once only."""
+    async def settle(self, reservation_id: str, cost: int, served: Served | None = None) -> None:
+        """Charge `cost` (<= the held amount) and give back the rest; once only.
+        `served` records the route(s) and the upstream list cost with the usage row."""
         ...
 
     async def release(self, reservation_id: str) -> None:
@@ -94,9 +149,45 @@ class Store(Protocol):
 
     async def release_expired(self, now: float) -> int: ...
 
+    async def beat(self, instance: Instance) -> None:
+        """Record (or re-record) a live instance with its heartbeat_at."""
+        ...
+
+    async def instances(self) -> list[Instance]: ...
+
+    async def release_orphans(self, dead: list[str], stale_before: float, keep: str) -> int:
+        """Forget the `dead` instances and those whose heartbeat is older than
+        `stale_before` (never `keep`), then release every held reservation whose
+        owner is no longer recorded. Returns how many were released."""
+        ...
+
+    async def retire(self, instance_id: str) -> None:
+        """A clean stop: forget the instance (what it still holds becomes an orphan)."""
+        ...
+
     async def ledger_sum(self, account_id: int) -> int: ...
 
     async def usage(self, account_name: str, limit: int = 20) -> list[UsageRow]: ...
+
+
+def new_reservation_id() -> str:
+    return "res_" + secrets.token_hex(12)
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used as it is; the message is one line for the operator."""
+
+
+class SchemaTooNew(StoreError):
+    """The database was migrated by a newer imagegate."""
+
+
+class SchemaOutdated(StoreError):
+    """The database needs `imagegate migrate` before this imagegate can use it."""
+
+
+class DatabaseUnavailable(StoreError):
+    """No driver for the URL, or the server cannot be reached."""
 
 
 class UnknownAccount(LookupError):

@@ -21,65 +21,26 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from service.errors import InsufficientBalance
-from service.money import format_usd
+from service.money import MAX_BALANCE_MICROS, check_credit, format_usd
+from service.private import private_dir, touch_private
+from service.store import migrations
 from service.store.base import (
     Account,
     AccountExists,
     Charge,
+    Instance,
     KeyRecord,
+    Served,
     UnknownAccount,
     UsageRow,
+    new_reservation_id,
 )
 
 T = TypeVar("T")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS accounts (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    -- The CHECK is a backstop: reserve() never lets a balance go below zero.
-    balance_micros INTEGER NOT NULL CHECK (balance_micros >= 0),
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS api_keys (
-    id TEXT PRIMARY KEY,
-    account_id INTEGER NOT NULL REFERENCES accounts(id),
-    name TEXT NOT NULL,
-    prefix TEXT NOT NULL,
-    key_hash BLOB NOT NULL UNIQUE,
-    models TEXT,
-    created_at REAL NOT NULL,
-    revoked_at REAL
-);
-CREATE TABLE IF NOT EXISTS reservations (
-    id TEXT PRIMARY KEY,
-    account_id INTEGER NOT NULL REFERENCES accounts(id),
-    key_id TEXT NOT NULL,
-    request_id TEXT NOT NULL,
-    model TEXT NOT NULL,
-    n INTEGER NOT NULL,
-    size TEXT NOT NULL,
-    quality TEXT NOT NULL,
-    amount_micros INTEGER NOT NULL,
-    cost_micros INTEGER NOT NULL DEFAULT 0,
-    status TEXT NOT NULL CHECK (status IN ('held', 'settled', 'released')),
-    created_at REAL NOT NULL,
-    expires_at REAL NOT NULL,
-    resolved_at REAL
-);
-CREATE INDEX IF NOT EXISTS reservations_held ON reservations (status, expires_at);
-CREATE INDEX IF NOT EXISTS reservations_account ON reservations (account_id, created_at);
-CREATE TABLE IF NOT EXISTS ledger (
-    id INTEGER PRIMARY KEY,
-    account_id INTEGER NOT NULL REFERENCES accounts(id),
-    delta_micros INTEGER NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('credit', 'reserve', 'refund')),
-    reservation_id TEXT,
-    note TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS ledger_account ON ledger (account_id);
-"""
+# Migrations 2 and 3 (owners, routes) were, before versioned migrations, columns that
+# the store added on open where missing: an old database may have some of them.
+_ADDED_BEFORE_VERSIONS = 3
 
 _KEY_SELECT = (
     "SELECT k.id, k.account_id, a.name, k.name, k.prefix, k.key_hash, k.models, k.created_at, "
@@ -98,20 +59,33 @@ class SqliteStore:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, partial(fn, *args))
 
-    async def open(self) -> None:
-        await self._run(self._open)
+    async def open(self, *, migrate: bool = False) -> list[str]:
+        # The embedded default migrates itself whatever `migrate` says: `make run`
+        # on a database made by an older imagegate needs no extra step.
+        return await self._run(self._open)
 
-    def _open(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+    def _open(self) -> list[str]:
+        private_dir(self._path.parent)
+        # Created 0600 before SQLite opens it: SQLite gives -wal and -shm the same mode.
+        touch_private(self._path)
         # Autocommit mode; transactions are explicit BEGIN IMMEDIATE ... COMMIT below.
         db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA foreign_keys=ON")
-        # The CLI may write while the server runs: wait for its lock, don't fail.
-        db.execute("PRAGMA busy_timeout=5000")
-        db.executescript(SCHEMA)
+        try:
+            # The CLI may write while the server runs: wait for its lock, don't fail.
+            db.execute("PRAGMA busy_timeout=5000")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            applied = _migrate(db, self._clock())
+        except BaseException:
+            db.close()
+            raise
         self._db = db
+        return applied
+
+    async def schema_version(self) -> int:
+        rows = await self._read("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+        return int(rows[0][0])
 
     async def close(self) -> None:
         if self._db is not None:
@@ -124,16 +98,8 @@ class SqliteStore:
         return await self._run(self._in_tx, fn, *args)
 
     def _in_tx(self, fn: Callable[..., T], *args: Any) -> T:
-        db = self._db
-        assert db is not None, "store not opened"
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(db, *args)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-        return result
+        assert self._db is not None, "store not opened"
+        return _transaction(self._db, fn, *args)
 
     async def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         def query() -> list[Any]:
@@ -145,6 +111,7 @@ class SqliteStore:
     # Accounts
 
     async def create_account(self, name: str, credit_micros: int = 0) -> Account:
+        check_credit(credit_micros)
         await self._tx(self._create_account, name, credit_micros, self._clock())
         return await self._account(name)
 
@@ -170,6 +137,8 @@ class SqliteStore:
         return account
 
     async def add_credit(self, name: str, micros: int, note: str = "") -> Account:
+        check_credit(micros)
+
         def add(db: sqlite3.Connection) -> None:
             _credit(db, _account_id(db, name), micros, note, self._clock())
 
@@ -230,8 +199,17 @@ class SqliteStore:
 
     # Money
 
-    async def reserve(self, account_id: int, amount: int, charge: Charge, expires_at: float) -> str:
-        reservation_id = "res_" + secrets.token_hex(12)
+    async def reserve(
+        self,
+        account_id: int,
+        amount: int,
+        charge: Charge,
+        expires_at: float,
+        *,
+        reservation_id: str | None = None,
+        owner: str | None = None,
+    ) -> str:
+        reservation_id = reservation_id or new_reservation_id()
         now = self._clock()
 
         def reserve(db: sqlite3.Connection) -> None:
@@ -251,8 +229,8 @@ class SqliteStore:
                 )
             db.execute(
                 "INSERT INTO reservations (id, account_id, key_id, request_id, model, n, size, "
-                "quality, amount_micros, status, created_at, expires_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'held', ?, ?)",
+                "quality, amount_micros, status, created_at, expires_at, owner) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'held', ?, ?, ?)",
                 (
                     reservation_id,
                     account_id,
@@ -265,6 +243,7 @@ class SqliteStore:
                     amount,
                     now,
                     expires_at,
+                    owner,
                 ),
             )
             db.execute(
@@ -276,8 +255,8 @@ class SqliteStore:
         await self._tx(reserve)
         return reservation_id
 
-    async def settle(self, reservation_id: str, cost: int) -> None:
-        await self._tx(_resolve, reservation_id, "settled", cost, self._clock())
+    async def settle(self, reservation_id: str, cost: int, served: Served | None = None) -> None:
+        await self._tx(_resolve, reservation_id, "settled", cost, self._clock(), served)
 
     async def release(self, reservation_id: str) -> None:
         await self._tx(_resolve, reservation_id, "released", 0, self._clock())
@@ -293,6 +272,55 @@ class SqliteStore:
 
         return await self._tx(release_all)
 
+    # Instances
+
+    async def beat(self, instance: Instance) -> None:
+        def upsert(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO instances (id, host, pid, pid_start, started_at, heartbeat_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                (
+                    instance.id,
+                    instance.host,
+                    instance.pid,
+                    instance.pid_start,
+                    instance.started_at,
+                    instance.heartbeat_at,
+                ),
+            )
+
+        await self._tx(upsert)
+
+    async def instances(self) -> list[Instance]:
+        rows = await self._read(
+            "SELECT id, host, pid, pid_start, started_at, heartbeat_at FROM instances"
+        )
+        return [Instance(*row) for row in rows]
+
+    async def release_orphans(self, dead: list[str], stale_before: float, keep: str) -> int:
+        def release(db: sqlite3.Connection) -> int:
+            db.executemany("DELETE FROM instances WHERE id = ?", [(i,) for i in dead if i != keep])
+            db.execute(
+                "DELETE FROM instances WHERE heartbeat_at < ? AND id != ?", (stale_before, keep)
+            )
+            orphans = db.execute(
+                "SELECT id FROM reservations WHERE status = 'held' AND owner IS NOT NULL "
+                "AND owner NOT IN (SELECT id FROM instances)"
+            ).fetchall()
+            now = self._clock()
+            for (reservation_id,) in orphans:
+                _resolve(db, reservation_id, "released", 0, now)
+            return len(orphans)
+
+        return await self._tx(release)
+
+    async def retire(self, instance_id: str) -> None:
+        def delete(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
+
+        await self._tx(delete)
+
     async def ledger_sum(self, account_id: int) -> int:
         rows = await self._read(
             "SELECT COALESCE(SUM(delta_micros), 0) FROM ledger WHERE account_id = ?", (account_id,)
@@ -302,12 +330,92 @@ class SqliteStore:
     async def usage(self, account_name: str, limit: int = 20) -> list[UsageRow]:
         rows = await self._read(
             "SELECT r.created_at, r.request_id, r.model, r.n, r.size, r.quality, "
-            "r.amount_micros, r.cost_micros, r.status FROM reservations r "
+            "r.amount_micros, r.cost_micros, r.status, r.provider, r.upstream_model, "
+            "r.upstream_cost_micros FROM reservations r "
             "JOIN accounts a ON a.id = r.account_id WHERE a.name = ? "
             "ORDER BY r.created_at DESC, r.rowid DESC LIMIT ?",
             (account_name, limit),
         )
         return [UsageRow(*row) for row in rows]
+
+
+def _transaction(db: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
+    """fn(db, *args) in one BEGIN IMMEDIATE transaction: the write lock from the start."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(db, *args)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    return result
+
+
+def _migrate(db: sqlite3.Connection, now: float) -> list[str]:
+    """Apply pending migrations, each in its own BEGIN IMMEDIATE transaction.
+
+    The version is read inside each transaction, so two processes migrating at
+    once take turns and neither applies a migration twice.
+    """
+    applied: list[str] = []
+    while (name := _transaction(db, _apply_next, now)) is not None:
+        applied.append(name)
+    return applied
+
+
+def _apply_next(db: sqlite3.Connection, now: float) -> str | None:
+    current = _current_version(db, now)
+    migrations.check_not_newer(current, "sqlite")
+    todo = migrations.pending("sqlite", current)
+    if not todo:
+        return None
+    for statement in _statements(todo[0].sql):
+        try:
+            db.execute(statement)
+        except sqlite3.OperationalError as exc:
+            # Found already in a database that imagegate's idempotent ALTERs upgraded
+            # before versioned migrations; any other error stops the migration.
+            if todo[0].version > _ADDED_BEFORE_VERSIONS or "duplicate column" not in str(exc):
+                raise
+    db.execute(
+        "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+        (todo[0].version, todo[0].name, now),
+    )
+    return todo[0].name
+
+
+def _current_version(db: sqlite3.Connection, now: float) -> int:
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version ("
+        "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+    )
+    version = db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+    if version is not None:
+        return int(version)
+    # Made by imagegate before versioned migrations: its schema is version 1.
+    if db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'accounts'"
+    ).fetchone():
+        first = migrations.migrations("sqlite")[0]
+        db.execute(
+            "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+            (first.version, first.name, now),
+        )
+        return first.version
+    return 0
+
+
+def _statements(script: str) -> list[str]:
+    """Split a script into statements: executescript() would COMMIT our transaction."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer)
+            buffer = ""
+    if buffer.strip():
+        statements.append(buffer)  # a trailing comment, or an error sqlite reports
+    return statements
 
 
 def _account_id(db: sqlite3.Connection, name: str) -> int:
@@ -320,10 +428,16 @@ def _account_id(db: sqlite3.Connection, name: str) -> int:
 def _credit(
     db: sqlite3.Connection, account_id: int | None, micros: int, note: str, now: float
 ) -> None:
-    db.execute(
-        "UPDATE accounts SET balance_micros = balance_micros + ? WHERE id = ?",
-        (micros, account_id),
+    # The cap keeps the sum an integer: SQLite turns an overflowing sum into a float.
+    cur = db.execute(
+        "UPDATE accounts SET balance_micros = balance_micros + ? "
+        "WHERE id = ? AND balance_micros <= ?",
+        (micros, account_id, MAX_BALANCE_MICROS - micros),
     )
+    if cur.rowcount != 1:
+        raise ValueError(
+            f"credit refused: the balance would be over {format_usd(MAX_BALANCE_MICROS)}"
+        )
     db.execute(
         "INSERT INTO ledger (account_id, delta_micros, kind, note, created_at) "
         "VALUES (?, ?, 'credit', ?, ?)",
@@ -332,7 +446,12 @@ def _credit(
 
 
 def _resolve(
-    db: sqlite3.Connection, reservation_id: str, status: str, cost: int, now: float
+    db: sqlite3.Connection,
+    reservation_id: str,
+    status: str,
+    cost: int,
+    now: float,
+    served: Served | None = None,
 ) -> None:
     """Settle or release a held reservation; a resolved one is left as it is (exactly once)."""
     row = db.execute(
@@ -344,9 +463,19 @@ def _resolve(
     account_id, amount = row
     if not 0 <= cost <= amount:
         raise ValueError(f"cost {cost} outside reservation of {amount}")
+    served = served or Served()
     db.execute(
-        "UPDATE reservations SET status = ?, cost_micros = ?, resolved_at = ? WHERE id = ?",
-        (status, cost, now, reservation_id),
+        "UPDATE reservations SET status = ?, cost_micros = ?, resolved_at = ?, provider = ?, "
+        "upstream_model = ?, upstream_cost_micros = ? WHERE id = ?",
+        (
+            status,
+            cost,
+            now,
+            served.provider,
+            served.upstream_model,
+            served.upstream_cost_micros,
+            reservation_id,
+        ),
     )
     refund = amount - cost
     if refund:

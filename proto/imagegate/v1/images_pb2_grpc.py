@@ -45,6 +45,11 @@ class ImageServiceStub:
                 request_serializer=imagegate_dot_v1_dot_images__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=imagegate_dot_v1_dot_images__pb2.ModelList.FromString,
                 _registered_method=True)
+        self.GetModel = channel.unary_unary(
+                '/imagegate.v1.ImageService/GetModel',
+                request_serializer=imagegate_dot_v1_dot_images__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=imagegate_dot_v1_dot_images__pb2.Model.FromString,
+                _registered_method=True)
         self.GetImage = channel.unary_unary(
                 '/imagegate.v1.ImageService/GetImage',
                 request_serializer=imagegate_dot_v1_dot_images__pb2.GetImageRequest.SerializeToString,
@@ -64,6 +69,14 @@ class ImageServiceServicer:
 
     def ListModels(self, request, context):
         """GET /v1/models: the image models this gateway serves, in OpenAI's list shape.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModel(self, request, context):
+        """GET /v1/models/{model}: one model, if the caller's key may use it; NOT_FOUND
+        (MODEL_NOT_FOUND) otherwise, so a limited key cannot learn the others.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -89,6 +102,11 @@ def add_ImageServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=imagegate_dot_v1_dot_images__pb2.ListModelsRequest.FromString,
                     response_serializer=imagegate_dot_v1_dot_images__pb2.ModelList.SerializeToString,
+            ),
+            'GetModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModel,
+                    request_deserializer=imagegate_dot_v1_dot_images__pb2.GetModelRequest.FromString,
+                    response_serializer=imagegate_dot_v1_dot_images__pb2.Model.SerializeToString,
             ),
             'GetImage': grpc.unary_unary_rpc_method_handler(
                     servicer.GetImage,
@@ -150,6 +168,33 @@ class ImageService:
             '/imagegate.v1.ImageService/ListModels',
             imagegate_dot_v1_dot_images__pb2.ListModelsRequest.SerializeToString,
             imagegate_dot_v1_dot_images__pb2.ModelList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegate.v1.ImageService/GetModel',
+            imagegate_dot_v1_dot_images__pb2.GetModelRequest.SerializeToString,
+            imagegate_dot_v1_dot_images__pb2.Model.FromString,
             options,
             channel_credentials,
             insecure,

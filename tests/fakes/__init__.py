@@ -1,0 +1,1 @@
+"""Fake upstream providers on 127.0.0.1, one module per provider kind, speaking its wire format."""
