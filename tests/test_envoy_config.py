@@ -452,6 +452,12 @@ def test_compose_references_files_that_exist() -> None:
     assert mounts[workdir / "envoy.yaml"] == ENVOY_YAML
     descriptor = transcoder(load(ENVOY_YAML))["proto_descriptor"]
     assert mounts[workdir / descriptor] == (REPO / descriptor).resolve()
+    # And every file a route answers with (the OpenAPI document).
+    listener = _only(load(ENVOY_YAML)["static_resources"]["listeners"], LISTENER)
+    for route in _routes(listener):
+        if "direct_response" in route:
+            served = route["direct_response"]["body"]["filename"]
+            assert mounts[workdir / served] == (REPO / served).resolve()
     assert "envoy.yaml" in envoy["command"][-1]
     for line in DOCKERFILE.read_text().splitlines():
         if line.startswith("COPY "):
