@@ -24,7 +24,6 @@ log = logging.getLogger("imagegate.gateway")
 STUB: web.AppKey[images_pb2_grpc.ImageServiceStub] = web.AppKey("stub")
 # GenerateImages returning the raw reply, which response_json parses off the loop.
 GENERATE: web.AppKey[grpc.aio.UnaryUnaryMultiCallable] = web.AppKey("generate")
-_SERVICE = images_pb2.DESCRIPTOR.services_by_name["ImageService"]
 CONFIG: web.AppKey[GatewayConfig] = web.AppKey("config")
 REQUEST_ID = "x-request-id"
 REQUEST_ID_KEY: web.RequestKey[str] = web.RequestKey("request_id")
@@ -32,7 +31,7 @@ REQUEST_ID_KEY: web.RequestKey[str] = web.RequestKey("request_id")
 FORWARDED = (b"authorization", b"idempotency-key")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # The REST surface, matched on the raw path exactly as Envoy's Lua filter
-# matches it (its ROUTES table; tests/test_http_edge.py keeps the two equal).
+# matches it (its ROUTES table; tests/test_envoy_config.py keeps the two equal).
 ROUTES: tuple[tuple[str, str], ...] = (
     (r"^/v1/images/generations$", "POST"),
     (r"^/v1/models$", "GET"),
@@ -72,7 +71,7 @@ async def _channel(app: web.Application) -> AsyncIterator[None]:
     )
     app[STUB] = images_pb2_grpc.ImageServiceStub(channel)
     app[GENERATE] = channel.unary_unary(
-        f"/{_SERVICE.full_name}/GenerateImages",
+        f"/{images_pb2.DESCRIPTOR.services_by_name['ImageService'].full_name}/GenerateImages",
         request_serializer=images_pb2.GenerateImagesRequest.SerializeToString,
     )
     yield
@@ -92,8 +91,8 @@ async def generate_images(request: web.Request) -> web.Response:
         message = parse_request(raw, images_pb2.GenerateImagesRequest())
     except InvalidJson:
         raise _Failure(errors.INVALID_JSON) from None
-    raw = await request.app[GENERATE](message, **_call_options(request))
-    return _parts(await response_json.images_parts(raw))
+    reply = await request.app[GENERATE](message, **_call_options(request))
+    return _parts(await response_json.images_parts(reply))
 
 
 async def list_models(request: web.Request) -> web.Response:
