@@ -644,6 +644,37 @@ async def test_large_responses_arrive_intact(front: Front) -> None:
         assert [base64.b64decode(item["b64_json"]) for item in data] == images
 
 
+async def test_large_replies_are_byte_identical(fronts_and_stub: dict[str, Front]) -> None:
+    # The aiohttp front writes b64_json in slices (gateway/response_json.py):
+    # sizes around a slice boundary, empty images and odd text must still print
+    # exactly as the transcoder prints the whole message.
+    if "envoy" not in FRONTS:
+        pytest.skip("IMAGEGATE_TEST_FRONTS excludes envoy")
+    slice_ = 3 * 128 * 1024
+    sizes = [0, 1, 2, slice_ - 1, slice_, slice_ + 1, 3 * slice_ + 2]
+    stub = fronts_and_stub["envoy"].stub
+    stub.reset()
+    stub.images = images_pb2.ImagesResponse(
+        created=7,
+        data=[
+            images_pb2.Image(
+                b64_json=bytes((i * 7 + j) % 256 for j in range(size)), revised_prompt=NASTY
+            )
+            for i, size in enumerate(sizes)
+        ]
+        + [images_pb2.Image(url='http://x/"b64_json":""', revised_prompt='"b64_json":""')],
+        usage=images_pb2.Usage(),
+        size="1024x1024",
+    )
+    bodies = [
+        (await fetch("POST", front.url + GENERATE, json_body={"prompt": "x"})).body
+        for front in fronts_and_stub.values()
+    ]
+    assert bodies[0] == bodies[1]
+    data = json.loads(bodies[0])["data"]
+    assert [len(base64.b64decode(item.get("b64_json", ""))) for item in data] == [*sizes, 0]
+
+
 async def test_response_over_the_limit_is_internal_error(front: Front) -> None:
     front.stub.images = images_pb2.ImagesResponse(
         data=[images_pb2.Image(b64_json=b"x" * 35 * MiB) for _ in range(2)]
