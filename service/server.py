@@ -108,6 +108,7 @@ async def start_service(
     try:
         secret = url_secret(config)
         backend = await open_backend(config.image_store, config.data_dir / "images", env)
+        log.info("images kept in %r", backend)
         images = ImageStore(backend, secret, config.image_ttl_s)
         registry = await build_registry(catalog.providers, env, kind_modules=kind_modules)
     except BaseException:
