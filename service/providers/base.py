@@ -132,6 +132,15 @@ class StreamingProvider(Provider, Protocol):
         ...
 
 
+async def generated_events(provider: Provider, call: UpstreamCall) -> AsyncIterator[StreamEvent]:
+    """`generate`'s one answer as completed events: the stream of a call whose upstream
+    does not stream (the dispatcher's default, and adapters' for such models)."""
+    result = await provider.generate(call)
+    for i, image in enumerate(result.images):
+        # The call's usage rides on its first image, so the events add up to it.
+        yield CompletedImage(image, result.usage if i == 0 else TokenUsage())
+
+
 class Downloader(Protocol):
     """Fetches an image from a URL an upstream returned (download.py: host allowlist,
     no private addresses unless listed, size cap, timeout, decode check)."""

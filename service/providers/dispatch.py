@@ -55,6 +55,7 @@ from service.providers.base import (
     StreamingProvider,
     TokenUsage,
     UpstreamCall,
+    generated_events,
 )
 from service.requests import ImageRequest
 
@@ -485,14 +486,7 @@ def events(provider: Provider, call: UpstreamCall) -> AsyncIterator[StreamEvent]
     """The provider's own stream, or its one `generate` answer as completed events."""
     if isinstance(provider, StreamingProvider):
         return provider.stream(call)
-    return _generated(provider, call)
-
-
-async def _generated(provider: Provider, call: UpstreamCall) -> AsyncIterator[StreamEvent]:
-    result = await provider.generate(call)
-    for i, image in enumerate(result.images):
-        # The call's usage rides on its first image, so the events add up to it.
-        yield CompletedImage(image, result.usage if i == 0 else TokenUsage())
+    return generated_events(provider, call)
 
 
 def _naming(error: UpstreamError, route: Route) -> UpstreamError:
