@@ -4,7 +4,8 @@ Each ImageEvent of the StreamImages RPC becomes `event: <type>\\ndata: <json>\\n
 as it arrives (OpenAI's framing; the JSON as the transcoder prints it). An error
 before the first event is an ordinary error response (the caller raises it to the
 error middleware); an "error" event after it carries the service's status, which
-becomes OpenAI's error object by the front's error table.
+becomes OpenAI's error object by the front's error table. A service that vanishes
+mid-stream without one (crash, deadline) breaks the transfer, as with Envoy.
 """
 
 from __future__ import annotations
@@ -38,11 +39,17 @@ async def relay(
         response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE, **headers})
         await response.prepare(request)
         try:
-            await _relay_events(response, call, message)
-            await response.write_eof()
+            ended = await _relay_events(response, call, message)
+            if ended:
+                await response.write_eof()
         except ConnectionResetError:
             return response  # the client went away: the call is cancelled below
         finished = True
+        if not ended and request.transport is not None:
+            # The service went away mid-stream without an error event (crash, deadline):
+            # stop short of the last chunk, as Envoy then does, so that clients see a
+            # broken transfer rather than a stream that merely ended.
+            request.transport.close()
         return response
     finally:
         if not finished:
@@ -53,16 +60,18 @@ async def _relay_events(
     response: web.StreamResponse,
     call: grpc.aio.UnaryStreamCall[images_pb2.GenerateImagesRequest, images_pb2.ImageEvent],
     message: images_pb2.ImageEvent | object,
-) -> None:
+) -> bool:
+    """Write events until the stream ends (True) or fails without an error event (False)."""
     try:
         while isinstance(message, images_pb2.ImageEvent):
             await response.write(await _frame(message))
             if message.type == "error":
-                return  # the status that follows says the same
+                return True  # the status that follows says the same
             message = await call.read()
     except grpc.aio.AioRpcError as err:
-        # The service ended without an error event (it went away): say so in-band.
-        await response.write(_error_frame(_status_of(err)))
+        log.warning("stream ended by %s without an error event", err.code().name)
+        return False
+    return True
 
 
 async def _frame(message: images_pb2.ImageEvent) -> bytes:
@@ -99,8 +108,3 @@ def _error_info(status: status_pb2.Status) -> error_details_pb2.ErrorInfo | None
         if detail.Unpack(info) and info.domain == "imagegate":
             return info
     return None
-
-
-def _status_of(err: grpc.aio.AioRpcError) -> status_pb2.Status:
-    log.warning("stream ended by %s without an error event", err.code().name)
-    return status_pb2.Status(code=err.code().value[0], message=err.details() or "")

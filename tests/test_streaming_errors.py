@@ -5,7 +5,10 @@ through both fronts and gRPC, with the balance and no reservation held after."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,6 +17,8 @@ import openai
 import pytest
 from imagegate.v1 import images_pb2, images_pb2_grpc
 
+from gateway.config import GatewayConfig
+from gateway.server import bound_port, start_gateway
 from service.errors import UpstreamError
 from tests.conftest import FRONTS, Stack, Tenant, make_tenant, sdk, strict_sdk
 from tests.fakes.scripted import ScriptedProvider
@@ -29,6 +34,7 @@ from tests.providers_harness import (
 from tests.rest import assert_error, call
 from tests.test_streaming import same_second, sse_events
 
+REPO = Path(__file__).resolve().parents[1]
 CREDIT = 1_000_000
 FAKES = {"openai_compatible": "tests.fakes.streaming", "replicate": "tests.fakes.scripted"}
 BODY: dict[str, Any] = {"model": "streamed", "prompt": "a lighthouse", "stream": True}
@@ -276,3 +282,38 @@ async def test_grpc_client_cancelling_mid_stream_pays_for_what_was_delivered(
         assert await stream.code() == grpc.StatusCode.CANCELLED
     assert await settled_balance(sstack, who) == CREDIT - charged * UNIT_PRICE
     assert streamer.cancelled == 1
+
+
+@pytest.mark.parametrize("front_name", FRONTS)
+async def test_a_service_crashing_mid_stream_breaks_the_transfer_on_both_fronts(
+    front_name: str,
+) -> None:
+    service = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.fakes.vanishing_service",
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert service.stdout is not None
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(service.wait)
+        stack.callback(lambda: service.returncode is None and service.kill())
+        port = int(await asyncio.wait_for(service.stdout.readline(), 30))
+        if front_name == "envoy":
+            from tests.envoy_harness import envoy_front
+
+            base_url = await stack.enter_async_context(envoy_front(port))
+        else:
+            runner = await start_gateway(GatewayConfig(grpc_target=f"127.0.0.1:{port}"), port=0)
+            stack.push_async_callback(runner.cleanup)
+            base_url = f"http://127.0.0.1:{bound_port(runner)}"
+        async with aiohttp.ClientSession() as session:
+            response = await session.post(
+                f"{base_url}/v1/images/generations", json={"prompt": "x", "stream": True}
+            )
+            await read_until(response, b"event: image_generation.partial_image")
+            assert await service.stdout.readline() == b"sent\n"
+            service.kill()  # SIGKILL, by its pid: no status, no error event
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
