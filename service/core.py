@@ -18,7 +18,7 @@ from service.providers.base import GeneratedImage, Provider, TokenUsage
 from service.providers.dispatch import Dispatched, Dispatcher
 from service.requests import GenerationParams, ImageRequest, validate
 from service.store.base import Charge, Served, Store, new_reservation_id
-from service.streaming import Delivered, Send, event
+from service.streaming import Delivered, Send, image_event
 
 log = logging.getLogger("imagegate.core")
 T = TypeVar("T")
@@ -196,7 +196,7 @@ class ImageCore:
             )
             try:
                 async for item in items:
-                    await send(event(request, item, self._clock()))
+                    await send(image_event(request, item, self._clock()))
                     delivered.add(item)
             finally:
                 await items.aclose()

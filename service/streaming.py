@@ -37,7 +37,7 @@ class ImageEvent:
 Send = Callable[[ImageEvent], Awaitable[None]]
 
 
-def event(request: ImageRequest, item: Streamed, now: float) -> ImageEvent:
+def image_event(request: ImageRequest, item: Streamed, now: float) -> ImageEvent:
     """The event for one streamed item, with the fields OpenAI's events always carry."""
     e = item.event
     image = e.image if isinstance(e, CompletedImage) else e

@@ -180,7 +180,8 @@ async def read_all(chunks: list[bytes], limit: int = 1 << 30) -> list[sse.Event]
     runner, url = await sse_server(chunks)
     try:
         async with aiohttp.ClientSession() as http, http.get(url) as response:
-            return [e async for e in sse.read_events(response, "p", limit)]
+            blocks = [b async for b in sse.read_blocks(response, "p", limit)]
+            return [e for e in map(sse.parse, blocks) if e is not None]
     finally:
         await runner.cleanup()
 

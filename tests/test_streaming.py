@@ -217,3 +217,12 @@ async def test_partial_images_without_stream_is_refused(base_url: str, tenant: T
     body = {**BODY, "stream": False}
     reply = await call("POST", f"{base_url}/v1/images/generations", key=tenant.key, json_body=body)
     assert_error(reply, 400, "invalid_request_error", "invalid_value", "partial_images")
+
+
+async def test_the_streaming_rule_s_internal_path_is_not_public(
+    base_url: str, tenant: Tenant
+) -> None:
+    url = f"{base_url}/v1/images/generations:stream"
+    reply = await call("POST", url, key=tenant.key, json_body=BODY)
+    error = assert_error(reply, 404, "invalid_request_error", "unknown_url")
+    assert error["message"] == "Invalid URL (POST /v1/images/generations:stream)"

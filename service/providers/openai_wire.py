@@ -229,13 +229,16 @@ class Upstream:
                 for i, image in enumerate(await self._images(items, url)):
                     yield CompletedImage(image, usage if i == 0 else TokenUsage())
                 return
-            async for event in sse.read_events(response, self.provider_id):
-                # JSON and base64 of megabytes: off the event loop.
-                item = await asyncio.to_thread(self._event, event)
+            async for block in sse.read_blocks(response, self.provider_id):
+                # Text, JSON and base64 of megabytes: off the event loop.
+                item = await asyncio.to_thread(self._event, block)
                 if item is not None:
                     yield item
 
-    def _event(self, event: sse.Event) -> StreamEvent | None:
+    def _event(self, block: bytes) -> StreamEvent | None:
+        event = sse.parse(block)
+        if event is None:
+            return None
         try:
             payload = json.loads(event.data)
         except ValueError:

@@ -26,11 +26,11 @@ class Event:
     data: str
 
 
-async def read_events(
+async def read_blocks(
     response: aiohttp.ClientResponse, provider_id: str, limit: int = MAX_REPLY_BYTES
-) -> AsyncIterator[Event]:
-    """Each event of the reply as soon as its blank line has arrived; UpstreamError if
-    the reply grows over `limit` bytes."""
+) -> AsyncIterator[bytes]:
+    """Each event's raw block as soon as its blank line has arrived (`parse` reads it:
+    off the event loop for big ones); UpstreamError if the reply grows over `limit`."""
     buffer = bytearray()
     total = 0
     async for chunk in response.content.iter_any():
@@ -44,15 +44,12 @@ async def read_events(
         buffer.extend(chunk)
         while (cut := _boundary(buffer, start)) is not None:
             end, skip = cut
-            event = _parse(bytes(buffer[:end]))
+            block = bytes(buffer[:end])
             del buffer[: end + skip]
             start = 0
-            if event is not None:
-                yield event
+            yield block
     if buffer.strip():
-        event = _parse(bytes(buffer))
-        if event is not None:
-            yield event
+        yield bytes(buffer)
 
 
 def _boundary(buffer: bytearray, start: int) -> tuple[int, int] | None:
@@ -60,8 +57,9 @@ def _boundary(buffer: bytearray, start: int) -> tuple[int, int] | None:
     return min(found) if found else None
 
 
-def _parse(block: bytes) -> Event | None:
-    """One event's lines, as the SSE specification reads them (no id/retry needed here)."""
+def parse(block: bytes) -> Event | None:
+    """One event's lines, as the SSE specification reads them (no id/retry needed here);
+    None for a block of comments only."""
     event: str | None = None
     data: list[str] = []
     for line in _LINES.split(block.decode("utf-8", "replace")):
