@@ -1,7 +1,9 @@
 """Adapter for Azure OpenAI image deployments (kind azure_openai).
 
 `base_url` is the resource endpoint, as the SDK's `azure_endpoint`
-(`https://RESOURCE.openai.azure.com`); a route's `upstream_model` is the
+(`https://RESOURCE.openai.azure.com`); unset, it is read from
+`AZURE_OPENAI_ENDPOINT` as Azure's SDKs do, and a provider with neither is not
+live (the start-up log says which is missing); a route's `upstream_model` is the
 deployment name. The key travels in the `api-key` header
 (`AZURE_OPENAI_API_KEY`, or the variable named by `api_key_env`).
 
@@ -12,7 +14,8 @@ Option `api_version` picks the URL form:
 - `v1`: the version-less v1 API, `POST {endpoint}/openai/v1/images/generations`
   with the deployment name as `model` in the body.
 
-Bodies and replies are OpenAI's (openai_wire.py). Azure's refusals: a 400 whose
+Bodies and replies are OpenAI's (openai_wire.py), streaming included (gpt-image
+deployments stream a call of one image as OpenAI does). Azure's refusals: a 400 whose
 `inner_error.code` is `ResponsibleAIPolicyViolation` (or code `contentFilter` /
 `moderation_blocked`) is a safety refusal; 404 `DeploymentNotFound` is a
 misconfigured route (fails over); 401/403 mean our key was refused.
@@ -24,21 +27,26 @@ gpt-image or dall-e-2 model, or option `max_n` says otherwise.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 from urllib.parse import quote
 
-from service.catalog_settings import CatalogError
 from service.providers import openai_wire as wire
 from service.providers.base import (
     AdapterDeps,
+    MissingCredentials,
     Provider,
     ProviderResult,
     ProviderSettings,
+    StreamEvent,
     UpstreamCall,
+    generated_events,
 )
 from service.providers.http import credential
 from service.providers.openai import option_max_n
 
 DEFAULT_ENV = "AZURE_OPENAI_API_KEY"
+ENDPOINT_ENV = "AZURE_OPENAI_ENDPOINT"
 DEFAULT_API_VERSION = "2025-04-01-preview"
 V1 = "v1"
 
@@ -48,9 +56,11 @@ class AzureOpenAIProvider:
 
     kind = "azure_openai"
 
-    def __init__(self, settings: ProviderSettings, deps: AdapterDeps, api_key: str) -> None:
+    def __init__(
+        self, settings: ProviderSettings, deps: AdapterDeps, endpoint: str, api_key: str
+    ) -> None:
         self.id = settings.id
-        self._endpoint = settings.base_url.rstrip("/")
+        self._endpoint = endpoint.rstrip("/")
         self._api_version = settings.options.get("api_version") or DEFAULT_API_VERSION
         self._auth = {"api-key": api_key}
         self._unknown_max_n = option_max_n(settings, 1)
@@ -62,20 +72,30 @@ class AzureOpenAIProvider:
         return wire.max_n_for(upstream_model, self._unknown_max_n)
 
     async def generate(self, call: UpstreamCall) -> ProviderResult:
+        url, body, params = self._request(call, wire.family(call))
+        return await self._upstream.generate(url, self._headers(call), body, call.n, params)
+
+    def stream(self, call: UpstreamCall) -> AsyncIterator[StreamEvent]:
         fam = wire.family(call)
-        headers = {
-            **self._auth,
-            **wire.request_id_header("x-ms-client-request-id", call.request_id),
-        }
+        if not wire.streams(fam, call):
+            return generated_events(self, call)
+        url, body, params = self._request(call, fam)
+        body = wire.stream_body(body, call)
+        return self._upstream.stream(url, self._headers(call), body, call.n, params)
+
+    def _headers(self, call: UpstreamCall) -> dict[str, str]:
+        return {**self._auth, **wire.request_id_header("x-ms-client-request-id", call.request_id)}
+
+    def _request(
+        self, call: UpstreamCall, fam: str
+    ) -> tuple[str, dict[str, Any], Mapping[str, str] | None]:
+        """URL, body and query of the call in the configured API version's form."""
         if self._api_version == V1:
             url = f"{self._endpoint}/openai/v1/images/generations"
-            body = wire.request_body(call, fam, model=call.upstream_model)
-            return await self._upstream.generate(url, headers, body, call.n)
+            return url, wire.request_body(call, fam, model=call.upstream_model), None
         deployment = quote(call.upstream_model, safe="")
         url = f"{self._endpoint}/openai/deployments/{deployment}/images/generations"
-        body = wire.request_body(call, fam, model=None)
-        params = {"api-version": self._api_version}
-        return await self._upstream.generate(url, headers, body, call.n, params)
+        return url, wire.request_body(call, fam, model=None), {"api-version": self._api_version}
 
     async def aclose(self) -> None:
         # The session and downloader belong to the registry.
@@ -83,9 +103,8 @@ class AzureOpenAIProvider:
 
 
 def create(settings: ProviderSettings, deps: AdapterDeps) -> Provider:
-    if not settings.base_url:
-        raise CatalogError(
-            f"provider {settings.id!r}: kind azure_openai needs base_url, the resource endpoint"
-        )
+    endpoint = settings.base_url or deps.env.get(ENDPOINT_ENV, "").strip()
+    if not endpoint:
+        raise MissingCredentials(f"base_url is not set in the catalog, nor {ENDPOINT_ENV}")
     key = credential(deps.env, settings.api_key_env or DEFAULT_ENV)
-    return AzureOpenAIProvider(settings, deps, key)
+    return AzureOpenAIProvider(settings, deps, endpoint, key)
