@@ -42,10 +42,6 @@ class ImageStore:
         self.ttl_s = ttl_s
         self._clock = clock
 
-    @property
-    def backend(self) -> ImageBackend:
-        return self._backend
-
     async def put(self, data: bytes, content_type: str) -> str:
         image_id = _new_id(content_type)
         await self._backend.write(image_id, data, content_type)
