@@ -18,6 +18,7 @@ from service.providers.base import GeneratedImage, Provider, TokenUsage
 from service.providers.dispatch import Dispatched, Dispatcher
 from service.requests import GenerationParams, ImageRequest, validate
 from service.store.base import Charge, Served, Store, new_reservation_id
+from service.streaming import Delivered, Send, image_event
 
 log = logging.getLogger("imagegate.core")
 T = TypeVar("T")
@@ -129,16 +130,10 @@ class ImageCore:
 
         `render` builds what the transport will send (raising a domain error when
         it cannot be sent); whatever fails or is cancelled, at any moment, the
-        reservation is resolved before this returns or raises. A streaming RPC
-        can pass a render that sends, so that only what it handed over is charged.
+        reservation is resolved before this returns or raises. (A streamed request
+        goes through `stream`, which charges per image handed over.)
         """
-        # An unknown model's message names only the models this key may use.
-        visible = [m.id for m in self.list_models(caller)]
-        request = validate(params, self._catalog, self._default_model, available=visible)
-        if caller.models is not None and request.model.id not in caller.models:
-            raise ModelNotAllowed(
-                f"This API key is not allowed to use the model '{request.model.id}'."
-            )
+        request = self._validated(caller, params, streaming=False)
         started = self._clock()
         reservation = await self._reserve(caller, request, ctx, started)
         log.debug("request %s prompt %r", ctx.request_id, request.prompt)
@@ -172,6 +167,90 @@ class ImageCore:
             (self._clock() - started) * 1000,
         )
         return rendered
+
+    async def stream(
+        self, caller: Caller, params: GenerationParams, ctx: RequestContext, send: Send
+    ) -> None:
+        """Reserve, then hand each event to `send` as it comes; charge what `send` took.
+
+        Previews are free; each finished image is charged once `send` has returned
+        for it. However the stream ends (done, failed after some events, the client
+        gone), the images handed over are settled and the rest of the reservation
+        released before this returns or raises.
+        """
+        await self.stream_request(
+            caller, self._validated(caller, params, streaming=True), ctx, send
+        )
+
+    async def stream_request(
+        self, caller: Caller, request: ImageRequest, ctx: RequestContext, send: Send
+    ) -> None:
+        """`stream` for a request already validated (with streaming=True)."""
+        started = self._clock()
+        reservation = await self._reserve(caller, request, ctx, started)
+        log.debug("request %s prompt %r", ctx.request_id, request.prompt)
+        delivered = Delivered()
+        try:
+            items = self.dispatcher.stream(
+                request, request_id=ctx.request_id, deadline=ctx.deadline
+            )
+            try:
+                async for item in items:
+                    await send(image_event(request, item, self._clock()))
+                    delivered.add(item)
+            finally:
+                await items.aclose()
+        except BaseException:
+            await _uninterrupted(self._settle_delivered(reservation, request, delivered))
+            raise
+        served, cost = await _uninterrupted(self._settle_delivered(reservation, request, delivered))
+        log.info(
+            "request %s account=%s model=%s route=%s/%s streamed n=%d/%d size=%s quality=%s "
+            "cost=%d upstream_cost=%d latency_ms=%d",
+            ctx.request_id,
+            caller.account_name,
+            request.model.id,
+            served.provider,
+            served.upstream_model,
+            delivered.images,
+            request.n,
+            request.size,
+            request.quality,
+            cost,
+            served.upstream_cost_micros,
+            (self._clock() - started) * 1000,
+        )
+
+    async def _settle_delivered(
+        self, reservation: str, request: ImageRequest, delivered: Delivered
+    ) -> tuple[Served, int]:
+        """Charge the images handed over, release the rest; nothing handed over: release all."""
+        calls = delivered.calls()
+        if not calls:
+            await self._store.release(reservation)
+            return Served("", "", 0), 0
+        bill = costs.bill(request, calls, request.quote)
+        served = Served(bill.provider, bill.upstream_model, bill.upstream_cost_micros)
+        try:
+            await self._store.settle(reservation, bill.cost_micros, served)
+        except BaseException:
+            await self._store.release(reservation)  # a no-op if the settle did commit
+            raise
+        return served, bill.cost_micros
+
+    def _validated(
+        self, caller: Caller, params: GenerationParams, *, streaming: bool
+    ) -> ImageRequest:
+        # An unknown model's message names only the models this key may use.
+        visible = [m.id for m in self.list_models(caller)]
+        request = validate(
+            params, self._catalog, self._default_model, available=visible, streaming=streaming
+        )
+        if caller.models is not None and request.model.id not in caller.models:
+            raise ModelNotAllowed(
+                f"This API key is not allowed to use the model '{request.model.id}'."
+            )
+        return request
 
     async def _reserve(
         self, caller: Caller, request: ImageRequest, ctx: RequestContext, started: float
@@ -234,6 +313,10 @@ class ImageCore:
 
     async def get_image(self, image_id: str, expires: str, signature: str) -> tuple[bytes, str]:
         return await self._images.get(image_id, expires, signature)
+
+    async def aclose(self) -> None:
+        """Close what the core owns: the image store's connections."""
+        await self._images.aclose()
 
     async def sweep(self) -> None:
         """Release reservations a crash left behind, and delete images past their links."""
