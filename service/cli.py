@@ -27,7 +27,14 @@ from service.links import url_host
 from service.money import credit_micros, format_usd, usd_to_micros
 from service.providers.registry import ProviderStatus, build_registry
 from service.server import Service, open_store, start_service
-from service.store.base import AccountExists, KeyLimits, Store, UnknownAccount, UnknownCursor
+from service.store.base import (
+    AccountExists,
+    KeyLimits,
+    Store,
+    StoreError,
+    UnknownAccount,
+    UnknownCursor,
+)
 
 DEMO_ACCOUNT = "demo"
 DEMO_CREDIT = "5.00"
@@ -41,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(asyncio.run(args.func(args)) or 0)
-    except (UnknownAccount, UnknownCursor, AccountExists, ValueError) as exc:
+    except (UnknownAccount, UnknownCursor, AccountExists, StoreError, ValueError) as exc:
         print(f"imagegate: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # e.g. a port in use: say so, without a traceback
@@ -148,6 +155,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--after", help="a usage record id: only older records (paging)")
     p.add_argument("--json", action="store_true")
+
+    _command(
+        sub,
+        "migrate",
+        _migrate,
+        "Bring the database schema up to date (needed for PostgreSQL; SQLite does it itself).",
+        store=True,
+    )
     return parser
 
 
@@ -197,7 +212,10 @@ def _store_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir", type=Path, help="data directory [IMAGEGATE_DATA_DIR, ./.imagegate]"
     )
-    p.add_argument("--database-url", help="sqlite:///PATH [IMAGEGATE_DATABASE_URL]")
+    p.add_argument(
+        "--database-url",
+        help="sqlite:///PATH or postgresql://USER@HOST/DB [IMAGEGATE_DATABASE_URL]",
+    )
 
 
 def _service_flags(p: argparse.ArgumentParser) -> None:
@@ -446,6 +464,19 @@ async def _usage(args: argparse.Namespace) -> int:
             f"{r.size:10} {r.quality:8} {format_usd(r.cost_micros):>10} {r.status:9} "
             f"{latency:>8} {format_usd(r.upstream_cost_micros):>13} {route}"
         )
+    return 0
+
+
+async def _migrate(args: argparse.Namespace) -> int:
+    store = open_store(_config(args))
+    applied = await store.open(migrate=True)
+    try:
+        version = await store.schema_version()
+    finally:
+        await store.close()
+    for name in applied:
+        print(f"applied {name}")
+    print(f"schema at version {version}{'' if applied else ', up to date'}")
     return 0
 
 
