@@ -597,8 +597,10 @@ def _account(row: Any) -> Account:
 
 
 def _usage_row(row: Any) -> UsageRow:
-    latency = row[14]
-    return UsageRow(*row[:14], None if latency is None else int(latency))
+    # ROUND(...)::bigint comes back as int already; only NULL needs care.
+    values = list(row)
+    values[-1] = None if values[-1] is None else int(values[-1])
+    return UsageRow(*values)
 
 
 def _key_record(row: Any) -> KeyRecord:
