@@ -75,8 +75,12 @@ class Limiter:
         self._storage: Storage
         self._leases: Leases
         if redis_url:
-            import redis.asyncio
-
+            try:
+                import redis.asyncio
+            except ImportError:
+                raise ValueError(
+                    "IMAGEGATE_REDIS_URL needs the redis package: pip install 'imagegate[redis]'"
+                ) from None
             self._pool = redis.asyncio.ConnectionPool.from_url(redis_url)
             self._storage = RedisStorage(
                 _limits_uri(redis_url),
