@@ -55,12 +55,16 @@ class Leases(Protocol):
 
     async def release(self, key_id: str, lease: str) -> None: ...
 
+    async def in_flight(self, key_id: str) -> int:
+        """How many of the key's leases are held now (by every replica)."""
+        ...
+
 
 class LocalLeases:
     """One process: a plain counter (the event loop is the only writer)."""
 
     def __init__(self) -> None:
-        self.in_flight: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()
 
     async def open(self) -> None:
         pass
@@ -69,15 +73,18 @@ class LocalLeases:
         pass
 
     async def acquire(self, key_id: str, limit: int) -> str | None:
-        if self.in_flight[key_id] >= limit:
+        if self.counts[key_id] >= limit:
             return None
-        self.in_flight[key_id] += 1
+        self.counts[key_id] += 1
         return key_id
 
     async def release(self, key_id: str, lease: str) -> None:
-        self.in_flight[key_id] -= 1
-        if self.in_flight[key_id] <= 0:
-            del self.in_flight[key_id]
+        self.counts[key_id] -= 1
+        if self.counts[key_id] <= 0:
+            del self.counts[key_id]
+
+    async def in_flight(self, key_id: str) -> int:
+        return self.counts[key_id]
 
 
 class RedisLeases:
@@ -131,6 +138,12 @@ class RedisLeases:
             await self._client.zrem(key, lease)
         except Exception:
             log.warning("could not release a lease; it expires by itself", exc_info=True)
+
+    async def in_flight(self, key_id: str) -> int:
+        key = self.key(key_id)
+        now_s, now_us = await self._client.time()
+        # Unexpired leases only: a stopped replica's count until they lapse.
+        return int(await self._client.zcount(key, now_s * 1000 + now_us // 1000, "+inf"))
 
     async def _renew_forever(self) -> None:
         while True:

@@ -133,6 +133,10 @@ class Limiter:
             if lease is not None:
                 await uninterrupted(self._leases.release(key_id, lease))
 
+    async def in_flight(self, key_id: str) -> int:
+        """Requests of the key holding a concurrency slot now, across replicas if shared."""
+        return await self._leases.in_flight(key_id)
+
     async def _hit_rates(self, key_id: str, limits: Limits, n: int) -> None:
         rates = [
             (RateLimitItemPerMinute(limit, namespace=name), cost, what)

@@ -24,6 +24,7 @@ from tests.conftest import FRONTS
 from tests.fakes.openai import FakeOpenAI
 from tests.providers_harness import catalog_toml, model, provider, route
 from tests.replicas import Replica
+from tests.rest import Reply, assert_error
 
 MODEL = "gen"
 PRICE = 1000  # micro-USD per image (providers_harness.UNIT_PRICE)
@@ -128,6 +129,15 @@ async def grpc_stub(target: str) -> AsyncIterator[images_pb2_grpc.ImageServiceSt
         yield images_pb2_grpc.ImageServiceStub(channel)
     finally:
         await channel.close()
+
+
+def assert_limited(reply: Reply, longest_s: int = 60) -> int:
+    """A 429 in OpenAI's shape with a Retry-After in whole seconds; returns it."""
+    error = assert_error(reply, 429, "requests", "rate_limit_exceeded")
+    assert "limit" in error["message"]
+    retry_after = int(reply.headers["Retry-After"])
+    assert 1 <= retry_after <= longest_s
+    return retry_after
 
 
 def dumps(body: dict[str, Any], **json_options: Any) -> bytes:
