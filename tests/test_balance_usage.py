@@ -152,7 +152,7 @@ async def test_usage_records(url: str, ustack: Stack, tenant: Tenant, fake: Gate
     assert done["route"] == "compat/gen"
     assert (failed["status"], failed["cost_micros"], failed["route"]) == ("released", "0", "")
     # Never a key or image bytes.
-    assert tenant.key not in reply.body.decode() and "b64" not in reply.body.decode()
+    assert tenant.key not in reply.body.decode() and "b64_json" not in reply.body.decode()
 
 
 async def test_usage_pages(url: str, tenant: Tenant) -> None:
