@@ -225,3 +225,26 @@ async def test_unreachable_redis_admits_and_logs(
             statuses = [(await post(stack.fronts["aiohttp"], key)).status for _ in range(2)]
     assert statuses == [200, 200]
     assert any("request admitted" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_refused_request_leaves_its_idempotency_key_free(
+    url: str, lstack: Stack, fake: GatedOpenAI
+) -> None:
+    """A 429 is not the key's outcome (Stripe stores none for requests that never ran)."""
+    name, key, _ = await account(lstack, concurrency=1)
+    fake.gate.clear()
+    calls = len(fake.requests)
+    first = asyncio.create_task(post(url, key))
+    await fake.wait_for_calls(calls + 1)
+    retry = {"Idempotency-Key": "after-429"}
+    refused = await call(
+        "POST", f"{url}/v1/images/generations", key=key, json_body=BODY, headers=retry
+    )
+    assert_limited(refused)
+    fake.gate.set()
+    assert (await first).status == 200
+    again = await call(
+        "POST", f"{url}/v1/images/generations", key=key, json_body=BODY, headers=retry
+    )
+    assert again.status == 200
+    assert await reservations(lstack.service.store, name) == ["settled", "settled"]
