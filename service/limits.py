@@ -28,6 +28,7 @@ from service.store.base import KeyLimits
 log = logging.getLogger("imagegate.limits")
 # A full concurrency slot frees when some request ends: a second is a fair guess.
 CONCURRENCY_RETRY_AFTER_S = 1
+REDIS_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,13 @@ class Limiter:
                 raise ValueError(
                     "IMAGEGATE_REDIS_URL needs the redis package: pip install 'imagegate[redis]'"
                 ) from None
-            self._pool = redis.asyncio.ConnectionPool.from_url(redis_url)
+            # Bounded waits: a Redis that stops answering admits requests (logged)
+            # rather than holding them.
+            self._pool = redis.asyncio.ConnectionPool.from_url(
+                redis_url,
+                socket_connect_timeout=REDIS_TIMEOUT_S,
+                socket_timeout=REDIS_TIMEOUT_S,
+            )
             self._storage = RedisStorage(
                 _limits_uri(redis_url),
                 implementation="redispy",

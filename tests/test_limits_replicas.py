@@ -35,7 +35,7 @@ B64 = {**BODY, "response_format": "b64_json"}
 
 @pytest.fixture
 async def redis_client() -> AsyncIterator[redis.asyncio.Redis]:
-    client = redis.asyncio.Redis.from_url(REDIS_URL)
+    client = redis.asyncio.Redis.from_url(REDIS_URL, socket_timeout=10, socket_connect_timeout=10)
     try:
         await client.ping()
     except redis.ConnectionError as exc:
