@@ -14,6 +14,7 @@ from service import costs, keys
 from service.aio import uninterrupted
 from service.catalog import Catalog, ModelSpec
 from service.errors import InvalidApiKey, InvalidParameter, ModelNotAllowed, ModelNotFound
+from service.idempotency import HEADER as IDEMPOTENCY_HEADER
 from service.idempotency import Idempotency, Keeper, check_key
 from service.images import ImageStore
 from service.limits import Limiter, Limits, check_n, in_force
@@ -31,6 +32,7 @@ from service.store.base import (
     UsageRow,
     new_reservation_id,
 )
+from service.streaming import Delivered, Send, image_event
 
 log = logging.getLogger("imagegate.core")
 # Usage records per page: by default, and at most.
@@ -160,22 +162,15 @@ class ImageCore:
 
         `render` builds what the transport will send (raising a domain error when
         it cannot be sent); whatever fails or is cancelled, at any moment, the
-        reservation is resolved before this returns or raises. A streaming RPC
-        can pass a render that sends, so that only what it handed over is charged.
-        With `idempotency`, the request runs once per key of the account and its
-        outcome is replayed to the others (service/idempotency.py).
+        reservation is resolved before this returns or raises. (A streamed request
+        goes through `stream`, which charges per image handed over.) With
+        `idempotency`, the request runs once per key of the account and its outcome
+        is replayed to the others (service/idempotency.py).
         """
         if idempotency is not None:
             check_key(idempotency.key)
-        # An unknown model's message names only the models this key may use.
-        visible = [m.id for m in self.list_models(caller)]
-        request = validate(params, self._catalog, self._default_model, available=visible)
-        if caller.models is not None and request.model.id not in caller.models:
-            raise ModelNotAllowed(
-                f"This API key is not allowed to use the model '{request.model.id}'."
-            )
-        limits = in_force(caller.limits, self._limit_defaults)
-        check_n(limits, request.n)
+        request = self._validated(caller, params, streaming=False)
+        limits = self._limits(caller, request)
         if idempotency is None:
             return await self._admitted(caller, request, limits, ctx, render, None)
         encode = idempotency.encode
@@ -185,6 +180,12 @@ class ImageCore:
             ctx.deadline,
             lambda claim: self._admitted(caller, request, limits, ctx, render, (claim, encode)),
         )
+
+    def _limits(self, caller: Caller, request: ImageRequest) -> Limits:
+        """The key's limits in force; a 400 on `n` if no retry could meet them."""
+        limits = in_force(caller.limits, self._limit_defaults)
+        check_n(limits, request.n)
+        return limits
 
     async def _admitted(
         self,
@@ -245,6 +246,110 @@ class ImageCore:
             (self._clock() - started) * 1000,
         )
         return rendered
+
+    async def stream(
+        self,
+        caller: Caller,
+        params: GenerationParams,
+        ctx: RequestContext,
+        send: Send,
+        idempotency_key: str | None = None,
+    ) -> None:
+        """Reserve, then hand each event to `send` as it comes; charge what `send` took.
+
+        Previews are free; each finished image is charged once `send` has returned
+        for it. However the stream ends (done, failed after some events, the client
+        gone), the images handed over are settled and the rest of the reservation
+        released before this returns or raises.
+        """
+        if idempotency_key is not None:
+            # A stream is not replayable: refused, rather than run twice for a retry.
+            raise InvalidParameter(
+                f"{IDEMPOTENCY_HEADER} is not supported with stream: true. Send the request "
+                "without it, or without streaming.",
+                param=IDEMPOTENCY_HEADER,
+            )
+        await self.stream_request(
+            caller, self._validated(caller, params, streaming=True), ctx, send
+        )
+
+    async def stream_request(
+        self, caller: Caller, request: ImageRequest, ctx: RequestContext, send: Send
+    ) -> None:
+        """`stream` for a request already validated (with streaming=True), within the
+        key's limits (429 before anything is reserved)."""
+        limits = self._limits(caller, request)
+        async with self._limiter.admit(caller.key_id, limits, request.n):
+            await self._stream_admitted(caller, request, ctx, send)
+
+    async def _stream_admitted(
+        self, caller: Caller, request: ImageRequest, ctx: RequestContext, send: Send
+    ) -> None:
+        started = self._clock()
+        reservation = await self._reserve(caller, request, ctx, started)
+        log.debug("request %s prompt %r", ctx.request_id, request.prompt)
+        delivered = Delivered()
+        try:
+            items = self.dispatcher.stream(
+                request, request_id=ctx.request_id, deadline=ctx.deadline
+            )
+            try:
+                async for item in items:
+                    await send(image_event(request, item, self._clock()))
+                    delivered.add(item)
+            finally:
+                await items.aclose()
+        except BaseException:
+            await uninterrupted(self._settle_delivered(reservation, request, delivered))
+            raise
+        served, cost = await uninterrupted(self._settle_delivered(reservation, request, delivered))
+        log.info(
+            "request %s account=%s model=%s route=%s/%s streamed n=%d/%d size=%s quality=%s "
+            "cost=%d upstream_cost=%d latency_ms=%d",
+            ctx.request_id,
+            caller.account_name,
+            request.model.id,
+            served.provider,
+            served.upstream_model,
+            delivered.images,
+            request.n,
+            request.size,
+            request.quality,
+            cost,
+            served.upstream_cost_micros,
+            (self._clock() - started) * 1000,
+        )
+
+    async def _settle_delivered(
+        self, reservation: str, request: ImageRequest, delivered: Delivered
+    ) -> tuple[Served, int]:
+        """Charge the images handed over, release the rest; nothing handed over: release all."""
+        calls = delivered.calls()
+        if not calls:
+            await self._store.release(reservation)
+            return Served("", "", 0), 0
+        bill = costs.bill(request, calls, request.quote)
+        served = Served(bill.provider, bill.upstream_model, bill.upstream_cost_micros)
+        try:
+            await self._store.settle(reservation, bill.cost_micros, served)
+        except BaseException:
+            await self._store.release(reservation)  # a no-op if the settle did commit
+            raise
+        return served, bill.cost_micros
+
+    def _validated(
+        self, caller: Caller, params: GenerationParams, *, streaming: bool
+    ) -> ImageRequest:
+        # An unknown model's message names only the models this key may use.
+        visible = [m.id for m in self.list_models(caller)]
+        request = validate(
+            params, self._catalog, self._default_model, available=visible, streaming=streaming
+        )
+        if caller.models is not None and request.model.id not in caller.models:
+            raise ModelNotAllowed(
+                f"This API key is not allowed to use the model '{request.model.id}'."
+            )
+        return request
 
     async def _reserve(
         self, caller: Caller, request: ImageRequest, ctx: RequestContext, started: float

@@ -248,3 +248,31 @@ async def test_a_refused_request_leaves_its_idempotency_key_free(
     )
     assert again.status == 200
     assert await reservations(lstack.service.store, name) == ["settled", "settled"]
+
+
+STREAM = {"model": "local", "prompt": "a heron", "size": "256x256", "stream": True}
+
+
+async def test_streams_are_limited_too(base_url: str, stack: Stack) -> None:
+    name, key, _ = await account(stack, rpm=1, max_n=1)
+    url = f"{base_url}/v1/images/generations"
+    over_n = await call("POST", url, key=key, json_body={**STREAM, "n": 2})
+    assert_error(over_n, 400, "invalid_request_error", "invalid_value", "n")
+    first = await call("POST", url, key=key, json_body=STREAM)
+    assert (first.status, first.headers["Content-Type"]) == (200, "text/event-stream")
+    assert_limited(await call("POST", url, key=key, json_body=STREAM))
+    assert await reservations(stack.service.store, name) == ["settled"]
+
+
+async def test_a_stream_refuses_an_idempotency_key(base_url: str, stack: Stack) -> None:
+    """A stream cannot be replayed: refused rather than run again for a retry."""
+    name, key, _ = await account(stack)
+    reply = await call(
+        "POST",
+        f"{base_url}/v1/images/generations",
+        key=key,
+        json_body=STREAM,
+        headers={"Idempotency-Key": "stream-1"},
+    )
+    assert_error(reply, 400, "invalid_request_error", "invalid_value", "Idempotency-Key")
+    assert await reservations(stack.service.store, name) == []
