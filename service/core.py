@@ -429,6 +429,10 @@ class ImageCore:
             ) from None
         return rows[:count], len(rows) > count
 
+    async def aclose(self) -> None:
+        """Close what the core owns: the image store's connections."""
+        await self._images.aclose()
+
     async def sweep(self) -> None:
         """Release reservations a crash left behind, delete images past their links, and
         forget Idempotency-Keys past their time."""
