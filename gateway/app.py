@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 from aiohttp import HttpVersion11, web
 from google.api import httpbody_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from imagegate.v1 import images_pb2, images_pb2_grpc
@@ -37,6 +38,8 @@ ROUTES: tuple[tuple[str, str], ...] = (
     (r"^/v1/models$", "GET"),
     (r"^/v1/models/[^/]+$", "GET"),
     (r"^/v1/images/files/[^/]+$", "GET"),
+    (r"^/v1/balance$", "GET"),
+    (r"^/v1/usage$", "GET"),
     (r"^/openapi\.json$", "GET"),
 )
 _ROUTES = [(re.compile(pattern), method) for pattern, method in ROUTES]
@@ -55,6 +58,8 @@ def create_app(config: GatewayConfig) -> web.Application:
     route("GET", "/v1/models", list_models, expect_handler=_expect)
     route("GET", "/v1/models/{model}", get_model, expect_handler=_expect)
     route("GET", "/v1/images/files/{image_id}", get_image, expect_handler=_expect)
+    route("GET", "/v1/balance", get_balance, expect_handler=_expect)
+    route("GET", "/v1/usage", list_usage, expect_handler=_expect)
     route("GET", "/openapi.json", openapi, expect_handler=_expect)
     # Every other method and path: the middleware answers 404/405 from ROUTES,
     # and aiohttp's own fallback (which answers 417 to an unknown Expect) never runs.
@@ -103,26 +108,46 @@ async def list_models(request: web.Request) -> web.Response:
     reply = await request.app[STUB].ListModels(
         images_pb2.ListModelsRequest(), **_call_options(request)
     )
-    return _json_bytes(200, json_text.message_json(reply))
+    return _json(reply)
 
 
 async def get_model(request: web.Request) -> web.Response:
     message = images_pb2.GetModelRequest(model=_path_param(request))
     reply = await request.app[STUB].GetModel(message, **_call_options(request))
-    return _json_bytes(200, json_text.message_json(reply))
+    return _json(reply)
 
 
 async def get_image(request: web.Request) -> web.Response:
     message = images_pb2.GetImageRequest(
         image_id=_path_param(request),
         # The last of repeated parameters, as Envoy's transcoder binds them.
-        expires=request.query.getall("expires", [""])[-1],
-        signature=request.query.getall("signature", [""])[-1],
+        expires=_query(request, "expires"),
+        signature=_query(request, "signature"),
     )
     body: httpbody_pb2.HttpBody = await request.app[STUB].GetImage(
         message, **_call_options(request)
     )
     return web.Response(body=body.data, headers={"Content-Type": body.content_type})
+
+
+async def get_balance(request: web.Request) -> web.Response:
+    reply = await request.app[STUB].GetBalance(
+        images_pb2.GetBalanceRequest(), **_call_options(request)
+    )
+    return _json(reply)
+
+
+async def list_usage(request: web.Request) -> web.Response:
+    message = images_pb2.ListUsageRequest(
+        limit=_query(request, "limit"), after=_query(request, "after")
+    )
+    reply = await request.app[STUB].ListUsage(message, **_call_options(request))
+    return _json(reply)
+
+
+def _query(request: web.Request, name: str) -> str:
+    """The last of repeated parameters, as Envoy's transcoder binds them."""
+    return request.query.getall(name, [""])[-1]
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -157,6 +182,10 @@ def _call_options(request: web.Request) -> dict[str, object]:
         ("x-forwarded-proto", request.scheme),
     ]
     return {"metadata": metadata, "timeout": request.app[CONFIG].timeout_s}
+
+
+def _json(message: Message) -> web.Response:
+    return _json_bytes(200, json_text.message_json(message))
 
 
 def _parts(parts: list[bytes]) -> web.Response:

@@ -61,6 +61,9 @@ def test_schemas_have_the_proto_fields() -> None:
         "InputTokensDetails",
         "Model",
         "ModelList",
+        "Balance",
+        "UsageRecord",
+        "UsageList",
     ):
         fields = {f.name for f in images_pb2.DESCRIPTOR.message_types_by_name[name].fields}
         assert set(SCHEMAS[name]["properties"]) == fields, name
@@ -113,5 +116,10 @@ async def test_answers_match_the_document(base_url: str, tenant: Tenant) -> None
     _validator("ModelList").validate(models.json())
     model = await call("GET", base_url + "/v1/models/local", key=tenant.key)
     _validator("Model").validate(model.json())
+    balance = await call("GET", base_url + "/v1/balance", key=tenant.key)
+    _validator("Balance").validate(balance.json())
+    usage = await call("GET", base_url + "/v1/usage?limit=1", key=tenant.key)
+    _validator("UsageList").validate(usage.json())
+    assert usage.json()["data"]
     refused = await call("POST", base_url + "/v1/images/generations", key=tenant.key, body=b"{")
     _validator("Error").validate(refused.json())
