@@ -146,8 +146,8 @@ async def list_usage(request: web.Request) -> web.Response:
 
 
 def _query(request: web.Request, name: str) -> str:
-    """The last of repeated parameters, as Envoy's transcoder binds them."""
-    return request.query.getall(name, [""])[-1]
+    """The last of repeated parameters, decoded as Envoy's transcoder binds them."""
+    return http_input.query_value(request.rel_url.raw_query_string, name)
 
 
 async def openapi(request: web.Request) -> web.Response:

@@ -65,6 +65,28 @@ def path_param(raw: str) -> str:
         return raw
 
 
+def query_value(raw_query: str, name: str) -> str:
+    """The last value of a query parameter, as the transcoder binds it after the Lua filter.
+
+    '+' is a space and escapes are decoded; a value that decodes to invalid
+    UTF-8 is empty (the Lua filter empties it: the transcoder would pass the
+    bytes on, and the service could not decode the request).
+    """
+    value = ""
+    for pair in raw_query.split("&"):
+        key, _, raw = pair.partition("=")
+        if pair and _unquote_plus(key) == name:
+            value = _unquote_plus(raw)
+    return value
+
+
+def _unquote_plus(text: str) -> str:
+    try:
+        return unquote_to_bytes(text.replace("+", " ")).decode("utf-8")
+    except UnicodeDecodeError:
+        return ""
+
+
 def target_ok(raw_target: str) -> bool:
     """Envoy refuses a target with a fragment, or one that is not a path (OPTIONS *)."""
     return "#" not in raw_target and not raw_target.startswith("*")

@@ -316,6 +316,26 @@ async def test_path_variables_decode_alike(stack: Stack, tenant: Tenant) -> None
         assert len(bodies) == 1, (segment, bodies)
 
 
+async def test_query_values_decode_alike(stack: Stack, tenant: Tenant) -> None:
+    # Values that decode to invalid UTF-8 are empty on both fronts (Envoy's Lua
+    # empties them; aiohttp would have made U+FFFD of them).
+    if "envoy" not in stack.fronts:
+        pytest.skip("IMAGEGATE_TEST_FRONTS excludes envoy")
+    for query in (
+        "after=%FF",
+        "limit=%FF",
+        "limit=2&limit=%FF",
+        "limit=%C3%A9",
+        "limit=1+",
+        "after=%ZZ",
+    ):
+        answers = set()
+        for url in stack.fronts.values():
+            reply = await call("GET", f"{url}/v1/usage?{query}", key=tenant.key)
+            answers.add((reply.status, reply.body))
+        assert len(answers) == 1, (query, answers)
+
+
 # --- 6. request ids -------------------------------------------------------------------
 
 
