@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from imagegate.v1 import images_pb2, images_pb2_grpc
 
-from gateway import errors, json_text
+from gateway import errors, json_text, uploads
 from gateway.config import GatewayConfig
 from gateway.request_json import InvalidJson, parse_request
 
@@ -36,6 +36,8 @@ def create_app(config: GatewayConfig) -> web.Application:
     app[CONFIG] = config
     app.cleanup_ctx.append(_channel)
     app.router.add_post("/v1/images/generations", generate_images)
+    app.router.add_post("/v1/images/edits", edit_images)
+    app.router.add_post("/v1/images/variations", create_image_variation)
     app.router.add_get("/v1/models", list_models, allow_head=False)
     app.router.add_get("/v1/models/{model}", get_model, allow_head=False)
     app.router.add_get("/v1/images/files/{image_id}", get_image, allow_head=False)
@@ -61,6 +63,28 @@ async def generate_images(request: web.Request) -> web.Response:
         raise _Failure(errors.INVALID_JSON) from None
     reply = await request.app[STUB].GenerateImages(message, **_call_options(request))
     return _json(reply)
+
+
+async def edit_images(request: web.Request) -> web.Response:
+    message = images_pb2.EditImagesRequest(body=await _upload(request))
+    reply = await request.app[STUB].EditImages(message, **_call_options(request))
+    return _json(reply)
+
+
+async def create_image_variation(request: web.Request) -> web.Response:
+    message = images_pb2.CreateImageVariationRequest(body=await _upload(request))
+    reply = await request.app[STUB].CreateImageVariation(message, **_call_options(request))
+    return _json(reply)
+
+
+async def _upload(request: web.Request) -> httpbody_pb2.HttpBody:
+    """The raw body under the upload limit (gateway/uploads.py); the service parses it."""
+    try:
+        return await uploads.read_upload(request, request.app[CONFIG].max_upload_bytes)
+    except uploads.TooLarge:
+        raise _Failure(errors.TOO_LARGE) from None
+    except uploads.Encoded:
+        raise _Failure(errors.ENCODED_UPLOAD) from None
 
 
 async def list_models(request: web.Request) -> web.Response:

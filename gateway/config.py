@@ -17,6 +17,10 @@ class GatewayConfig:
     rest_port: int = 8080
     # Generation requests are small JSON; Envoy's front enforces the same limit.
     max_body_bytes: int = 1 * MiB
+    # Edit and variation uploads (the whole body: up to 16 images and a mask); Envoy's
+    # upload routes have the same limit. It must stay below max_message_bytes, since
+    # the body travels to the service in one gRPC message.
+    max_upload_bytes: int = 60 * MiB
     # Must match the service's limit: responses carry whole images.
     max_message_bytes: int = 64 * MiB
     # Deadline for one call to the service when the client sets none; Envoy's

@@ -30,7 +30,14 @@ class Config:
     # Empty: generated once and kept in data_dir (set it when replicas share links).
     url_secret: str = field(default="", repr=False)
     # gRPC messages carry whole images: n=10 large PNGs need far more than 4 MB.
+    # An edit's whole upload travels in one too (the REST fronts' max_upload_bytes).
     max_message_bytes: int = 64 * MiB
+    # Input images of edits and variations: most pixels one may have (decompression
+    # bombs are refused by their header, before decoding).
+    max_upload_pixels: int = 40_000_000
+    # Hosts (comma-separated; exact, or *.suffix) that edits' images[].image_url may be
+    # fetched from. Empty: remote image URLs are refused (data: URLs always work).
+    image_url_hosts: str = ""
     # Longest an upstream call may take; slow models need minutes.
     upstream_timeout_s: float = 300.0
     # How often held reservations past their expiry are released and old images deleted.

@@ -7,16 +7,25 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from service import costs, keys
+from service import costs, keys, uploads
 from service.catalog import Catalog, ModelSpec
-from service.errors import InvalidApiKey, ModelNotAllowed, ModelNotFound
+from service.errors import InvalidApiKey, InvalidParameter, ModelNotAllowed, ModelNotFound
 from service.images import ImageStore
+from service.inputs import InputLoader
 from service.providers.base import GeneratedImage, Provider, TokenUsage
 from service.providers.dispatch import Dispatched, Dispatcher
-from service.requests import GenerationParams, ImageRequest, validate
+from service.requests import (
+    EDIT,
+    GENERATE,
+    OPERATION_NAMES,
+    VARIATION,
+    GenerationParams,
+    ImageRequest,
+    validate,
+)
 from service.store.base import Charge, Served, Store, new_reservation_id
 
 log = logging.getLogger("imagegate.core")
@@ -77,8 +86,11 @@ class ImageCore:
         owner: str | None = None,
         clock: Callable[[], float] = time.time,
         dispatcher: Dispatcher | None = None,
+        inputs: InputLoader | None = None,
     ) -> None:
         self._catalog = catalog
+        # Edits' and variations' input images: pixel cap, remote URL policy.
+        self._inputs = inputs or InputLoader()
         self._store = store
         self._images = images
         self._default_model = default_model
@@ -132,13 +144,61 @@ class ImageCore:
         reservation is resolved before this returns or raises. A streaming RPC
         can pass a render that sends, so that only what it handed over is charged.
         """
+        request = self._validated(caller, params, GENERATE)
+        return await self._run(caller, request, ctx, render)
+
+    async def edit(
+        self, caller: Caller, content_type: str, body: bytes, ctx: RequestContext, render: Render[T]
+    ) -> T:
+        """POST /v1/images/edits: the body as the client sent it (multipart or JSON),
+        parsed and checked here before anything is reserved; then as generate()."""
+        return await self._with_inputs(
+            caller, uploads.parse_edit(content_type, body), EDIT, ctx, render
+        )
+
+    async def variation(
+        self, caller: Caller, content_type: str, body: bytes, ctx: RequestContext, render: Render[T]
+    ) -> T:
+        """POST /v1/images/variations (multipart), as edit()."""
+        upload = uploads.parse_variation(content_type, body)
+        return await self._with_inputs(caller, upload, VARIATION, ctx, render)
+
+    async def _with_inputs(
+        self,
+        caller: Caller,
+        upload: uploads.Upload,
+        operation: str,
+        ctx: RequestContext,
+        render: Render[T],
+    ) -> T:
+        request = self._validated(caller, upload.params, operation)
+        inputs = await self._inputs.load(upload, request.model, variation=operation == VARIATION)
+        request = replace(request, inputs=inputs.images, mask=inputs.mask)
+        return await self._run(caller, request, ctx, render)
+
+    def _validated(self, caller: Caller, params: GenerationParams, operation: str) -> ImageRequest:
         # An unknown model's message names only the models this key may use.
         visible = [m.id for m in self.list_models(caller)]
-        request = validate(params, self._catalog, self._default_model, available=visible)
+        request = validate(
+            params, self._catalog, self._default_model, available=visible, operation=operation
+        )
         if caller.models is not None and request.model.id not in caller.models:
             raise ModelNotAllowed(
                 f"This API key is not allowed to use the model '{request.model.id}'."
             )
+        if operation != GENERATE and not self.dispatcher.serves(request.model.routes, operation):
+            # The catalog says it can, but no live provider of its routes does.
+            raise InvalidParameter(
+                f"Model '{request.model.id}' does not support {OPERATION_NAMES[operation]} "
+                "on this gateway.",
+                param="model",
+            )
+        return request
+
+    async def _run(
+        self, caller: Caller, request: ImageRequest, ctx: RequestContext, render: Render[T]
+    ) -> T:
+        """Reserve, dispatch, store, render, then settle: every operation's money path."""
         started = self._clock()
         reservation = await self._reserve(caller, request, ctx, started)
         log.debug("request %s prompt %r", ctx.request_id, request.prompt)
@@ -156,9 +216,10 @@ class ImageCore:
             await _uninterrupted(self._store.release(reservation))
             raise
         log.info(
-            "request %s account=%s model=%s route=%s/%s n=%d/%d size=%s quality=%s cost=%d "
+            "request %s %s account=%s model=%s route=%s/%s n=%d/%d size=%s quality=%s cost=%d "
             "upstream_cost=%d latency_ms=%d",
             ctx.request_id,
+            request.operation,
             caller.account_name,
             request.model.id,
             served.provider,
@@ -234,6 +295,9 @@ class ImageCore:
 
     async def get_image(self, image_id: str, expires: str, signature: str) -> tuple[bytes, str]:
         return await self._images.get(image_id, expires, signature)
+
+    async def aclose(self) -> None:
+        await self._inputs.aclose()
 
     async def sweep(self) -> None:
         """Release reservations a crash left behind, and delete images past their links."""

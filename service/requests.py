@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from service.catalog import Catalog, ModelSpec
+from service.catalog import TOKENS_PER_PRICE_UNIT, Catalog, ModelSpec
 from service.errors import InvalidParameter, ModelNotSupported
+
+if TYPE_CHECKING:
+    from service.inputs import InputImage
 
 RESPONSE_FORMATS = ("url", "b64_json")
 DEFAULT_OUTPUT_FORMAT = "png"
@@ -14,6 +18,9 @@ DEFAULT_OUTPUT_FORMAT = "png"
 ALPHA_FORMATS = ("png", "webp")
 # OpenAI's default quality, which clients send explicitly: the model's own default.
 AUTO_QUALITY = "auto"
+# What a request asks of the model (and which provider method serves it).
+GENERATE, EDIT, VARIATION = "generate", "edit", "variation"
+OPERATION_NAMES = {EDIT: "image edits", VARIATION: "image variations"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,8 @@ class GenerationParams:
     moderation: str = ""
     stream: bool = False
     partial_images: int | None = None
+    # Edits only.
+    input_fidelity: str = ""
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,11 @@ class ImageRequest:
     output_compression: int | None = None
     moderation: str | None = None
     user: str = ""
+    operation: str = GENERATE
+    # Edits and variations: the checked input images (and the edit's mask).
+    inputs: tuple[InputImage, ...] = ()
+    mask: InputImage | None = None
+    input_fidelity: str | None = None
 
     @property
     def width(self) -> int:
@@ -72,11 +86,22 @@ class ImageRequest:
         prices = self.model.token_prices
         return 0 if prices is None else prices.prompt_bound_micros(self.prompt, calls)
 
+    def input_bound_micros(self, calls: int) -> int:
+        """Token-priced models: the most the input (prompt and input images) costs over
+        `calls` calls; each input image counts at most inputs.image_tokens_max tokens."""
+        prices = self.model.token_prices
+        if prices is None:
+            return 0
+        pictures = len(self.inputs) + (self.mask is not None)
+        tokens = pictures * self.model.inputs.image_tokens_max * calls
+        images = -(-tokens * prices.image_input // TOKENS_PER_PRICE_UNIT)
+        return self.prompt_bound_micros(calls) + images
+
     @property
     def quote(self) -> int:
         """What is reserved: n * the per-image list price, plus for token-priced models
-        the prompt's bound over the most upstream calls a request makes (one per image)."""
-        return self.n * self.unit_price + self.prompt_bound_micros(self.n)
+        the input's bound over the most upstream calls a request makes (one per image)."""
+        return self.n * self.unit_price + self.input_bound_micros(self.n)
 
 
 def validate(
@@ -85,15 +110,20 @@ def validate(
     default_model: str,
     *,
     available: Sequence[str] = (),
+    operation: str = GENERATE,
 ) -> ImageRequest:
     """Apply the model's rules and defaults; raise InvalidParameter naming the field.
 
     `available` is what an unknown model's message may list: the caller's models
     only, never the whole catalog (a limited key must not learn the others).
+    `operation` is edit or variation for those endpoints (the input images are
+    checked afterwards, by service/inputs.py).
     """
     model = _model(params.model or default_model, catalog, available)
-    prompt = params.prompt
-    if not prompt.strip():
+    _operation(operation, model)
+    # A variation has no prompt (the input image is all it follows).
+    prompt = "" if operation == VARIATION else params.prompt
+    if operation != VARIATION and not prompt.strip():
         raise InvalidParameter(
             "Missing required parameter: 'prompt'.", param="prompt", missing=True
         )
@@ -145,6 +175,9 @@ def validate(
             param="background",
         )
     compression = _compression(params.output_compression, output_format, model)
+    fidelity = None
+    if operation == EDIT:
+        fidelity = _optional("input_fidelity", params.input_fidelity, model.input_fidelities, model)
     if model.unit_price(size, quality) is None:
         raise InvalidParameter(
             f"Model '{model.id}' has no price for size '{size}' at quality '{quality}'; "
@@ -164,7 +197,17 @@ def validate(
         output_compression=compression,
         moderation=moderation,
         user=params.user,
+        operation=operation,
+        input_fidelity=fidelity,
     )
+
+
+def _operation(operation: str, model: ModelSpec) -> None:
+    able = {GENERATE: True, EDIT: model.edits, VARIATION: model.variations}[operation]
+    if not able:
+        raise InvalidParameter(
+            f"Model '{model.id}' does not support {OPERATION_NAMES[operation]}.", param="model"
+        )
 
 
 def _model(model_id: str, catalog: Catalog, available: Sequence[str]) -> ModelSpec:

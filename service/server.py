@@ -14,13 +14,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from imagegate.v1 import images_pb2, images_pb2_grpc
 
-from service.catalog import Catalog, load_catalog
+from service.catalog import Catalog, InputRules, load_catalog
 from service.config import Config
 from service.core import ImageCore
 from service.images import ImageStore, load_or_create_secret
+from service.inputs import InputLoader
 from service.instances import Liveness
 from service.links import DEFAULT_REST_URL, LinkBase, bind_address, parse_networks
-from service.providers.registry import KIND_MODULES, Registry, build_registry
+from service.providers.download import SafeDownloader
+from service.providers.registry import DOWNLOAD_TIMEOUT_S, KIND_MODULES, Registry, build_registry
 from service.servicer import ImageServicer
 from service.store.base import Store
 from service.store.sqlite import SqliteStore
@@ -73,7 +75,21 @@ class Service:
         await self.server.stop(grace)
         await self.liveness.retire()
         await self.registry.aclose()
+        await self.core.aclose()
         await self.store.close()
+
+
+def input_loader(config: Config) -> InputLoader:
+    """Edits' input images: the pixel cap, and remote image URLs only from listed hosts."""
+    hosts = [h.strip() for h in config.image_url_hosts.split(",") if h.strip()]
+    fetcher = (
+        SafeDownloader(
+            "image_url", hosts, max_bytes=InputRules.max_bytes, timeout_s=DOWNLOAD_TIMEOUT_S
+        )
+        if hosts
+        else None
+    )
+    return InputLoader(max_pixels=config.max_upload_pixels, fetcher=fetcher)
 
 
 async def start_service(
@@ -113,6 +129,7 @@ async def start_service(
         upstream_timeout_s=config.upstream_timeout_s,
         reservation_ttl_s=config.reservation_ttl_s,
         owner=liveness.owner,
+        inputs=input_loader(config),
     )
     servicer = ImageServicer(core, links, config.max_message_bytes)
     try:
@@ -128,6 +145,7 @@ async def start_service(
         with contextlib.suppress(Exception):
             await liveness.retire()
         await registry.aclose()
+        await core.aclose()
         await store.close()
         raise
     service = Service(config, store, core, server, bound, registry, links, liveness)

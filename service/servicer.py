@@ -46,12 +46,40 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
     ) -> images_pb2.ImagesResponse:
         async def call() -> images_pb2.ImagesResponse:
             caller = await self._caller(context)
-            ctx = RequestContext(
-                self._request_id(context), self._base_url(context), _deadline(context)
+            return await self._core.generate(
+                caller, _params(request), self._context(context), self._render
             )
-            return await self._core.generate(caller, _params(request), ctx, self._render)
 
         return await self._run(context, call)
+
+    async def EditImages(
+        self, request: images_pb2.EditImagesRequest, context: grpc.aio.ServicerContext
+    ) -> images_pb2.ImagesResponse:
+        async def call() -> images_pb2.ImagesResponse:
+            caller = await self._caller(context)
+            body = request.body
+            return await self._core.edit(
+                caller, body.content_type, body.data, self._context(context), self._render
+            )
+
+        return await self._run(context, call)
+
+    async def CreateImageVariation(
+        self, request: images_pb2.CreateImageVariationRequest, context: grpc.aio.ServicerContext
+    ) -> images_pb2.ImagesResponse:
+        async def call() -> images_pb2.ImagesResponse:
+            caller = await self._caller(context)
+            body = request.body
+            return await self._core.variation(
+                caller, body.content_type, body.data, self._context(context), self._render
+            )
+
+        return await self._run(context, call)
+
+    def _context(self, context: grpc.aio.ServicerContext) -> RequestContext:
+        return RequestContext(
+            self._request_id(context), self._base_url(context), _deadline(context)
+        )
 
     async def _render(self, gen: Generation) -> images_pb2.ImagesResponse:
         """The response as it will be sent; the core charges only once this succeeded."""

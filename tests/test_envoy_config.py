@@ -50,6 +50,8 @@ Code = grpc.StatusCode
 REASON_CODES: dict[str, Code] = {
     "INVALID_PARAMETER": Code.INVALID_ARGUMENT,
     "MODEL_NOT_SUPPORTED": Code.INVALID_ARGUMENT,
+    "INVALID_BODY": Code.INVALID_ARGUMENT,
+    "UPLOAD_TOO_LARGE": Code.INVALID_ARGUMENT,
     "CONTENT_POLICY": Code.INVALID_ARGUMENT,
     "INVALID_API_KEY": Code.UNAUTHENTICATED,
     "MODEL_NOT_ALLOWED": Code.PERMISSION_DENIED,
@@ -654,7 +656,7 @@ async def test_unknown_reason_and_crash_are_internal(front: Front) -> None:
     ("method", "target", "path"),
     [
         ("GET", "/v1/nothing?key=secret", "/v1/nothing"),
-        ("POST", "/v1/images/edits", "/v1/images/edits"),
+        ("POST", "/v1/images/edit", "/v1/images/edit"),
         ("GET", "/v1/models/", "/v1/models/"),
         ("GET", "/v1/models/a/b", "/v1/models/a/b"),
         ("GET", "/v1/images/files/", "/v1/images/files/"),

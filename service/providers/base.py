@@ -4,7 +4,9 @@ One adapter per provider *kind* (openai, azure_openai, google, vertex, bedrock,
 stability, bfl, replicate, openai_compatible, local). A `[providers.ID]` table of
 the catalog becomes one ProviderSettings and one adapter instance; the
 dispatcher (dispatch.py) calls `generate` once per upstream call, after it has
-split `n` into calls of at most `max_n(upstream_model)` images.
+split `n` into calls of at most `max_n(upstream_model)` images. Adapters that
+can also edit or make variations add `edit(call)` / `variation(call)` (the
+Editor and VariationMaker protocols); the call then carries the input images.
 
 Adapters may import HTTP and vendor libraries (aiohttp, botocore, google-auth),
 never grpc. They raise only service.errors: ContentPolicy for a safety refusal,
@@ -14,12 +16,13 @@ rest (retryable or not).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 # Defined with the rest of the catalog's tables; re-exported for adapters.
 from service.catalog_settings import ProviderSettings as ProviderSettings
+from service.inputs import InputImage as InputImage
 from service.requests import ImageRequest
 
 if TYPE_CHECKING:
@@ -76,6 +79,16 @@ class UpstreamCall:
     # Sent to upstreams that accept a client request id.
     request_id: str = ""
 
+    @property
+    def images(self) -> tuple[InputImage, ...]:
+        """Edits and variations: the input images, checked and decoded (service/inputs.py)."""
+        return self.request.inputs
+
+    @property
+    def mask(self) -> InputImage | None:
+        """Edits: a PNG whose fully transparent areas are where the first image is edited."""
+        return self.request.mask
+
 
 class Provider(Protocol):
     """Build the upstream request, call it, turn the reply into image bytes.
@@ -95,6 +108,27 @@ class Provider(Protocol):
     async def generate(self, call: UpstreamCall) -> ProviderResult: ...
 
     async def aclose(self) -> None: ...
+
+
+class Editor(Protocol):
+    """An adapter that edits: `call.images` (and `call.mask`) with `call.request.prompt`."""
+
+    async def edit(self, call: UpstreamCall) -> ProviderResult: ...
+
+
+class VariationMaker(Protocol):
+    """An adapter that makes variations of `call.images[0]`."""
+
+    async def variation(self, call: UpstreamCall) -> ProviderResult: ...
+
+
+def operation(
+    provider: Provider, name: str
+) -> Callable[[UpstreamCall], Awaitable[ProviderResult]] | None:
+    """The adapter's method for a request's operation (generate, edit, variation), or None
+    if the adapter has none: a route whose provider cannot serve the operation is skipped."""
+    method = getattr(provider, name, None)
+    return method if callable(method) else None
 
 
 class Downloader(Protocol):

@@ -37,6 +37,7 @@ from service.providers.base import (
     ProviderResult,
     TokenUsage,
     UpstreamCall,
+    operation,
 )
 from service.requests import ImageRequest
 
@@ -205,6 +206,11 @@ class Dispatcher:
             for (provider, upstream_model), b in sorted(self._breakers.items())
         ]
 
+    def serves(self, routes: Sequence[Route], name: str) -> bool:
+        """Whether a live provider on one of `routes` has the operation (edit, variation)."""
+        providers = (self._providers.get(r.provider) for r in routes)
+        return any(p is not None and operation(p, name) is not None for p in providers)
+
     def breaker(self, route: Route) -> Breaker:
         key = route.key
         if key not in self._breakers:
@@ -220,7 +226,7 @@ class Dispatcher:
                 break
             route = job.routes[index]
             provider = self._providers.get(route.provider)
-            if provider is None:
+            if provider is None or operation(provider, job.request.operation) is None:
                 continue
             if self.breaker(route).paused(self._clock()):
                 errors.append(_paused(route))
@@ -301,8 +307,10 @@ class Dispatcher:
 
     async def _once(self, provider: Provider, call: UpstreamCall, limit: float) -> ProviderResult:
         try:
+            run = operation(provider, call.request.operation)
+            assert run is not None, "_serve skips routes that cannot serve the operation"
             async with asyncio.timeout(max(limit, 0.0)):
-                result = await provider.generate(call)
+                result = await run(call)
         except TimeoutError:
             raise _TimedOut(
                 f"The upstream provider '{provider.id}' did not answer within {limit:.3g} s.",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
+from service.providers import local_edit
 from service.providers.base import (
     AdapterDeps,
     GeneratedImage,
@@ -44,7 +46,6 @@ class LocalProvider:
 
     async def generate(self, call: UpstreamCall) -> ProviderResult:
         request = call.request
-        loop = asyncio.get_running_loop()
         draw = partial(
             render,
             request.prompt,
@@ -55,12 +56,47 @@ class LocalProvider:
             background=request.background,
             compression=request.output_compression,
         )
+        return await self._run(call, draw, revised_prompt(request.prompt))
+
+    async def edit(self, call: UpstreamCall) -> ProviderResult:
+        """The prompt drawn over the input images, in the mask's transparent areas."""
+        request = call.request
+        draw = partial(
+            local_edit.edit,
+            request.prompt,
+            [image.data for image in call.images],
+            call.mask.data if call.mask is not None else None,
+            request.width,
+            request.height,
+            output_format=request.output_format,
+            quality=request.quality,
+            background=request.background,
+            compression=request.output_compression,
+            fidelity=request.input_fidelity,
+        )
+        return await self._run(call, draw, revised_prompt(request.prompt))
+
+    async def variation(self, call: UpstreamCall) -> ProviderResult:
+        request = call.request
+        draw = partial(
+            local_edit.variation,
+            call.images[0].data,
+            request.width,
+            request.height,
+            output_format=request.output_format,
+            compression=request.output_compression,
+        )
+        return await self._run(call, draw, None)
+
+    async def _run(
+        self, call: UpstreamCall, draw: Callable[..., bytes], revised: str | None
+    ) -> ProviderResult:
+        loop = asyncio.get_running_loop()
         # All n at once; if the caller gives up, gather cancels the ones not started.
         blobs = await asyncio.gather(
             *(loop.run_in_executor(self._pool, partial(draw, index=i)) for i in range(call.n))
         )
-        content_type = CONTENT_TYPES[request.output_format]
-        revised = revised_prompt(request.prompt)
+        content_type = CONTENT_TYPES[call.request.output_format]
         return ProviderResult(
             images=[GeneratedImage(data, content_type, revised) for data in blobs]
         )

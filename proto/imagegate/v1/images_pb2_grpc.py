@@ -40,6 +40,16 @@ class ImageServiceStub:
                 request_serializer=imagegate_dot_v1_dot_images__pb2.GenerateImagesRequest.SerializeToString,
                 response_deserializer=imagegate_dot_v1_dot_images__pb2.ImagesResponse.FromString,
                 _registered_method=True)
+        self.EditImages = channel.unary_unary(
+                '/imagegate.v1.ImageService/EditImages',
+                request_serializer=imagegate_dot_v1_dot_images__pb2.EditImagesRequest.SerializeToString,
+                response_deserializer=imagegate_dot_v1_dot_images__pb2.ImagesResponse.FromString,
+                _registered_method=True)
+        self.CreateImageVariation = channel.unary_unary(
+                '/imagegate.v1.ImageService/CreateImageVariation',
+                request_serializer=imagegate_dot_v1_dot_images__pb2.CreateImageVariationRequest.SerializeToString,
+                response_deserializer=imagegate_dot_v1_dot_images__pb2.ImagesResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/imagegate.v1.ImageService/ListModels',
                 request_serializer=imagegate_dot_v1_dot_images__pb2.ListModelsRequest.SerializeToString,
@@ -62,6 +72,23 @@ class ImageServiceServicer:
 
     def GenerateImages(self, request, context):
         """POST /v1/images/generations: create images from a prompt.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EditImages(self, request, context):
+        """POST /v1/images/edits: edit or extend input images from a prompt. The HTTP
+        body (multipart/form-data as OpenAI's API takes it, or JSON with
+        images[].image_url) reaches the service as it came, with its Content-Type,
+        and is parsed there: one parser for both REST fronts and gRPC clients.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateImageVariation(self, request, context):
+        """POST /v1/images/variations: variants of one input image (multipart/form-data).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,6 +123,16 @@ def add_ImageServiceServicer_to_server(servicer, server):
             'GenerateImages': grpc.unary_unary_rpc_method_handler(
                     servicer.GenerateImages,
                     request_deserializer=imagegate_dot_v1_dot_images__pb2.GenerateImagesRequest.FromString,
+                    response_serializer=imagegate_dot_v1_dot_images__pb2.ImagesResponse.SerializeToString,
+            ),
+            'EditImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.EditImages,
+                    request_deserializer=imagegate_dot_v1_dot_images__pb2.EditImagesRequest.FromString,
+                    response_serializer=imagegate_dot_v1_dot_images__pb2.ImagesResponse.SerializeToString,
+            ),
+            'CreateImageVariation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateImageVariation,
+                    request_deserializer=imagegate_dot_v1_dot_images__pb2.CreateImageVariationRequest.FromString,
                     response_serializer=imagegate_dot_v1_dot_images__pb2.ImagesResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
@@ -140,6 +177,60 @@ class ImageService:
             target,
             '/imagegate.v1.ImageService/GenerateImages',
             imagegate_dot_v1_dot_images__pb2.GenerateImagesRequest.SerializeToString,
+            imagegate_dot_v1_dot_images__pb2.ImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EditImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegate.v1.ImageService/EditImages',
+            imagegate_dot_v1_dot_images__pb2.EditImagesRequest.SerializeToString,
+            imagegate_dot_v1_dot_images__pb2.ImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateImageVariation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegate.v1.ImageService/CreateImageVariation',
+            imagegate_dot_v1_dot_images__pb2.CreateImageVariationRequest.SerializeToString,
             imagegate_dot_v1_dot_images__pb2.ImagesResponse.FromString,
             options,
             channel_credentials,
