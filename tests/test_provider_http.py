@@ -23,7 +23,8 @@ from tests.fakes.base import image_bytes
 
 
 @pytest.mark.parametrize(
-    ("status", "retryable"), [(401, False), (403, False), (408, True), (429, True), (500, True)]
+    ("status", "retryable"),
+    [(401, False), (402, False), (403, False), (408, True), (429, True), (500, True)],
 )
 def test_statuses_every_provider_shares(status: int, retryable: bool) -> None:
     err = status_error("p1", status, {"Retry-After": "7"})

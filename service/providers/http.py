@@ -3,9 +3,10 @@
 One classification for all providers, so that "retryable" means the same thing
 everywhere: 408/429/5xx, connection errors and timeouts may be retried (429
 with the upstream's Retry-After); 401/403 mean the gateway's own credentials
-were refused (never retried, but the next route may work); any other 4xx is
-left to the adapter, which knows whether its provider meant a safety refusal
-(ContentPolicy) or a bad request (UpstreamRejected).
+were refused and 402 that its account there is out of credit (never retried,
+but the next route may work); any other 4xx is left to the adapter, which
+knows whether its provider meant a safety refusal (ContentPolicy) or a bad
+request (UpstreamRejected).
 
 Messages name the provider id, never a credential: `scrub` removes the
 credential from any upstream text before it can reach a caller or a log.
@@ -105,6 +106,12 @@ def status_error(
         return UpstreamError(
             f"The upstream provider '{provider_id}' refused the gateway's credentials "
             f"(HTTP {status})."
+        )
+    if status == 402:
+        # Our account at the provider is out of credit: not the caller's fault, and
+        # retrying will not help, but another route may still work.
+        return UpstreamError(
+            f"The upstream provider '{provider_id}' refused the call: the account has no credit."
         )
     if status == 429 or status == 408 or status >= 500:
         suffix = f": {detail}" if detail else ""

@@ -11,6 +11,8 @@ are played here, and the provider-specific ones (500 with the provider's error b
 from __future__ import annotations
 
 import asyncio
+import email.parser
+import email.policy
 import enum
 import io
 import json
@@ -46,7 +48,11 @@ class Seen:
     headers: dict[str, str]
     body: bytes
     json: Any = None
+    # Multipart or urlencoded fields; a file part is recorded as "<file>".
     form: dict[str, str] = field(default_factory=dict)
+
+
+SEEN: web.RequestKey[Seen] = web.RequestKey("seen")
 
 
 def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (16, 16), seed: int = 0) -> bytes:
@@ -100,6 +106,11 @@ class FakeUpstream:
             raise asyncio.CancelledError
         return fault
 
+    @staticmethod
+    def seen(request: web.Request) -> Seen:
+        """What the recorder parsed from this request (handlers read the body from here)."""
+        return request[SEEN]
+
     @web.middleware
     async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
         body = await request.read()
@@ -112,9 +123,39 @@ class FakeUpstream:
         )
         ctype = request.headers.get("Content-Type", "")
         if ctype.startswith("application/json") and body:
-            seen.json = json.loads(body)
+            try:
+                seen.json = json.loads(body)
+            except ValueError:
+                seen.json = None  # the handler answers the provider's 400
         elif ctype.startswith("multipart/form-data"):
-            form = await request.post()
-            seen.form = {k: v if isinstance(v, str) else "<file>" for k, v in form.items()}
+            seen.form = parse_multipart(ctype, body)
+        elif ctype.startswith("application/x-www-form-urlencoded"):
+            seen.form = {k: str(v) for k, v in (await request.post()).items()}
+        request[SEEN] = seen
         self.requests.append(seen)
         return await handler(request)
+
+
+def parse_multipart(content_type: str, body: bytes) -> dict[str, str]:
+    """The fields of a multipart/form-data body already read.
+
+    request.post() cannot be used after request.read(): it parses the payload
+    stream, which read() has consumed, and finds no boundary. The stdlib MIME
+    parser reads the same bytes instead.
+    """
+    head = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    if not message.is_multipart():
+        return {}
+    form: dict[str, str] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str):
+            continue
+        if part.get_filename() is not None:
+            form[name] = "<file>"
+            continue
+        payload = part.get_payload(decode=True)
+        raw = payload if isinstance(payload, bytes) else b""
+        form[name] = raw.decode(part.get_content_charset() or "utf-8", errors="replace")
+    return form

@@ -1,0 +1,91 @@
+"""Adapter for Azure OpenAI image deployments (kind azure_openai).
+
+`base_url` is the resource endpoint, as the SDK's `azure_endpoint`
+(`https://RESOURCE.openai.azure.com`); a route's `upstream_model` is the
+deployment name. The key travels in the `api-key` header
+(`AZURE_OPENAI_API_KEY`, or the variable named by `api_key_env`).
+
+Option `api_version` picks the URL form:
+- a dated version (default `2025-04-01-preview`, the first that serves
+  gpt-image-1 as well as dall-e-3):
+  `POST {endpoint}/openai/deployments/{deployment}/images/generations?api-version=...`
+- `v1`: the version-less v1 API, `POST {endpoint}/openai/v1/images/generations`
+  with the deployment name as `model` in the body.
+
+Bodies and replies are OpenAI's (openai_wire.py). Azure's refusals: a 400 whose
+`inner_error.code` is `ResponsibleAIPolicyViolation` (or code `contentFilter` /
+`moderation_blocked`) is a safety refusal; 404 `DeploymentNotFound` is a
+misconfigured route (fails over); 401/403 mean our key was refused.
+
+A deployment name says nothing about the model behind it, so the family comes
+from the catalog model, and `max_n` is 1 unless the deployment's name shows a
+gpt-image or dall-e-2 model, or option `max_n` says otherwise.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from service.catalog_settings import CatalogError
+from service.providers import openai_wire as wire
+from service.providers.base import (
+    AdapterDeps,
+    Provider,
+    ProviderResult,
+    ProviderSettings,
+    UpstreamCall,
+)
+from service.providers.http import credential
+from service.providers.openai import option_max_n
+
+DEFAULT_ENV = "AZURE_OPENAI_API_KEY"
+DEFAULT_API_VERSION = "2025-04-01-preview"
+V1 = "v1"
+
+
+class AzureOpenAIProvider:
+    """One Azure OpenAI resource; routes name its deployments."""
+
+    kind = "azure_openai"
+
+    def __init__(self, settings: ProviderSettings, deps: AdapterDeps, api_key: str) -> None:
+        self.id = settings.id
+        self._endpoint = settings.base_url.rstrip("/")
+        self._api_version = settings.options.get("api_version") or DEFAULT_API_VERSION
+        self._auth = {"api-key": api_key}
+        self._unknown_max_n = option_max_n(settings, 1)
+        self._upstream = wire.Upstream(
+            settings.id, deps.http, deps.download, settings.timeout_s, (api_key,)
+        )
+
+    def max_n(self, upstream_model: str) -> int:
+        return wire.max_n_for(upstream_model, self._unknown_max_n)
+
+    async def generate(self, call: UpstreamCall) -> ProviderResult:
+        fam = wire.family(call)
+        headers = {
+            **self._auth,
+            **wire.request_id_header("x-ms-client-request-id", call.request_id),
+        }
+        if self._api_version == V1:
+            url = f"{self._endpoint}/openai/v1/images/generations"
+            body = wire.request_body(call, fam, model=call.upstream_model)
+            return await self._upstream.generate(url, headers, body, call.n)
+        deployment = quote(call.upstream_model, safe="")
+        url = f"{self._endpoint}/openai/deployments/{deployment}/images/generations"
+        body = wire.request_body(call, fam, model=None)
+        params = {"api-version": self._api_version}
+        return await self._upstream.generate(url, headers, body, call.n, params)
+
+    async def aclose(self) -> None:
+        # The session and downloader belong to the registry.
+        return None
+
+
+def create(settings: ProviderSettings, deps: AdapterDeps) -> Provider:
+    if not settings.base_url:
+        raise CatalogError(
+            f"provider {settings.id!r}: kind azure_openai needs base_url, the resource endpoint"
+        )
+    key = credential(deps.env, settings.api_key_env or DEFAULT_ENV)
+    return AzureOpenAIProvider(settings, deps, key)

@@ -1,0 +1,344 @@
+"""OpenAI's Images wire format, shared by the openai, openai_compatible and azure_openai adapters.
+
+One request body per model family, one reading of the reply (base64 images,
+URLs fetched through the safe downloader, `revised_prompt`, `usage`), and one
+mapping of OpenAI's and Azure's error bodies to domain errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin
+
+import aiohttp
+
+from service.errors import ContentPolicy, ImagegateError, UpstreamError, UpstreamRejected
+from service.providers.base import (
+    Downloader,
+    GeneratedImage,
+    ProviderResult,
+    TokenUsage,
+    UpstreamCall,
+)
+from service.providers.http import (
+    decode_image_b64,
+    read_body,
+    scrub,
+    status_error,
+    upstream_errors,
+)
+
+log = logging.getLogger(__name__)
+
+GPT_IMAGE = "gpt-image"
+DALL_E_2 = "dall-e-2"
+DALL_E_3 = "dall-e-3"
+# Any other family: an OpenAI-compatible server's own model, sent the common fields only.
+GENERIC = ""
+
+# How OpenAI (dall-e: content_policy_violation, gpt-image: moderation_blocked) and Azure
+# (inner_error ResponsibleAIPolicyViolation, contentFilter) say "the safety system refused".
+SAFETY_CODES = frozenset(
+    {
+        "content_policy_violation",
+        "moderation_blocked",
+        "contentFilter",
+        "content_filter",
+        "ResponsibleAIPolicyViolation",
+    }
+)
+# Refusals of the gateway's own account: retrying cannot help, another route may.
+ACCOUNT_CODES = frozenset(
+    {"insufficient_quota", "billing_hard_limit_reached", "billing_not_active"}
+)
+# Azure's and OpenAI's ways of saying the route itself is wrong (deployment, model).
+ROUTE_CODES = frozenset({"DeploymentNotFound", "OperationNotSupported", "model_not_found"})
+SAFETY_MESSAGE = "Your request was rejected by the upstream provider's safety system."
+MAX_ERROR_BYTES = 1 << 20
+# A usage count the upstream sent as something other than an integer.
+INVALID_COUNT = -1
+# OpenAI's limit for X-Client-Request-Id.
+MAX_REQUEST_ID = 512
+
+
+def family_of_name(name: str) -> str:
+    """The family a model or deployment name shows, or GENERIC."""
+    low = name.lower()
+    if "gpt-image" in low:
+        return GPT_IMAGE
+    if "dall-e-3" in low or "dalle3" in low or "dalle-3" in low:
+        return DALL_E_3
+    if "dall-e-2" in low or "dalle2" in low or "dalle-2" in low:
+        return DALL_E_2
+    return GENERIC
+
+
+def family(call: UpstreamCall) -> str:
+    """The catalog's family for the model, else what its upstream or catalog name shows."""
+    model = call.request.model
+    return model.family or family_of_name(call.upstream_model) or family_of_name(model.id)
+
+
+def max_n_for(name: str, unknown: int) -> int:
+    """Images per call: dall-e-3 makes one, gpt-image and dall-e-2 up to ten."""
+    found = family_of_name(name)
+    if found == DALL_E_3:
+        return 1
+    return 10 if found else unknown
+
+
+def request_body(call: UpstreamCall, fam: str, model: str | None) -> dict[str, Any]:
+    """The JSON body for `fam`, with only the fields that family accepts.
+
+    gpt-image models always answer base64 and refuse `response_format`; every
+    other family is asked for `b64_json` so that no URL has to be fetched.
+    """
+    req = call.request
+    body: dict[str, Any] = {} if model is None else {"model": model}
+    body.update(prompt=req.prompt, n=call.n, size=req.size)
+    if fam == GPT_IMAGE:
+        body.update(quality=req.quality, output_format=req.output_format)
+        optional: dict[str, object] = {
+            "background": req.background,
+            "output_compression": req.output_compression,
+            "moderation": req.moderation,
+        }
+        body.update((k, v) for k, v in optional.items() if v is not None)
+    else:
+        if fam == DALL_E_3:
+            if req.quality in ("standard", "hd"):
+                body["quality"] = req.quality
+            if req.style:
+                body["style"] = req.style
+        body["response_format"] = "b64_json"
+    if req.user:
+        body["user"] = req.user
+    return body
+
+
+def request_id_header(name: str, request_id: str) -> dict[str, str]:
+    """`{name: request_id}` when the id is printable ASCII of an accepted length."""
+    fits = 0 < len(request_id) <= MAX_REQUEST_ID
+    if fits and request_id.isascii() and request_id.isprintable():
+        return {name: request_id}
+    return {}
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """How one adapter reaches its server: session, downloader, timeout, secrets to scrub."""
+
+    provider_id: str
+    http: aiohttp.ClientSession
+    download: Downloader
+    timeout_s: float
+    secrets: tuple[str, ...] = ()
+
+    async def generate(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        body: Mapping[str, Any],
+        n: int,
+        params: Mapping[str, str] | None = None,
+    ) -> ProviderResult:
+        """One POST; the images it produced (at most `n`) or the domain error it meant."""
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        async with (
+            upstream_errors(self.provider_id),
+            self.http.post(
+                url,
+                json=body,
+                headers=headers,
+                params=params,
+                timeout=timeout,
+                # A redirect would carry our credential elsewhere: never follow one.
+                allow_redirects=False,
+            ) as response,
+        ):
+            log.debug("provider %s answered HTTP %d", self.provider_id, response.status)
+            if response.status != 200:
+                raise refusal(
+                    self.provider_id,
+                    response.status,
+                    response.headers,
+                    await self._error_payload(response),
+                    self.secrets,
+                )
+            raw = await read_body(response, self.provider_id)
+        # Parsing and decoding megabytes of base64 would stall the event loop.
+        items, usage = await asyncio.to_thread(self._parse, raw, n)
+        images = await self._images(items, url)
+        return ProviderResult(images=images, usage=usage)
+
+    async def _error_payload(self, response: aiohttp.ClientResponse) -> Any:
+        try:
+            raw = await read_body(response, self.provider_id, MAX_ERROR_BYTES)
+            return json.loads(raw)
+        except (UpstreamError, ValueError, UnicodeDecodeError):
+            return None
+
+    def _parse(self, raw: bytes, n: int) -> tuple[list[_Item], TokenUsage]:
+        try:
+            payload = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise self._bad("a reply that is not JSON") from None
+        if not isinstance(payload, dict):
+            raise self._bad("a reply that is not a JSON object")
+        data = payload.get("data")
+        if not isinstance(data, list):
+            if isinstance(payload.get("error"), dict):
+                # Some compatible servers report failures with HTTP 200.
+                raise refusal(self.provider_id, 200, {}, payload, self.secrets)
+            raise self._bad("a reply without 'data'")
+        # Extra images are dropped unread: the caller asked for n.
+        items = [self._item(entry) for entry in data[:n]]
+        if not items:
+            raise self._bad("a reply with no images")
+        return items, self._usage(payload.get("usage"))
+
+    def _item(self, entry: object) -> _Item:
+        if not isinstance(entry, dict):
+            raise self._bad("an image entry that is not an object")
+        revised = entry.get("revised_prompt")
+        revised = revised if isinstance(revised, str) and revised else None
+        b64, url = entry.get("b64_json"), entry.get("url")
+        if isinstance(b64, str) and b64:
+            return _Item(revised, image=decode_image_b64(b64, self.provider_id))
+        if isinstance(url, str) and url:
+            return _Item(revised, url=url)
+        if _filtered(entry.get("content_filter_results")):
+            raise ContentPolicy(SAFETY_MESSAGE)
+        raise self._bad("an image entry with neither 'b64_json' nor 'url'")
+
+    def _usage(self, raw: object) -> TokenUsage:
+        if not isinstance(raw, dict):
+            return TokenUsage()
+        total_in = self._count(raw, "input_tokens")
+        details = raw.get("input_tokens_details")
+        details = details if isinstance(details, dict) else {}
+        image_in = self._count(details, "image_tokens")
+        text_in = (
+            self._count(details, "text_tokens") if "text_tokens" in details else total_in - image_in
+        )
+        return TokenUsage(text_in, image_in, self._count(raw, "output_tokens"))
+
+    def _count(self, raw: Mapping[str, object], key: str) -> int:
+        """The count as reported; the core judges it (costs.py refuses negative or absurd
+        usage and charges per image), so a count that is not even an integer is passed
+        as -1, which it refuses, rather than losing the images already made."""
+        value = raw.get(key, 0)
+        if value is None:
+            return 0
+        if isinstance(value, bool) or not isinstance(value, int):
+            log.warning("provider %s reported a %s that is not an integer", self.provider_id, key)
+            return INVALID_COUNT
+        return value
+
+    async def _images(self, items: list[_Item], url: str) -> list[GeneratedImage]:
+        fetched: dict[int, tuple[bytes, str]] = {}
+
+        async def fetch(index: int, target: str) -> None:
+            # Relative URLs (some local servers) are relative to the request's URL.
+            fetched[index] = await self.download.fetch(urljoin(url, target))
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for index, item in enumerate(items):
+                    if item.url is not None:
+                        group.create_task(fetch(index, item.url))
+        except BaseExceptionGroup as failures:
+            # One failed download fails the call; report the first reason, not a group.
+            raise _first_domain_error(failures) from None
+        images = []
+        for index, item in enumerate(items):
+            data, content_type = item.image or fetched[index]
+            images.append(GeneratedImage(data, content_type, item.revised_prompt))
+        return images
+
+    def _bad(self, what: str) -> UpstreamError:
+        return UpstreamError(f"The upstream provider '{self.provider_id}' sent {what}.")
+
+
+@dataclass(frozen=True)
+class _Item:
+    revised_prompt: str | None
+    image: tuple[bytes, str] | None = None
+    url: str | None = None
+
+
+def _first_domain_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_domain_error(exc)
+        if isinstance(exc, ImagegateError):
+            return exc
+    return group
+
+
+def _filtered(results: object) -> bool:
+    """Azure's per-image `content_filter_results`: did any category filter the image?"""
+    if not isinstance(results, dict):
+        return False
+    return any(isinstance(v, dict) and v.get("filtered") is True for v in results.values())
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else "" if value is None else str(value)
+
+
+def _api_version_refused(code: str, message: str) -> bool:
+    # Azure: 400 {"code": "BadRequest", "message": "API version not supported"}.
+    return code == "BadRequest" and "api version" in message.lower()
+
+
+def refusal(
+    provider_id: str,
+    status: int,
+    headers: Mapping[str, str],
+    payload: object,
+    secrets: tuple[str, ...] = (),
+) -> ImagegateError:
+    """The domain error for an OpenAI- or Azure-shaped error reply."""
+    error = payload.get("error") if isinstance(payload, dict) else None
+    error = error if isinstance(error, dict) else {}
+    inner = error.get("inner_error") or error.get("innererror")
+    inner_code = _text(inner.get("code")) if isinstance(inner, dict) else ""
+    code = _text(error.get("code"))
+    message = scrub(_text(error.get("message")), secrets)
+    log.debug("provider %s refused: HTTP %d code %r", provider_id, status, code or inner_code)
+    if code in ACCOUNT_CODES:
+        return UpstreamError(
+            f"The upstream provider '{provider_id}' refused the gateway's account ({code})."
+        )
+    common = status_error(provider_id, status, headers, message)
+    if common is not None:
+        return common
+    if code in SAFETY_CODES or inner_code in SAFETY_CODES:
+        return ContentPolicy(message or SAFETY_MESSAGE)
+    param = error.get("param")
+    if (
+        status == 404
+        or code in ROUTE_CODES
+        or param == "model"
+        or _api_version_refused(code, message)
+    ):
+        # The route's configuration, not the caller's request (the caller never names the
+        # upstream model, deployment or API version): the next route may work.
+        return UpstreamError(
+            f"The upstream provider '{provider_id}' does not serve the configured model "
+            f"({code or f'HTTP {status}'}): {message or f'HTTP {status}'}"
+        )
+    if 400 <= status < 500:
+        return UpstreamRejected(
+            f"The upstream provider '{provider_id}' rejected the request: "
+            f"{message or f'HTTP {status}'}",
+            param=param if isinstance(param, str) and param else "prompt",
+        )
+    detail = f": {message}" if message else ""
+    return UpstreamError(f"The upstream provider '{provider_id}' answered HTTP {status}{detail}")
