@@ -77,6 +77,23 @@ class AzureOpenAIProvider:
         params = {"api-version": self._api_version}
         return await self._upstream.generate(url, headers, body, call.n, params)
 
+    async def edit(self, call: UpstreamCall) -> ProviderResult:
+        """The deployment's images/edits, multipart as OpenAI's (no variations on Azure)."""
+        headers = {
+            **self._auth,
+            **wire.request_id_header("x-ms-client-request-id", call.request_id),
+        }
+        fam = wire.family(call)
+        if self._api_version == V1:
+            url = f"{self._endpoint}/openai/v1/images/edits"
+            form = wire.edit_form(call, fam, model=call.upstream_model)
+            return await self._upstream.upload(url, headers, form, call.n)
+        deployment = quote(call.upstream_model, safe="")
+        url = f"{self._endpoint}/openai/deployments/{deployment}/images/edits"
+        form = wire.edit_form(call, fam, model=None)
+        params = {"api-version": self._api_version}
+        return await self._upstream.upload(url, headers, form, call.n, params)
+
     async def aclose(self) -> None:
         # The session and downloader belong to the registry.
         return None

@@ -49,6 +49,7 @@ class OpenAIProvider:
         self.id = settings.id
         self.kind = settings.kind
         base = (settings.base_url or DEFAULT_BASE_URL).rstrip("/")
+        self._base = base
         self._url = f"{base}/images/generations"
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._unknown_max_n = option_max_n(settings, 1 if settings.kind == COMPATIBLE else 10)
@@ -67,6 +68,22 @@ class OpenAIProvider:
         body = wire.request_body(call, wire.family(call), model=call.upstream_model)
         headers = {**self._auth, **wire.request_id_header("X-Client-Request-Id", call.request_id)}
         return await self._upstream.generate(self._url, headers, body, call.n)
+
+    async def edit(self, call: UpstreamCall) -> ProviderResult:
+        """POST {base_url}/images/edits, multipart (openai_wire.edit_form)."""
+        form = wire.edit_form(call, wire.family(call), model=call.upstream_model)
+        return await self._upstream.upload(
+            f"{self._base}/images/edits", self._headers(call), form, call.n
+        )
+
+    async def variation(self, call: UpstreamCall) -> ProviderResult:
+        """POST {base_url}/images/variations (dall-e-2), multipart."""
+        form = wire.variation_form(call, model=call.upstream_model)
+        url = f"{self._base}/images/variations"
+        return await self._upstream.upload(url, self._headers(call), form, call.n)
+
+    def _headers(self, call: UpstreamCall) -> dict[str, str]:
+        return {**self._auth, **wire.request_id_header("X-Client-Request-Id", call.request_id)}
 
     async def aclose(self) -> None:
         # The session and downloader belong to the registry.
