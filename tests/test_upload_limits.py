@@ -14,14 +14,16 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 
 from gateway import errors
 from gateway.config import GatewayConfig
 from gateway.server import bound_port, start_gateway
+from service.config import Config
 from service.providers.base import TokenUsage
 from tests.conftest import FRONTS, Stack, Tenant, balance, make_tenant, sdk
-from tests.envoy_harness import EnvoyFront
+from tests.envoy_harness import ENVOY_YAML, EnvoyFront
 from tests.fakes.scripted import OK, Step
 from tests.fakes.scripted_editor import ScriptedEditor
 from tests.providers_harness import model, provider, provider_stack, route
@@ -349,3 +351,31 @@ async def test_envoy_memory_stays_bounded(ustack: Stack) -> None:
     assert (status, body) == (413, errors.error_body(errors.TOO_LARGE))
     # 240 MiB sent; Envoy held about one limit's worth (the transcoder's buffer) at most.
     assert grown < limit + 32 * MiB, grown
+
+
+# --- the committed configuration ------------------------------------------------------------
+
+
+def test_envoy_upload_routes_have_the_aiohttp_fronts_limit() -> None:
+    config = yaml.safe_load(ENVOY_YAML.read_text())
+    [listener] = config["static_resources"]["listeners"]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    [transcoder] = [f for f in hcm["http_filters"] if f["name"].endswith("grpc_json_transcoder")]
+    routes = {
+        r["match"].get("path") or r["match"].get("prefix"): r
+        for r in hcm["route_config"]["virtual_hosts"][0]["routes"]
+    }
+    limit = GatewayConfig().max_upload_bytes
+    for path in (EDITS, VARIATIONS):
+        upload_route = routes[path]
+        # The transcoder holds an upload to send it: its limit is the route's limit...
+        per_route = upload_route["typed_per_filter_config"][
+            "envoy.filters.http.grpc_json_transcoder"
+        ]
+        assert per_route == transcoder["typed_config"] | {"max_request_body_size": limit}
+        # ...and the route's own buffer limit matches, should another filter buffer it.
+        assert upload_route["request_body_buffer_limit"] == limit
+        assert upload_route["route"] == routes["/"]["route"]
+    # Generation bodies keep the 1 MiB limit; an upload fits in one gRPC message.
+    assert transcoder["typed_config"]["max_request_body_size"] == GatewayConfig().max_body_bytes
+    assert limit + MiB <= GatewayConfig().max_message_bytes == Config().max_message_bytes
