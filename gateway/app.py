@@ -21,6 +21,7 @@ from gateway.request_json import InvalidJson, parse_request
 log = logging.getLogger("imagegate.gateway")
 
 STUB: web.AppKey[images_pb2_grpc.ImageServiceStub] = web.AppKey("stub")
+UPLOADS: web.AppKey[uploads.UploadCalls] = web.AppKey("uploads")
 CONFIG: web.AppKey[GatewayConfig] = web.AppKey("config")
 REQUEST_ID = "x-request-id"
 REQUEST_ID_KEY: web.RequestKey[str] = web.RequestKey("request_id")
@@ -52,6 +53,7 @@ async def _channel(app: web.Application) -> AsyncIterator[None]:
         options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
     )
     app[STUB] = images_pb2_grpc.ImageServiceStub(channel)
+    app[UPLOADS] = uploads.UploadCalls(channel)
     yield
     await channel.close()
 
@@ -66,25 +68,23 @@ async def generate_images(request: web.Request) -> web.Response:
 
 
 async def edit_images(request: web.Request) -> web.Response:
-    message = images_pb2.EditImagesRequest(body=await _upload(request))
-    reply = await request.app[STUB].EditImages(message, **_call_options(request))
-    return _json(reply)
+    return await _upload(request, "EditImages")
 
 
 async def create_image_variation(request: web.Request) -> web.Response:
-    message = images_pb2.CreateImageVariationRequest(body=await _upload(request))
-    reply = await request.app[STUB].CreateImageVariation(message, **_call_options(request))
-    return _json(reply)
+    return await _upload(request, "CreateImageVariation")
 
 
-async def _upload(request: web.Request) -> httpbody_pb2.HttpBody:
+async def _upload(request: web.Request, method: str) -> web.Response:
     """The raw body under the upload limit (gateway/uploads.py); the service parses it."""
     try:
-        return await uploads.read_upload(request, request.app[CONFIG].max_upload_bytes)
+        message = await uploads.read_upload(request, request.app[CONFIG].max_upload_bytes, method)
     except uploads.TooLarge:
         raise _Failure(errors.TOO_LARGE) from None
     except uploads.Encoded:
         raise _Failure(errors.ENCODED_UPLOAD) from None
+    reply = await request.app[UPLOADS].call(method, message, **_call_options(request))
+    return _json(reply)
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -4,15 +4,27 @@ The service parses them (one parser for both fronts, as Envoy's transcoder
 passes the same bytes). The app-wide client_max_size (1 MiB, for JSON) does not
 apply here: the body is streamed in with a counter of its own and refused with
 413 the moment it passes the upload limit, so no more than the limit is ever
-held, whatever the client sends or claims.
+held, whatever the client sends or claims. Tens of MB are joined and
+serialized on a thread, and sent as bytes, so the event loop never copies them.
 """
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+import grpc
 from aiohttp import web
-from google.api import httpbody_pb2
+from google.protobuf.message import Message
+from imagegate.v1 import images_pb2
 
 CHUNK = 64 * 1024
+SERVICE = images_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
+# The upload RPCs and their request messages.
+METHODS: dict[str, type[Message]] = {
+    "EditImages": images_pb2.EditImagesRequest,
+    "CreateImageVariation": images_pb2.CreateImageVariationRequest,
+}
 
 
 class TooLarge(Exception):
@@ -24,7 +36,26 @@ class Encoded(Exception):
     decompress it, so neither front takes one."""
 
 
-async def read_upload(request: web.Request, limit: int) -> httpbody_pb2.HttpBody:
+class UploadCalls:
+    """The upload RPCs, called with requests already serialized (see read_upload)."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._calls = {
+            name: channel.unary_unary(
+                f"/{SERVICE}/{name}",
+                request_serializer=None,
+                response_deserializer=images_pb2.ImagesResponse.FromString,
+            )
+            for name in METHODS
+        }
+
+    async def call(self, method: str, request: bytes, **options: Any) -> images_pb2.ImagesResponse:
+        reply: images_pb2.ImagesResponse = await self._calls[method](request, **options)
+        return reply
+
+
+async def read_upload(request: web.Request, limit: int, method: str) -> bytes:
+    """The serialized request message of `method` carrying the body as an HttpBody."""
     if _encoded(request.headers.get("Content-Encoding", "")):
         raise Encoded
     declared = request.content_length
@@ -37,9 +68,18 @@ async def read_upload(request: web.Request, limit: int) -> httpbody_pb2.HttpBody
         if size > limit:
             raise TooLarge
         chunks.append(chunk)
-    data = b"".join(chunks)
-    del chunks
-    return httpbody_pb2.HttpBody(content_type=request.headers.get("Content-Type", ""), data=data)
+    content_type = request.headers.get("Content-Type", "")
+    return await asyncio.to_thread(_serialize, METHODS[method], content_type, chunks)
+
+
+def _serialize(message: type[Message], content_type: str, chunks: list[bytes]) -> bytes:
+    request: Any = message()
+    request.body.content_type = content_type
+    # Set in place: building an HttpBody first would copy the data once more.
+    request.body.data = b"".join(chunks)
+    chunks.clear()
+    serialized: bytes = request.SerializeToString()
+    return serialized
 
 
 def _encoded(header: str) -> bool:

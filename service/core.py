@@ -152,15 +152,15 @@ class ImageCore:
     ) -> T:
         """POST /v1/images/edits: the body as the client sent it (multipart or JSON),
         parsed and checked here before anything is reserved; then as generate()."""
-        return await self._with_inputs(
-            caller, uploads.parse_edit(content_type, body), EDIT, ctx, render
-        )
+        # Tens of MB of multipart or JSON (base64) are parsed off the event loop.
+        upload = await asyncio.to_thread(uploads.parse_edit, content_type, body)
+        return await self._with_inputs(caller, upload, EDIT, ctx, render)
 
     async def variation(
         self, caller: Caller, content_type: str, body: bytes, ctx: RequestContext, render: Render[T]
     ) -> T:
         """POST /v1/images/variations (multipart), as edit()."""
-        upload = uploads.parse_variation(content_type, body)
+        upload = await asyncio.to_thread(uploads.parse_variation, content_type, body)
         return await self._with_inputs(caller, upload, VARIATION, ctx, render)
 
     async def _with_inputs(

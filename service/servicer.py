@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -11,6 +12,7 @@ from urllib.parse import unquote
 
 import grpc
 from google.api import httpbody_pb2
+from google.protobuf.message import DecodeError, Message
 from imagegate.v1 import images_pb2, images_pb2_grpc
 
 from service.catalog import ModelSpec
@@ -53,25 +55,30 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         return await self._run(context, call)
 
     async def EditImages(
-        self, request: images_pb2.EditImagesRequest, context: grpc.aio.ServicerContext
+        self, request: bytes, context: grpc.aio.ServicerContext
     ) -> images_pb2.ImagesResponse:
+        """`request` is a serialized EditImagesRequest (service/server.py registers the
+        upload RPCs raw), parsed here on a thread."""
+
         async def call() -> images_pb2.ImagesResponse:
             caller = await self._caller(context)
-            body = request.body
+            content_type, data = await _upload_body(images_pb2.EditImagesRequest, request)
             return await self._core.edit(
-                caller, body.content_type, body.data, self._context(context), self._render
+                caller, content_type, data, self._context(context), self._render
             )
 
         return await self._run(context, call)
 
     async def CreateImageVariation(
-        self, request: images_pb2.CreateImageVariationRequest, context: grpc.aio.ServicerContext
+        self, request: bytes, context: grpc.aio.ServicerContext
     ) -> images_pb2.ImagesResponse:
+        """`request` is a serialized CreateImageVariationRequest, as for EditImages."""
+
         async def call() -> images_pb2.ImagesResponse:
             caller = await self._caller(context)
-            body = request.body
+            content_type, data = await _upload_body(images_pb2.CreateImageVariationRequest, request)
             return await self._core.variation(
-                caller, body.content_type, body.data, self._context(context), self._render
+                caller, content_type, data, self._context(context), self._render
             )
 
         return await self._run(context, call)
@@ -147,6 +154,28 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
             _metadata(context, "x-forwarded-host"),
             _metadata(context, "x-forwarded-proto"),
         )
+
+
+# The upload RPCs and their request messages (service/server.py registers them raw).
+UPLOAD_METHODS: dict[str, type[Message]] = {
+    "EditImages": images_pb2.EditImagesRequest,
+    "CreateImageVariation": images_pb2.CreateImageVariationRequest,
+}
+
+
+async def _upload_body(message: type[Message], raw: bytes) -> tuple[str, bytes]:
+    """The request's HttpBody (content type, data), parsed off the event loop: tens of MB."""
+
+    def parse() -> tuple[str, bytes]:
+        try:
+            body = message.FromString(raw).body
+        except DecodeError:
+            raise InvalidParameter(
+                "The request message could not be parsed as a protobuf.", param="body"
+            ) from None
+        return body.content_type, body.data
+
+    return await asyncio.to_thread(parse)
 
 
 def _peer_ip(peer: str | None) -> str | None:
