@@ -125,8 +125,8 @@ class InputLoader:
             data, _ = await self._fetcher.fetch(source.url)
         except UpstreamError as exc:
             raise InvalidParameter(
-                f"Invalid '{source.param}.image_url': the image could not be fetched "
-                f"({_why(exc.message)}).",
+                f"Invalid '{source.param}.image_url': the image could not be fetched: the URL "
+                f"{_why(exc.message)}.",
                 param=source.param,
             ) from None
         return data

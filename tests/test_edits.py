@@ -191,6 +191,21 @@ async def test_grpc_clients_send_the_same_bodies(
         "INVALID_BODY",
         {"code": "invalid_multipart"},
     )
+    # The upload RPCs parse their request themselves (off the event loop): a message
+    # that is not protobuf is a bad parameter, not a crash.
+    async with grpc.aio.insecure_channel(stack.grpc_target) as channel:
+        raw = channel.unary_unary(
+            "/imagegate.v1.ImageService/EditImages",
+            request_serializer=None,
+            response_deserializer=images_pb2.ImagesResponse.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await raw(b"\x0a\xff\xff\xff", metadata=_auth(tenant.key))
+    assert _reason(raised.value) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_PARAMETER",
+        {"param": "body", "code": "invalid_value"},
+    )
 
 
 async def test_every_front_and_grpc_draw_the_same_edit(
