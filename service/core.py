@@ -27,6 +27,7 @@ from service.requests import (
     validate,
 )
 from service.store.base import Charge, Served, Store, new_reservation_id
+from service.streaming import Delivered, Send, image_event
 
 log = logging.getLogger("imagegate.core")
 T = TypeVar("T")
@@ -141,10 +142,10 @@ class ImageCore:
 
         `render` builds what the transport will send (raising a domain error when
         it cannot be sent); whatever fails or is cancelled, at any moment, the
-        reservation is resolved before this returns or raises. A streaming RPC
-        can pass a render that sends, so that only what it handed over is charged.
+        reservation is resolved before this returns or raises. (A streamed request
+        goes through `stream`, which charges per image handed over.)
         """
-        request = self._validated(caller, params, GENERATE)
+        request = self._validated(caller, params, GENERATE, streaming=False)
         return await self._run(caller, request, ctx, render)
 
     async def edit(
@@ -152,53 +153,38 @@ class ImageCore:
     ) -> T:
         """POST /v1/images/edits: the body as the client sent it (multipart or JSON),
         parsed and checked here before anything is reserved; then as generate()."""
-        # Tens of MB of multipart or JSON (base64) are parsed off the event loop.
-        upload = await asyncio.to_thread(uploads.parse_edit, content_type, body)
-        return await self._with_inputs(caller, upload, EDIT, ctx, render)
+        request = await self._uploaded(caller, content_type, body, EDIT, streaming=False)
+        return await self._run(caller, request, ctx, render)
+
+    async def stream_edit(
+        self, caller: Caller, content_type: str, body: bytes, ctx: RequestContext, send: Send
+    ) -> None:
+        """A streamed edit (`stream` true in the body): as edit(), then as stream()."""
+        request = await self._uploaded(caller, content_type, body, EDIT, streaming=True)
+        await self.stream_request(caller, request, ctx, send)
 
     async def variation(
         self, caller: Caller, content_type: str, body: bytes, ctx: RequestContext, render: Render[T]
     ) -> T:
         """POST /v1/images/variations (multipart), as edit()."""
-        upload = await asyncio.to_thread(uploads.parse_variation, content_type, body)
-        return await self._with_inputs(caller, upload, VARIATION, ctx, render)
-
-    async def _with_inputs(
-        self,
-        caller: Caller,
-        upload: uploads.Upload,
-        operation: str,
-        ctx: RequestContext,
-        render: Render[T],
-    ) -> T:
-        request = self._validated(caller, upload.params, operation)
-        inputs = await self._inputs.load(upload, request.model, variation=operation == VARIATION)
-        request = replace(request, inputs=inputs.images, mask=inputs.mask)
+        request = await self._uploaded(caller, content_type, body, VARIATION, streaming=False)
         return await self._run(caller, request, ctx, render)
 
-    def _validated(self, caller: Caller, params: GenerationParams, operation: str) -> ImageRequest:
-        # An unknown model's message names only the models this key may use.
-        visible = [m.id for m in self.list_models(caller)]
-        request = validate(
-            params, self._catalog, self._default_model, available=visible, operation=operation
-        )
-        if caller.models is not None and request.model.id not in caller.models:
-            raise ModelNotAllowed(
-                f"This API key is not allowed to use the model '{request.model.id}'."
-            )
-        if operation != GENERATE and not self.dispatcher.serves(request.model.routes, operation):
-            # The catalog says it can, but no live provider of its routes does.
-            raise InvalidParameter(
-                f"Model '{request.model.id}' does not support {OPERATION_NAMES[operation]} "
-                "on this gateway.",
-                param="model",
-            )
-        return request
+    async def _uploaded(
+        self, caller: Caller, content_type: str, body: bytes, operation: str, *, streaming: bool
+    ) -> ImageRequest:
+        """The upload parsed, validated, and its input images checked: nothing reserved yet."""
+        parse = uploads.parse_edit if operation == EDIT else uploads.parse_variation
+        # Tens of MB of multipart or JSON (base64) are parsed off the event loop.
+        upload = await asyncio.to_thread(parse, content_type, body)
+        request = self._validated(caller, upload.params, operation, streaming=streaming)
+        inputs = await self._inputs.load(upload, request.model, variation=operation == VARIATION)
+        return replace(request, inputs=inputs.images, mask=inputs.mask)
 
     async def _run(
         self, caller: Caller, request: ImageRequest, ctx: RequestContext, render: Render[T]
     ) -> T:
-        """Reserve, dispatch, store, render, then settle: every operation's money path."""
+        """Reserve, dispatch, store, render, then settle: every unary operation's money path."""
         started = self._clock()
         reservation = await self._reserve(caller, request, ctx, started)
         log.debug("request %s prompt %r", ctx.request_id, request.prompt)
@@ -233,6 +219,102 @@ class ImageCore:
             (self._clock() - started) * 1000,
         )
         return rendered
+
+    async def stream(
+        self, caller: Caller, params: GenerationParams, ctx: RequestContext, send: Send
+    ) -> None:
+        """Reserve, then hand each event to `send` as it comes; charge what `send` took.
+
+        Previews are free; each finished image is charged once `send` has returned
+        for it. However the stream ends (done, failed after some events, the client
+        gone), the images handed over are settled and the rest of the reservation
+        released before this returns or raises.
+        """
+        await self.stream_request(
+            caller, self._validated(caller, params, GENERATE, streaming=True), ctx, send
+        )
+
+    async def stream_request(
+        self, caller: Caller, request: ImageRequest, ctx: RequestContext, send: Send
+    ) -> None:
+        """`stream` for a request already validated (with streaming=True)."""
+        started = self._clock()
+        reservation = await self._reserve(caller, request, ctx, started)
+        log.debug("request %s prompt %r", ctx.request_id, request.prompt)
+        delivered = Delivered()
+        try:
+            items = self.dispatcher.stream(
+                request, request_id=ctx.request_id, deadline=ctx.deadline
+            )
+            try:
+                async for item in items:
+                    await send(image_event(request, item, self._clock()))
+                    delivered.add(item)
+            finally:
+                await items.aclose()
+        except BaseException:
+            await _uninterrupted(self._settle_delivered(reservation, request, delivered))
+            raise
+        served, cost = await _uninterrupted(self._settle_delivered(reservation, request, delivered))
+        log.info(
+            "request %s account=%s model=%s route=%s/%s streamed n=%d/%d size=%s quality=%s "
+            "cost=%d upstream_cost=%d latency_ms=%d",
+            ctx.request_id,
+            caller.account_name,
+            request.model.id,
+            served.provider,
+            served.upstream_model,
+            delivered.images,
+            request.n,
+            request.size,
+            request.quality,
+            cost,
+            served.upstream_cost_micros,
+            (self._clock() - started) * 1000,
+        )
+
+    async def _settle_delivered(
+        self, reservation: str, request: ImageRequest, delivered: Delivered
+    ) -> tuple[Served, int]:
+        """Charge the images handed over, release the rest; nothing handed over: release all."""
+        calls = delivered.calls()
+        if not calls:
+            await self._store.release(reservation)
+            return Served("", "", 0), 0
+        bill = costs.bill(request, calls, request.quote)
+        served = Served(bill.provider, bill.upstream_model, bill.upstream_cost_micros)
+        try:
+            await self._store.settle(reservation, bill.cost_micros, served)
+        except BaseException:
+            await self._store.release(reservation)  # a no-op if the settle did commit
+            raise
+        return served, bill.cost_micros
+
+    def _validated(
+        self, caller: Caller, params: GenerationParams, operation: str, *, streaming: bool
+    ) -> ImageRequest:
+        # An unknown model's message names only the models this key may use.
+        visible = [m.id for m in self.list_models(caller)]
+        request = validate(
+            params,
+            self._catalog,
+            self._default_model,
+            available=visible,
+            operation=operation,
+            streaming=streaming,
+        )
+        if caller.models is not None and request.model.id not in caller.models:
+            raise ModelNotAllowed(
+                f"This API key is not allowed to use the model '{request.model.id}'."
+            )
+        if operation != GENERATE and not self.dispatcher.serves(request.model.routes, operation):
+            # The catalog says it can, but no live provider of its routes does.
+            raise InvalidParameter(
+                f"Model '{request.model.id}' does not support {OPERATION_NAMES[operation]} "
+                "on this gateway.",
+                param="model",
+            )
+        return request
 
     async def _reserve(
         self, caller: Caller, request: ImageRequest, ctx: RequestContext, started: float

@@ -21,6 +21,8 @@ AUTO_QUALITY = "auto"
 # What a request asks of the model (and which provider method serves it).
 GENERATE, EDIT, VARIATION = "generate", "edit", "variation"
 OPERATION_NAMES = {EDIT: "image edits", VARIATION: "image variations"}
+# OpenAI's bound on preview images before a streamed image.
+MAX_PARTIAL_IMAGES = 3
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,10 @@ class ImageRequest:
     inputs: tuple[InputImage, ...] = ()
     mask: InputImage | None = None
     input_fidelity: str | None = None
+    # Streamed: the images are sent as events (always as image bytes, b64_json).
+    stream: bool = False
+    # Preview images a streamed single image gets first (0 when not streaming or n > 1).
+    partial_images: int = 0
 
     @property
     def width(self) -> int:
@@ -111,6 +117,7 @@ def validate(
     *,
     available: Sequence[str] = (),
     operation: str = GENERATE,
+    streaming: bool = False,
 ) -> ImageRequest:
     """Apply the model's rules and defaults; raise InvalidParameter naming the field.
 
@@ -118,6 +125,8 @@ def validate(
     only, never the whole catalog (a limited key must not learn the others).
     `operation` is edit or variation for those endpoints (the input images are
     checked afterwards, by service/inputs.py).
+    `streaming`: the request is answered as a stream of events (the StreamImages
+    RPC), whatever its `stream` field says; a unary call refuses `stream: true`.
     """
     model = _model(params.model or default_model, catalog, available)
     _operation(operation, model)
@@ -134,17 +143,13 @@ def validate(
             f"{len(prompt)} instead.",
             param="prompt",
         )
-    if params.stream:
+    if params.stream and not streaming:
         raise InvalidParameter(
-            "Streaming is not supported by this gateway yet; send 'stream': false.",
+            "'stream': true is answered by the StreamImages RPC (the REST fronts route it "
+            "there); GenerateImages returns one response.",
             param="stream",
         )
-    if params.partial_images is not None:
-        raise InvalidParameter(
-            "'partial_images' is only used with streaming, which this gateway does not "
-            "support yet.",
-            param="partial_images",
-        )
+    partial_images = _partial_images(params.partial_images, streaming)
     n = 1 if params.n is None else params.n
     if not 1 <= n <= model.n_max:
         raise InvalidParameter(
@@ -159,9 +164,7 @@ def validate(
         model.qualities,
         model,
     )
-    response_format = _choice(
-        "response_format", params.response_format or "url", RESPONSE_FORMATS, model
-    )
+    response_format = _response_format(params.response_format, streaming, model)
     style = _optional("style", params.style, model.styles, model)
     moderation = _optional("moderation", params.moderation, model.moderations, model)
     background = _optional("background", params.background, model.backgrounds, model)
@@ -199,6 +202,10 @@ def validate(
         user=params.user,
         operation=operation,
         input_fidelity=fidelity,
+        stream=streaming,
+        # Previews only for a single image: an event does not say which image it
+        # previews, so n > 1 streams one completed event per image and no partials.
+        partial_images=partial_images if n == 1 else 0,
     )
 
 
@@ -208,6 +215,35 @@ def _operation(operation: str, model: ModelSpec) -> None:
         raise InvalidParameter(
             f"Model '{model.id}' does not support {OPERATION_NAMES[operation]}.", param="model"
         )
+
+
+def _partial_images(value: int | None, streaming: bool) -> int:
+    if value is None:
+        return 0
+    if not streaming:
+        raise InvalidParameter(
+            "'partial_images' is only used with 'stream': true.", param="partial_images"
+        )
+    if not 0 <= value <= MAX_PARTIAL_IMAGES:
+        raise InvalidParameter(
+            f"Invalid 'partial_images': {value}. Expected an integer from 0 to "
+            f"{MAX_PARTIAL_IMAGES}.",
+            param="partial_images",
+        )
+    return value
+
+
+def _response_format(value: str, streaming: bool, model: ModelSpec) -> str:
+    if not streaming:
+        return _choice("response_format", value or "url", RESPONSE_FORMATS, model)
+    # Events carry the image itself (OpenAI's events have no url field).
+    if value not in ("", "b64_json"):
+        raise InvalidParameter(
+            f"Invalid value for 'response_format': '{value}'. A streamed image is sent as "
+            "b64_json in its event; leave response_format out or send 'b64_json'.",
+            param="response_format",
+        )
+    return "b64_json"
 
 
 def _model(model_id: str, catalog: Catalog, available: Sequence[str]) -> ModelSpec:

@@ -16,7 +16,7 @@ import io
 import random
 from collections.abc import Sequence
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 
 from service.providers.local_render import caption, encode, grain, picture
 
@@ -90,6 +90,26 @@ def variation(
         centering=centring,
     )
     out = _fit(crop, width, height)
+    return encode(_finish(out, None, output_format), output_format, compression)
+
+
+def preview(
+    image: bytes,
+    width: int,
+    height: int,
+    *,
+    output_format: str,
+    compression: int | None,
+    step: int,
+    steps: int,
+) -> bytes:
+    """Preview `step` of `steps` of an edit: the input, coarser the earlier the step
+    (as the generated previews: drawn small, blurred, upscaled)."""
+    canvas = _fit(_open(image), width, height)
+    factor = 2 ** (steps - step + 1)
+    small = canvas.resize((max(1, width // factor), max(1, height // factor)), Image.Resampling.BOX)
+    small = small.filter(ImageFilter.GaussianBlur(1.0))
+    out = small.resize((width, height), Image.Resampling.BILINEAR)
     return encode(_finish(out, None, output_format), output_format, compression)
 
 
