@@ -71,24 +71,36 @@ async def generate_images(request: web.Request) -> web.StreamResponse:
     return _json(reply)
 
 
-async def edit_images(request: web.Request) -> web.Response:
-    return await _upload(request, "EditImages")
+async def edit_images(request: web.Request) -> web.StreamResponse:
+    message, stream = await _upload(request, "EditImages", streamable=True)
+    if stream:
+        # As a streamed generation: its own RPC, written as server-sent events.
+        call = request.app[UPLOADS].stream_edit(message, **_call_options(request))
+        return await sse.relay(request, call, {REQUEST_ID: request[REQUEST_ID_KEY]})
+    reply = await request.app[UPLOADS].call("EditImages", message, **_call_options(request))
+    return _json(reply)
 
 
 async def create_image_variation(request: web.Request) -> web.Response:
-    return await _upload(request, "CreateImageVariation")
+    message, _ = await _upload(request, "CreateImageVariation")
+    reply = await request.app[UPLOADS].call(
+        "CreateImageVariation", message, **_call_options(request)
+    )
+    return _json(reply)
 
 
-async def _upload(request: web.Request, method: str) -> web.Response:
+async def _upload(
+    request: web.Request, method: str, *, streamable: bool = False
+) -> tuple[bytes, bool]:
     """The raw body under the upload limit (gateway/uploads.py); the service parses it."""
     try:
-        message = await uploads.read_upload(request, request.app[CONFIG].max_upload_bytes, method)
+        return await uploads.read_upload(
+            request, request.app[CONFIG].max_upload_bytes, method, streamable=streamable
+        )
     except uploads.TooLarge:
         raise _Failure(errors.TOO_LARGE) from None
     except uploads.Encoded:
         raise _Failure(errors.ENCODED_UPLOAD) from None
-    reply = await request.app[UPLOADS].call(method, message, **_call_options(request))
-    return _json(reply)
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -145,8 +145,8 @@ def validate(
         )
     if params.stream and not streaming:
         raise InvalidParameter(
-            "'stream': true is answered by the StreamImages RPC (the REST fronts route it "
-            "there); GenerateImages returns one response.",
+            "'stream': true is answered by the streaming RPC (StreamImages, StreamEditImages; "
+            "the REST fronts route it there); this RPC returns one response.",
             param="stream",
         )
     partial_images = _partial_images(params.partial_images, streaming)

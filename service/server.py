@@ -199,14 +199,21 @@ class _RawUploads:
     ) -> None:
         # Registered handlers are what grpc looks up first for these exact paths.
         raw = {
-            name: grpc.unary_unary_rpc_method_handler(
-                handler.unary_unary, response_serializer=handler.response_serializer
-            )
-            if name in UPLOAD_METHODS
-            else handler
+            name: _raw(handler) if name in UPLOAD_METHODS else handler
             for name, handler in handlers.items()
         }
         self._server.add_registered_method_handlers(service, raw)
+
+
+def _raw(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The same handler, without a request deserializer: it gets the message's bytes."""
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            handler.unary_stream, response_serializer=handler.response_serializer
+        )
+    return grpc.unary_unary_rpc_method_handler(
+        handler.unary_unary, response_serializer=handler.response_serializer
+    )
 
 
 async def _sweep_forever(core: ImageCore, interval_s: float) -> None:

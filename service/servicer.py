@@ -34,6 +34,7 @@ log = logging.getLogger("imagegate.servicer")
 T = TypeVar("T")
 # The event type prefix of streamed generations (edits stream as "image_edit").
 GENERATION = "image_generation"
+EDIT_EVENTS = "image_edit"
 MiB = 1024 * 1024
 # The values OpenAI's ImagesResponse may hold in these top-level fields. Typed
 # clients validate them (the Python SDK's strict mode, older SDKs whose `size`
@@ -78,6 +79,16 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
             )
 
         return await self._run(context, call)
+
+    async def StreamEditImages(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
+        """A streamed edit: `request` as EditImages's, the events as StreamImages's."""
+
+        async def call(send: Send) -> None:
+            caller = await self._caller(context)
+            content_type, data = await _upload_body(images_pb2.EditImagesRequest, request)
+            await self._core.stream_edit(caller, content_type, data, self._context(context), send)
+
+        await self._stream(context, call, EDIT_EVENTS)
 
     async def CreateImageVariation(
         self, request: bytes, context: grpc.aio.ServicerContext
@@ -211,6 +222,7 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
 # The upload RPCs and their request messages (service/server.py registers them raw).
 UPLOAD_METHODS: dict[str, type[Message]] = {
     "EditImages": images_pb2.EditImagesRequest,
+    "StreamEditImages": images_pb2.EditImagesRequest,
     "CreateImageVariation": images_pb2.CreateImageVariationRequest,
 }
 

@@ -93,12 +93,15 @@ def test_several_inputs_all_show() -> None:
 
 def test_edits_are_deterministic_and_vary_by_index() -> None:
     source = noise()
-    a = edit("p", [source], None, 64, 64, output_format="png", quality="standard",
-             background=None, compression=None, index=0)  # fmt: skip
-    b = edit("p", [source], None, 64, 64, output_format="png", quality="standard",
-             background=None, compression=None, index=0)  # fmt: skip
-    c = edit("p", [source], None, 64, 64, output_format="png", quality="standard",
-             background=None, compression=None, index=1)  # fmt: skip
+    options: dict[str, object] = {
+        "output_format": "png",
+        "quality": "standard",
+        "background": None,
+        "compression": None,
+    }
+    a = edit("p", [source], None, 64, 64, index=0, **options)  # type: ignore[arg-type]
+    b = edit("p", [source], None, 64, 64, index=0, **options)  # type: ignore[arg-type]
+    c = edit("p", [source], None, 64, 64, index=1, **options)  # type: ignore[arg-type]
     assert a == b != c
 
 

@@ -6,7 +6,8 @@ Paths: OpenAI `POST /v1/images/edits` and `/v1/images/variations`; Azure
 - gpt-image edits: files `image[]` (or `image`), 1-16 PNG/JPEG/WebP under 50 MB,
   optional PNG `mask`; `response_format` is a 400 `unknown_parameter`;
   `input_fidelity` high/low. usage reports IMAGE_TOKENS input tokens per
-  uploaded picture (mask included).
+  uploaded picture (mask included). `stream=true` answers the generation
+  stream's events typed image_edit.partial_image / image_edit.completed.
 - dall-e-2 edits and variations: exactly one `image`, a square PNG under 4 MB
   (a mask of its size); variations are dall-e-2's alone.
 Each upload is recorded (fields and files, in order) in `uploads`. The body is
@@ -19,6 +20,7 @@ import email.parser
 import email.policy
 import io
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,6 +178,7 @@ class EditEndpoints:
         for name in ("size", "quality", "output_format", "background", "response_format"):
             if name in fields:
                 body[name] = fields[name]
+        streamed = family == "gpt-image" and fields.get("stream") == "true"
         # Faults answer as for generations (same error bodies); validation passed already.
         failed = fake._generate(
             {k: v for k, v in body.items() if k in ("model", "prompt", "n")},
@@ -185,6 +188,12 @@ class EditEndpoints:
         )
         if failed is not None:
             return failed
+        if streamed:
+            body["partial_images"] = int(fields.get("partial_images", "0"))
+            fmt = body.get("output_format", "png")
+            return web.Response(
+                body=_edit_events(fake._events(body, fmt)), content_type="text/event-stream"
+            )
         reply = fake._reply(body, family, fault, azure=azure)
         if family != "gpt-image" or fake.usage_override is not None:
             return reply
@@ -195,6 +204,12 @@ class EditEndpoints:
         usage["input_tokens"] += IMAGE_TOKENS * pictures
         usage["total_tokens"] += IMAGE_TOKENS * pictures
         return web.json_response(payload)
+
+
+async def _edit_events(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The generation stream's events, typed as OpenAI types an edit's (image_edit.*)."""
+    async for event in events:
+        yield event.replace(b"image_generation.", b"image_edit.")
 
 
 def _family(model: str, compatible: Any) -> str | None:

@@ -50,6 +50,11 @@ class ImageServiceStub:
                 request_serializer=imagegate_dot_v1_dot_images__pb2.EditImagesRequest.SerializeToString,
                 response_deserializer=imagegate_dot_v1_dot_images__pb2.ImagesResponse.FromString,
                 _registered_method=True)
+        self.StreamEditImages = channel.unary_stream(
+                '/imagegate.v1.ImageService/StreamEditImages',
+                request_serializer=imagegate_dot_v1_dot_images__pb2.EditImagesRequest.SerializeToString,
+                response_deserializer=imagegate_dot_v1_dot_images__pb2.ImageEvent.FromString,
+                _registered_method=True)
         self.CreateImageVariation = channel.unary_unary(
                 '/imagegate.v1.ImageService/CreateImageVariation',
                 request_serializer=imagegate_dot_v1_dot_images__pb2.CreateImageVariationRequest.SerializeToString,
@@ -103,6 +108,16 @@ class ImageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamEditImages(self, request, context):
+        """POST /v1/images/edits with `stream` true in the body: as StreamImages, the
+        events typed image_edit.partial_image / image_edit.completed. The path below
+        is internal, as StreamImages's: both REST fronts route a streamed edit here
+        (they look at the `stream` field only; the service parses the body).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateImageVariation(self, request, context):
         """POST /v1/images/variations: variants of one input image (multipart/form-data).
         """
@@ -150,6 +165,11 @@ def add_ImageServiceServicer_to_server(servicer, server):
                     servicer.EditImages,
                     request_deserializer=imagegate_dot_v1_dot_images__pb2.EditImagesRequest.FromString,
                     response_serializer=imagegate_dot_v1_dot_images__pb2.ImagesResponse.SerializeToString,
+            ),
+            'StreamEditImages': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamEditImages,
+                    request_deserializer=imagegate_dot_v1_dot_images__pb2.EditImagesRequest.FromString,
+                    response_serializer=imagegate_dot_v1_dot_images__pb2.ImageEvent.SerializeToString,
             ),
             'CreateImageVariation': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateImageVariation,
@@ -253,6 +273,33 @@ class ImageService:
             '/imagegate.v1.ImageService/EditImages',
             imagegate_dot_v1_dot_images__pb2.EditImagesRequest.SerializeToString,
             imagegate_dot_v1_dot_images__pb2.ImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamEditImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/imagegate.v1.ImageService/StreamEditImages',
+            imagegate_dot_v1_dot_images__pb2.EditImagesRequest.SerializeToString,
+            imagegate_dot_v1_dot_images__pb2.ImageEvent.FromString,
             options,
             channel_credentials,
             insecure,
