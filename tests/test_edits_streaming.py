@@ -20,7 +20,7 @@ from PIL import Image
 from gateway.uploads import stream_requested
 from tests.conftest import FRONTS, Stack, Tenant, balance, make_tenant, sdk
 from tests.fakes.openai import FakeOpenAI
-from tests.providers_harness import FAKE_ENV, provider, provider_stack
+from tests.providers_harness import FAKE_ENV, model, provider, provider_stack, route
 from tests.rest import assert_error, call
 from tests.test_node_sdk import node, run_node  # noqa: F401 (the fixture)
 from tests.upload_helpers import data_url, encode, mask, multipart, png
@@ -30,6 +30,17 @@ SOURCE = png((256, 256), (200, 40, 40))
 HOLE = mask((256, 256), (0, 0, 127, 255))
 CREDIT = 1_000_000
 OPENAI_KEY = FAKE_ENV["OPENAI_API_KEY"]
+AZURE_KEY = FAKE_ENV["AZURE_OPENAI_API_KEY"]
+GPT_IMAGE = {
+    "family": "gpt-image",
+    "sizes": ["1024x1024"],
+    "qualities": ["low", "medium", "high"],
+    "default_quality": "low",
+    "output_formats": ["png", "jpeg", "webp"],
+    "edits": True,
+    "token_prices": {"text_input": 5_000_000, "image_input": 10_000_000, "output": 40_000_000},
+    "prices": {"low": {"1024x1024": 11000}},
+}
 
 
 def decode(data: bytes) -> Image.Image:
@@ -220,29 +231,39 @@ async def test_the_internal_path_is_not_served(base_url: str, tenant: Tenant) ->
 
 @pytest.fixture(scope="module")
 async def ostack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[Stack, Any]]:
-    fake = FakeOpenAI(openai_key=OPENAI_KEY)
+    fake = FakeOpenAI(openai_key=OPENAI_KEY, azure_key=AZURE_KEY)
     await fake.start()
     try:
         async with provider_stack(
             tmp_path_factory.mktemp("openai-edit-stream"),
-            providers={"openai": provider("openai", fake.openai_base)},
-            models={},
-            env={"OPENAI_API_KEY": OPENAI_KEY},
+            providers={
+                "openai": provider("openai", fake.openai_base),
+                "azure": provider("azure_openai", fake.base_url),
+            },
+            models={"azure-gpt": model(route("azure", "gpt-image-deploy"), **GPT_IMAGE)},
+            env={"OPENAI_API_KEY": OPENAI_KEY, "AZURE_OPENAI_API_KEY": AZURE_KEY},
         ) as stack:
             yield stack, fake
     finally:
         await fake.stop()
 
 
+@pytest.mark.parametrize(
+    ("model_id", "path"),
+    [
+        ("gpt-image-1", "/v1/images/edits"),
+        ("azure-gpt", "/openai/deployments/gpt-image-deploy/images/edits"),
+    ],
+)
 @pytest.mark.parametrize("front", FRONTS)
 async def test_gpt_image_edit_streams_from_openai(
-    ostack: tuple[Stack, FakeOpenAI], front: str
+    ostack: tuple[Stack, FakeOpenAI], front: str, model_id: str, path: str
 ) -> None:
     stack, fake = ostack
     who = await make_tenant(stack.service, credit_usd="5")
     client = sdk(stack.fronts[front], who.key)
     stream = await client.images.edit(
-        model="gpt-image-1",
+        model=model_id,
         image=("a.png", SOURCE, "image/png"),
         prompt=PROMPT,
         quality="low",
@@ -256,6 +277,7 @@ async def test_gpt_image_edit_streams_from_openai(
         "image_edit.completed",
     ]
     sent = fake.uploads[-1]
+    assert sent.path == path
     assert (sent.fields["stream"], sent.fields["partial_images"]) == ("true", "2")
     assert [f.name for f in sent.files] == ["image[]"]
     usage = events[-1].usage
