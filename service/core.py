@@ -379,6 +379,8 @@ class ImageCore:
         return await self._images.get(image_id, expires, signature)
 
     async def aclose(self) -> None:
+        """Close what the core owns: the image store's connections."""
+        await self._images.aclose()
         await self._inputs.aclose()
 
     async def sweep(self) -> None:

@@ -18,6 +18,7 @@ from service.catalog import Catalog, InputRules, load_catalog
 from service.config import Config
 from service.core import ImageCore
 from service.images import ImageStore, load_or_create_secret
+from service.imagestore import is_s3, open_backend
 from service.inputs import InputLoader
 from service.instances import Liveness
 from service.links import DEFAULT_REST_URL, LinkBase, bind_address, parse_networks
@@ -117,19 +118,24 @@ async def start_service(
     store = open_store(config)
     await store.open()
     liveness = Liveness(store, config.instance_stale_s)
+    env = os.environ if env is None else env
+    images: ImageStore | None = None
     try:
-        secret = config.url_secret.encode() or load_or_create_secret(config.data_dir / "url_secret")
-        registry = await build_registry(
-            catalog.providers, os.environ if env is None else env, kind_modules=kind_modules
-        )
+        secret = url_secret(config)
+        backend = await open_backend(config.image_store, config.data_dir / "images", env)
+        log.info("images kept in %r", backend)
+        images = ImageStore(backend, secret, config.image_ttl_s)
+        registry = await build_registry(catalog.providers, env, kind_modules=kind_modules)
     except BaseException:
+        if images is not None:
+            await images.aclose()
         await store.close()
         raise
     core = ImageCore(
         catalog=servable(catalog, registry),
         store=store,
         providers=registry.providers,
-        images=ImageStore(config.data_dir / "images", secret, config.image_ttl_s),
+        images=images,
         default_model=config.default_model,
         upstream_timeout_s=config.upstream_timeout_s,
         reservation_ttl_s=config.reservation_ttl_s,
@@ -150,7 +156,7 @@ async def start_service(
         with contextlib.suppress(Exception):
             await liveness.retire()
         await registry.aclose()
-        await core.aclose()
+        await core.aclose()  # the image store and the input loader
         await store.close()
         raise
     service = Service(config, store, core, server, bound, registry, links, liveness)
@@ -158,6 +164,21 @@ async def start_service(
     service._tasks.append(asyncio.create_task(_beat_forever(liveness, config.heartbeat_interval_s)))
     log.info("ImageService listening on %s:%d", config.host, bound)
     return service
+
+
+def url_secret(config: Config) -> bytes:
+    """The key that signs image links. Replicas that serve each other's links must
+    share it: an S3 image store without a configured one is refused, since each
+    replica would otherwise make its own and refuse the others' links."""
+    if config.url_secret:
+        return config.url_secret.encode()
+    if is_s3(config.image_store):
+        raise ValueError(
+            "IMAGEGATE_IMAGE_STORE is an s3:// bucket shared by replicas: set "
+            "IMAGEGATE_URL_SECRET too, the same on every replica (e.g. `openssl rand -hex 32`), "
+            "so that a link signed by one replica is served by all"
+        )
+    return load_or_create_secret(config.data_dir / "url_secret")
 
 
 async def create_server(
