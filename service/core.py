@@ -7,14 +7,18 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from service import costs, keys, uploads
+from service.aio import uninterrupted
 from service.catalog import Catalog, ModelSpec
 from service.errors import InvalidApiKey, InvalidParameter, ModelNotAllowed, ModelNotFound
+from service.idempotency import HEADER as IDEMPOTENCY_HEADER
+from service.idempotency import Idempotency, Keeper, check_key
 from service.images import ImageStore
 from service.inputs import InputLoader
+from service.limits import Limiter, Limits, check_n, in_force
 from service.providers.base import GeneratedImage, Provider, TokenUsage
 from service.providers.dispatch import Dispatched, Dispatcher
 from service.requests import (
@@ -26,10 +30,23 @@ from service.requests import (
     ImageRequest,
     validate,
 )
-from service.store.base import Charge, Served, Store, new_reservation_id
+from service.store.base import (
+    AccountBalance,
+    Charge,
+    Claim,
+    KeyLimits,
+    Served,
+    Store,
+    UnknownCursor,
+    UsageRow,
+    new_reservation_id,
+)
 from service.streaming import Delivered, Send, image_event
 
 log = logging.getLogger("imagegate.core")
+# Usage records per page: by default, and at most.
+DEFAULT_PAGE = 20
+MAX_PAGE = 100
 T = TypeVar("T")
 # Turns a Generation into what the transport sends; raises if it cannot be sent.
 Render = Callable[["Generation"], Awaitable[T]]
@@ -42,6 +59,7 @@ class Caller:
     account_name: str
     # None: every model.
     models: tuple[str, ...] | None
+    limits: KeyLimits = field(default_factory=KeyLimits)
 
 
 @dataclass(frozen=True)
@@ -88,6 +106,9 @@ class ImageCore:
         clock: Callable[[], float] = time.time,
         dispatcher: Dispatcher | None = None,
         inputs: InputLoader | None = None,
+        limiter: Limiter | None = None,
+        limit_defaults: Limits | None = None,
+        idempotency_ttl_s: float = 86400.0,
     ) -> None:
         self._catalog = catalog
         # Edits' and variations' input images: pixel cap, remote URL policy.
@@ -99,6 +120,10 @@ class ImageCore:
         # The Instance id recorded on reservations, so a restart knows whose they are.
         self._owner = owner
         self._clock = clock
+        self._limiter = limiter or Limiter()
+        self._limit_defaults = limit_defaults or Limits()
+        self._idempotency_ttl_s = idempotency_ttl_s
+        self._keeper = Keeper(store, reservation_ttl_s, owner, clock)
         self.dispatcher = dispatcher or Dispatcher(
             providers,
             catalog.dispatch,
@@ -118,7 +143,9 @@ class ImageCore:
             or record.revoked_at is not None
         ):
             raise InvalidApiKey(keys.INVALID)
-        return Caller(record.id, record.account_id, record.account_name, record.models)
+        return Caller(
+            record.id, record.account_id, record.account_name, record.models, record.limits
+        )
 
     def list_models(self, caller: Caller) -> list[ModelSpec]:
         return [
@@ -136,39 +163,71 @@ class ImageCore:
         return model
 
     async def generate(
-        self, caller: Caller, params: GenerationParams, ctx: RequestContext, render: Render[T]
+        self,
+        caller: Caller,
+        params: GenerationParams,
+        ctx: RequestContext,
+        render: Render[T],
+        idempotency: Idempotency[T] | None = None,
     ) -> T:
         """Reserve, generate, render, and charge only once `render` has succeeded.
 
         `render` builds what the transport will send (raising a domain error when
         it cannot be sent); whatever fails or is cancelled, at any moment, the
         reservation is resolved before this returns or raises. (A streamed request
-        goes through `stream`, which charges per image handed over.)
+        goes through `stream`, which charges per image handed over.) With
+        `idempotency`, the request runs once per key of the account and its outcome
+        is replayed to the others (service/idempotency.py).
         """
+        if idempotency is not None:
+            check_key(idempotency.key)
         request = self._validated(caller, params, GENERATE, streaming=False)
-        return await self._run(caller, request, ctx, render)
+        return await self._once(caller, request, ctx, render, idempotency)
 
     async def edit(
-        self, caller: Caller, content_type: str, body: bytes, ctx: RequestContext, render: Render[T]
+        self,
+        caller: Caller,
+        content_type: str,
+        body: bytes,
+        ctx: RequestContext,
+        render: Render[T],
+        idempotency: Idempotency[T] | None = None,
     ) -> T:
         """POST /v1/images/edits: the body as the client sent it (multipart or JSON),
         parsed and checked here before anything is reserved; then as generate()."""
+        if idempotency is not None:
+            check_key(idempotency.key)
         request = await self._uploaded(caller, content_type, body, EDIT, streaming=False)
-        return await self._run(caller, request, ctx, render)
+        return await self._once(caller, request, ctx, render, idempotency)
 
     async def stream_edit(
-        self, caller: Caller, content_type: str, body: bytes, ctx: RequestContext, send: Send
+        self,
+        caller: Caller,
+        content_type: str,
+        body: bytes,
+        ctx: RequestContext,
+        send: Send,
+        idempotency_key: str | None = None,
     ) -> None:
         """A streamed edit (`stream` true in the body): as edit(), then as stream()."""
+        _no_idempotent_stream(idempotency_key)
         request = await self._uploaded(caller, content_type, body, EDIT, streaming=True)
         await self.stream_request(caller, request, ctx, send)
 
     async def variation(
-        self, caller: Caller, content_type: str, body: bytes, ctx: RequestContext, render: Render[T]
+        self,
+        caller: Caller,
+        content_type: str,
+        body: bytes,
+        ctx: RequestContext,
+        render: Render[T],
+        idempotency: Idempotency[T] | None = None,
     ) -> T:
         """POST /v1/images/variations (multipart), as edit()."""
+        if idempotency is not None:
+            check_key(idempotency.key)
         request = await self._uploaded(caller, content_type, body, VARIATION, streaming=False)
-        return await self._run(caller, request, ctx, render)
+        return await self._once(caller, request, ctx, render, idempotency)
 
     async def _uploaded(
         self, caller: Caller, content_type: str, body: bytes, operation: str, *, streaming: bool
@@ -181,10 +240,53 @@ class ImageCore:
         inputs = await self._inputs.load(upload, request.model, variation=operation == VARIATION)
         return replace(request, inputs=inputs.images, mask=inputs.mask)
 
-    async def _run(
-        self, caller: Caller, request: ImageRequest, ctx: RequestContext, render: Render[T]
+    async def _once(
+        self,
+        caller: Caller,
+        request: ImageRequest,
+        ctx: RequestContext,
+        render: Render[T],
+        idempotency: Idempotency[T] | None,
     ) -> T:
-        """Reserve, dispatch, store, render, then settle: every unary operation's money path."""
+        """Every unary operation's way in: within the key's limits, once per key."""
+        limits = self._limits(caller, request)
+        if idempotency is None:
+            return await self._admitted(caller, request, limits, ctx, render, None)
+        encode = idempotency.encode
+        return await self._keeper.once(
+            caller.account_id,
+            idempotency,
+            ctx.deadline,
+            lambda claim: self._admitted(caller, request, limits, ctx, render, (claim, encode)),
+        )
+
+    def _limits(self, caller: Caller, request: ImageRequest) -> Limits:
+        """The key's limits in force; a 400 on `n` if no retry could meet them."""
+        limits = in_force(caller.limits, self._limit_defaults)
+        check_n(limits, request.n)
+        return limits
+
+    async def _admitted(
+        self,
+        caller: Caller,
+        request: ImageRequest,
+        limits: Limits,
+        ctx: RequestContext,
+        render: Render[T],
+        keep: tuple[Claim, Callable[[T], bytes]] | None,
+    ) -> T:
+        """Within the key's limits (429 before anything is reserved), run the request."""
+        async with self._limiter.admit(caller.key_id, limits, request.n):
+            return await self._execute(caller, request, ctx, render, keep)
+
+    async def _execute(
+        self,
+        caller: Caller,
+        request: ImageRequest,
+        ctx: RequestContext,
+        render: Render[T],
+        keep: tuple[Claim, Callable[[T], bytes]] | None,
+    ) -> T:
         started = self._clock()
         reservation = await self._reserve(caller, request, ctx, started)
         log.debug("request %s prompt %r", ctx.request_id, request.prompt)
@@ -195,11 +297,16 @@ class ImageCore:
             cost = bill.cost_micros
             served = Served(bill.provider, bill.upstream_model, bill.upstream_cost_micros)
             rendered = await render(_generation(request, started, images, bill.usage, cost))
-            await _uninterrupted(self._store.settle(reservation, cost, served))
+            done = None
+            if keep is not None:
+                # Stored with the charge, in one transaction: never one without the other.
+                claim, encode = keep
+                done = (claim, await asyncio.to_thread(encode, rendered))
+            await uninterrupted(self._store.settle(reservation, cost, served, done=done))
         except BaseException:
             # Failed, timed out, unsendable or cancelled (client gone): charge nothing.
             # A settle that did commit makes this release a no-op (resolved once).
-            await _uninterrupted(self._store.release(reservation))
+            await uninterrupted(self._store.release(reservation))
             raise
         log.info(
             "request %s %s account=%s model=%s route=%s/%s n=%d/%d size=%s quality=%s cost=%d "
@@ -221,7 +328,12 @@ class ImageCore:
         return rendered
 
     async def stream(
-        self, caller: Caller, params: GenerationParams, ctx: RequestContext, send: Send
+        self,
+        caller: Caller,
+        params: GenerationParams,
+        ctx: RequestContext,
+        send: Send,
+        idempotency_key: str | None = None,
     ) -> None:
         """Reserve, then hand each event to `send` as it comes; charge what `send` took.
 
@@ -230,6 +342,7 @@ class ImageCore:
         gone), the images handed over are settled and the rest of the reservation
         released before this returns or raises.
         """
+        _no_idempotent_stream(idempotency_key)
         await self.stream_request(
             caller, self._validated(caller, params, GENERATE, streaming=True), ctx, send
         )
@@ -237,7 +350,15 @@ class ImageCore:
     async def stream_request(
         self, caller: Caller, request: ImageRequest, ctx: RequestContext, send: Send
     ) -> None:
-        """`stream` for a request already validated (with streaming=True)."""
+        """`stream` for a request already validated (with streaming=True), within the
+        key's limits (429 before anything is reserved)."""
+        limits = self._limits(caller, request)
+        async with self._limiter.admit(caller.key_id, limits, request.n):
+            await self._stream_admitted(caller, request, ctx, send)
+
+    async def _stream_admitted(
+        self, caller: Caller, request: ImageRequest, ctx: RequestContext, send: Send
+    ) -> None:
         started = self._clock()
         reservation = await self._reserve(caller, request, ctx, started)
         log.debug("request %s prompt %r", ctx.request_id, request.prompt)
@@ -253,9 +374,9 @@ class ImageCore:
             finally:
                 await items.aclose()
         except BaseException:
-            await _uninterrupted(self._settle_delivered(reservation, request, delivered))
+            await uninterrupted(self._settle_delivered(reservation, request, delivered))
             raise
-        served, cost = await _uninterrupted(self._settle_delivered(reservation, request, delivered))
+        served, cost = await uninterrupted(self._settle_delivered(reservation, request, delivered))
         log.info(
             "request %s account=%s model=%s route=%s/%s streamed n=%d/%d size=%s quality=%s "
             "cost=%d upstream_cost=%d latency_ms=%d",
@@ -343,7 +464,7 @@ class ImageCore:
         try:
             await asyncio.shield(held)
         except asyncio.CancelledError:
-            await _uninterrupted(self._undo_reserve(held, reservation))
+            await uninterrupted(self._undo_reserve(held, reservation))
             raise
         return reservation
 
@@ -378,17 +499,62 @@ class ImageCore:
     async def get_image(self, image_id: str, expires: str, signature: str) -> tuple[bytes, str]:
         return await self._images.get(image_id, expires, signature)
 
+    async def balance(self, caller: Caller) -> AccountBalance:
+        return await self._store.balance(caller.account_id)
+
+    async def usage(self, caller: Caller, limit: str, after: str) -> tuple[list[UsageRow], bool]:
+        """A page of the caller's account's usage records, newest first, and whether
+        older ones follow. `limit` and `after` as the query gave them ("" = not sent)."""
+        count = _page_size(limit)
+        try:
+            rows = await self._store.usage(caller.account_name, count + 1, after or None)
+        except UnknownCursor:
+            raise InvalidParameter(
+                f"Invalid 'after': {after!r} is not the id of one of your usage records.",
+                param="after",
+            ) from None
+        return rows[:count], len(rows) > count
+
     async def aclose(self) -> None:
         """Close what the core owns: the image store's connections."""
         await self._images.aclose()
         await self._inputs.aclose()
 
     async def sweep(self) -> None:
-        """Release reservations a crash left behind, and delete images past their links."""
-        released = await self._store.release_expired(self._clock())
+        """Release reservations a crash left behind, delete images past their links, and
+        forget Idempotency-Keys past their time."""
+        now = self._clock()
+        released = await self._store.release_expired(now)
         removed = await self._images.sweep()
-        if released or removed:
-            log.info("sweep released=%d reservations removed=%d images", released, removed)
+        forgotten = await self._store.sweep_idempotency(now - self._idempotency_ttl_s)
+        if released or removed or forgotten:
+            log.info(
+                "sweep released=%d reservations removed=%d images forgot=%d idempotency keys",
+                released,
+                removed,
+                forgotten,
+            )
+
+
+def _no_idempotent_stream(key: str | None) -> None:
+    if key is not None:
+        # A stream is not replayable: refused, rather than run twice for a retry.
+        raise InvalidParameter(
+            f"{IDEMPOTENCY_HEADER} is not supported with stream: true. Send the request "
+            "without it, or without streaming.",
+            param=IDEMPOTENCY_HEADER,
+        )
+
+
+def _page_size(limit: str) -> int:
+    if not limit:
+        return DEFAULT_PAGE
+    if not limit.isdigit() or not 1 <= int(limit) <= MAX_PAGE:
+        raise InvalidParameter(
+            f"Invalid 'limit': {limit[:20]!r}. Use a whole number from 1 to {MAX_PAGE}.",
+            param="limit",
+        )
+    return int(limit)
 
 
 def _generation(
@@ -408,25 +574,3 @@ def _generation(
         quality=request.quality if reported else None,
         size=request.size if reported else None,
     )
-
-
-async def _uninterrupted(work: Awaitable[T]) -> T:
-    """Run `work` to its end even if the caller is cancelled meanwhile, then pass the
-    cancellation on: money is resolved before a cancelled request finishes ending."""
-    task = asyncio.ensure_future(work)
-    cancelled = False
-    while True:
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if not task.done():
-                cancelled = True
-                continue
-        except Exception:
-            pass  # task.result() below raises it
-        break
-    if cancelled:
-        if not task.cancelled():
-            task.exception()  # retrieved: the cancellation wins
-        raise asyncio.CancelledError
-    return task.result()

@@ -21,6 +21,7 @@ from service.images import ImageStore, load_or_create_secret
 from service.imagestore import is_s3, open_backend
 from service.inputs import InputLoader
 from service.instances import Liveness
+from service.limits import Limiter, Limits
 from service.links import DEFAULT_REST_URL, LinkBase, bind_address, parse_networks
 from service.providers.download import SafeDownloader
 from service.providers.registry import DOWNLOAD_TIMEOUT_S, KIND_MODULES, Registry, build_registry
@@ -69,6 +70,7 @@ class Service:
     # Image URL policy; `serve` sets links.fallback_url once its REST front is bound.
     links: LinkBase
     liveness: Liveness
+    limiter: Limiter
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace: float | None = 5.0) -> None:
@@ -80,6 +82,7 @@ class Service:
         # In-flight requests end here, each releasing or settling its reservation.
         await self.server.stop(grace)
         await self.liveness.retire()
+        await self.limiter.close()
         await self.registry.aclose()
         await self.core.aclose()
         await self.store.close()
@@ -115,6 +118,8 @@ async def start_service(
     """
     catalog = load_catalog(config.catalog)
     links = LinkBase(config.public_url, parse_networks(config.trusted_proxies), rest_url)
+    # Checks the Redis URL but connects only when used (and opening cannot fail).
+    limiter = Limiter(config.redis_url, config.redis_prefix)
     store = open_store(config)
     await store.open()
     liveness = Liveness(store, config.instance_stale_s)
@@ -131,6 +136,7 @@ async def start_service(
             await images.aclose()
         await store.close()
         raise
+    await limiter.open()
     core = ImageCore(
         catalog=servable(catalog, registry),
         store=store,
@@ -141,6 +147,14 @@ async def start_service(
         reservation_ttl_s=config.reservation_ttl_s,
         owner=liveness.owner,
         inputs=input_loader(config),
+        limiter=limiter,
+        limit_defaults=Limits(
+            rpm=config.limit_rpm,
+            ipm=config.limit_ipm,
+            concurrency=config.limit_concurrency,
+            max_n=config.limit_max_n,
+        ),
+        idempotency_ttl_s=config.idempotency_ttl_s,
     )
     servicer = ImageServicer(core, links, config.max_message_bytes)
     try:
@@ -155,11 +169,12 @@ async def start_service(
     except BaseException:
         with contextlib.suppress(Exception):
             await liveness.retire()
+        await limiter.close()
         await registry.aclose()
         await core.aclose()  # the image store and the input loader
         await store.close()
         raise
-    service = Service(config, store, core, server, bound, registry, links, liveness)
+    service = Service(config, store, core, server, bound, registry, links, liveness, limiter)
     service._tasks.append(asyncio.create_task(_sweep_forever(core, config.sweep_interval_s)))
     service._tasks.append(asyncio.create_task(_beat_forever(liveness, config.heartbeat_interval_s)))
     log.info("ImageService listening on %s:%d", config.host, bound)

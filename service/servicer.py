@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
@@ -25,13 +26,17 @@ from service.grpc_errors import (
     status_message,
     to_status,
 )
+from service.idempotency import Idempotency
 from service.links import LinkBase
+from service.money import decimal_usd
 from service.providers.base import TokenUsage
 from service.requests import GenerationParams
+from service.store.base import UsageRow
 from service.streaming import ImageEvent, Send
 
 log = logging.getLogger("imagegate.servicer")
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 # The event type prefix of streamed generations (edits stream as "image_edit").
 GENERATION = "image_generation"
 EDIT_EVENTS = "image_edit"
@@ -59,8 +64,11 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
     ) -> images_pb2.ImagesResponse:
         async def call() -> images_pb2.ImagesResponse:
             caller = await self._caller(context)
+            idempotency = _idempotency(
+                context, "GenerateImages", request, images_pb2.ImagesResponse
+            )
             return await self._core.generate(
-                caller, _params(request), self._context(context), self._render
+                caller, _params(request), self._context(context), self._render, idempotency
             )
 
         return await self._run(context, call)
@@ -74,8 +82,9 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         async def call() -> images_pb2.ImagesResponse:
             caller = await self._caller(context)
             content_type, data = await _upload_body(images_pb2.EditImagesRequest, request)
+            idempotency = await _upload_idempotency(context, "EditImages", request)
             return await self._core.edit(
-                caller, content_type, data, self._context(context), self._render
+                caller, content_type, data, self._context(context), self._render, idempotency
             )
 
         return await self._run(context, call)
@@ -86,7 +95,10 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         async def call(send: Send) -> None:
             caller = await self._caller(context)
             content_type, data = await _upload_body(images_pb2.EditImagesRequest, request)
-            await self._core.stream_edit(caller, content_type, data, self._context(context), send)
+            idempotency_key = _metadata(context, "idempotency-key")
+            await self._core.stream_edit(
+                caller, content_type, data, self._context(context), send, idempotency_key
+            )
 
         await self._stream(context, call, EDIT_EVENTS)
 
@@ -98,8 +110,9 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         async def call() -> images_pb2.ImagesResponse:
             caller = await self._caller(context)
             content_type, data = await _upload_body(images_pb2.CreateImageVariationRequest, request)
+            idempotency = await _upload_idempotency(context, "CreateImageVariation", request)
             return await self._core.variation(
-                caller, content_type, data, self._context(context), self._render
+                caller, content_type, data, self._context(context), self._render, idempotency
             )
 
         return await self._run(context, call)
@@ -117,7 +130,8 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
             ctx = RequestContext(
                 self._request_id(context), self._base_url(context), _deadline(context)
             )
-            await self._core.stream(caller, _params(request), ctx, send)
+            idempotency_key = _metadata(context, "idempotency-key")
+            await self._core.stream(caller, _params(request), ctx, send, idempotency_key)
 
         await self._stream(context, call, GENERATION)
 
@@ -196,6 +210,39 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
 
         return await self._run(context, call)
 
+    async def GetBalance(
+        self, request: images_pb2.GetBalanceRequest, context: grpc.aio.ServicerContext
+    ) -> images_pb2.Balance:
+        async def call() -> images_pb2.Balance:
+            balance = await self._core.balance(await self._caller(context))
+            return images_pb2.Balance(
+                object="balance",
+                currency="usd",
+                balance_micros=balance.balance_micros,
+                held_micros=balance.held_micros,
+                balance_usd=decimal_usd(balance.balance_micros),
+                held_usd=decimal_usd(balance.held_micros),
+            )
+
+        return await self._run(context, call)
+
+    async def ListUsage(
+        self, request: images_pb2.ListUsageRequest, context: grpc.aio.ServicerContext
+    ) -> images_pb2.UsageList:
+        async def call() -> images_pb2.UsageList:
+            caller = await self._caller(context)
+            rows, has_more = await self._core.usage(caller, request.limit, request.after)
+            records = [_usage_record(row) for row in rows]
+            return images_pb2.UsageList(
+                object="list",
+                data=records,
+                has_more=has_more,
+                first_id=records[0].id if records else "",
+                last_id=records[-1].id if records else "",
+            )
+
+        return await self._run(context, call)
+
     async def _run(self, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
         try:
             return await call()
@@ -261,6 +308,60 @@ def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
         if k == key and isinstance(v, str):
             return v
     return None
+
+
+def _idempotency(
+    context: grpc.aio.ServicerContext, rpc: str, request: Message, reply: type[M]
+) -> Idempotency[M] | None:
+    """The call's Idempotency-Key, with the hash of its canonical request: the message
+    (both fronts and gRPC clients send the same one for the same body), not its JSON."""
+    key = _metadata(context, "idempotency-key")
+    if key is None:
+        return None
+    digest = hashlib.sha256(rpc.encode() + b"\0" + request.SerializeToString(deterministic=True))
+    return Idempotency(
+        key=key,
+        request_hash=digest.digest(),
+        encode=lambda message: message.SerializeToString(deterministic=True),
+        decode=reply.FromString,
+    )
+
+
+async def _upload_idempotency(
+    context: grpc.aio.ServicerContext, rpc: str, raw: bytes
+) -> Idempotency[images_pb2.ImagesResponse] | None:
+    """As _idempotency, for the upload RPCs: their request arrives as bytes (both fronts
+    build the same message for the same body), hashed as it came, on a thread (tens of MB)."""
+    key = _metadata(context, "idempotency-key")
+    if key is None:
+        return None
+    digest = await asyncio.to_thread(lambda: hashlib.sha256(rpc.encode() + b"\0" + raw).digest())
+    return Idempotency(
+        key=key,
+        request_hash=digest,
+        encode=lambda message: message.SerializeToString(deterministic=True),
+        decode=images_pb2.ImagesResponse.FromString,
+    )
+
+
+def _usage_record(row: UsageRow) -> images_pb2.UsageRecord:
+    routes = zip(row.provider.split(","), row.upstream_model.split(","), strict=False)
+    return images_pb2.UsageRecord(
+        id=row.id,
+        object="usage_record",
+        created=int(row.created_at),
+        request_id=row.request_id,
+        key_id=row.key_id,
+        model=row.model,
+        route=",".join(f"{p}/{m}" for p, m in routes) if row.provider else "",
+        n=row.n,
+        size=row.size,
+        quality=row.quality,
+        cost_micros=row.cost_micros,
+        quoted_micros=row.quoted_micros,
+        latency_ms=row.latency_ms or 0,
+        status=row.status,
+    )
 
 
 def _params(request: images_pb2.GenerateImagesRequest) -> GenerationParams:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from pathlib import Path
 
 import grpc
 import pytest
@@ -13,7 +14,7 @@ from google.api import httpbody_pb2
 from imagegate.v1 import images_pb2, images_pb2_grpc
 from PIL import Image, ImageChops
 
-from tests.conftest import FRONTS, Stack, Tenant, balance, sdk
+from tests.conftest import FRONTS, Stack, Tenant, balance, make_tenant, sdk, start_stack
 from tests.rest import assert_error, call
 from tests.test_grpc import _reason
 from tests.upload_helpers import data_url, mask, multipart, png
@@ -260,3 +261,52 @@ async def test_an_upload_needs_a_key(base_url: str) -> None:
         "POST", f"{base_url}/v1/images/edits", body=body, headers={"Content-Type": ctype}
     )
     assert_error(reply, 401, "invalid_request_error", "invalid_api_key")
+
+
+# --- the key's Idempotency-Key and limits apply to uploads as to generations -----------------
+
+
+async def test_an_idempotency_key_runs_an_edit_once(
+    base_url: str, stack: Stack, tenant: Tenant
+) -> None:
+    ctype, body = multipart(
+        [("prompt", PROMPT), ("size", "256x256"), ("image", ("a.png", SOURCE, "image/png"))]
+    )
+    headers = {"Content-Type": ctype, "Idempotency-Key": f"edit-{tenant.account}"}
+    url = f"{base_url}/v1/images/edits"
+    first = await call("POST", url, key=tenant.key, body=body, headers=headers)
+    again = await call("POST", url, key=tenant.key, body=body, headers=headers)
+    assert first.status == again.status == 200
+    assert first.body == again.body  # replayed, not drawn again
+    assert await balance(stack.service, tenant.account) == CREDIT - 1000
+    ctype, other = multipart(
+        [("prompt", "another"), ("size", "256x256"), ("image", ("a.png", SOURCE, "image/png"))]
+    )
+    reply = await call(
+        "POST", url, key=tenant.key, body=other, headers={**headers, "Content-Type": ctype}
+    )
+    assert_error(reply, 409, "invalid_request_error", "idempotency_key_conflict")
+    reply = await call(
+        "POST",
+        url,
+        key=tenant.key,
+        body=multipart([("prompt", PROMPT), ("stream", "true"), ("image", ("a", SOURCE, "x"))])[1],
+        headers={**headers, "Content-Type": ctype, "Idempotency-Key": "streamed-edit"},
+    )
+    assert_error(reply, 400, "invalid_request_error", "invalid_value", "Idempotency-Key")
+
+
+async def test_rate_limits_apply_to_uploads(tmp_path: Path) -> None:
+    stack, closers = await start_stack(tmp_path, envoy=False, limit_rpm=1)
+    try:
+        tenant = await make_tenant(stack.service)
+        ctype, body = multipart([("image", ("a.png", SOURCE, "image/png")), ("size", "256x256")])
+        url = f"{stack.fronts['aiohttp']}/v1/images/variations"
+        first = await call("POST", url, key=tenant.key, body=body, headers={"Content-Type": ctype})
+        assert first.status == 200, first.body
+        second = await call("POST", url, key=tenant.key, body=body, headers={"Content-Type": ctype})
+        assert_error(second, 429, "requests", "rate_limit_exceeded")
+        assert await balance(stack.service, tenant.account) == CREDIT - 1000
+    finally:
+        for close in closers:
+            await close()
