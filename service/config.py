@@ -38,6 +38,13 @@ class Config:
     # How often a running service records that it lives; what a process silent for
     # six intervals held is released by the others (at once if it ran on this machine).
     heartbeat_interval_s: float = 5.0
+    # Prometheus /metrics (HOST:PORT, or "off"); `serve` serves the front's there too.
+    metrics_address: str = "127.0.0.1:9464"
+    # After SIGTERM: how long calls in flight may take to finish before they are
+    # cancelled and released. Below Kubernetes' default 30 s before SIGKILL.
+    drain_grace_s: float = 25.0
+    # Log lines as JSON objects, or "text" for a terminal.
+    log_format: str = "json"
 
     @property
     def sqlite_path(self) -> Path:

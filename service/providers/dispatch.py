@@ -38,6 +38,7 @@ from service.providers.base import (
     TokenUsage,
     UpstreamCall,
 )
+from service.providers.observed import upstream_observed
 from service.requests import ImageRequest
 
 log = logging.getLogger("imagegate.dispatch")
@@ -300,17 +301,19 @@ class Dispatcher:
                 raise error
 
     async def _once(self, provider: Provider, call: UpstreamCall, limit: float) -> ProviderResult:
-        try:
-            async with asyncio.timeout(max(limit, 0.0)):
-                result = await provider.generate(call)
-        except TimeoutError:
-            raise _TimedOut(
-                f"The upstream provider '{provider.id}' did not answer within {limit:.3g} s.",
-                retryable=True,
-            ) from None
-        if not result.images:
-            raise UpstreamError(f"The upstream provider '{provider.id}' returned no images.")
-        return result
+        with upstream_observed(provider.id, call, timed_out=_TimedOut) as seen:
+            try:
+                async with asyncio.timeout(max(limit, 0.0)):
+                    result = await provider.generate(call)
+            except TimeoutError:
+                raise _TimedOut(
+                    f"The upstream provider '{provider.id}' did not answer within {limit:.3g} s.",
+                    retryable=True,
+                ) from None
+            if not result.images:
+                raise UpstreamError(f"The upstream provider '{provider.id}' returned no images.")
+            seen.images = len(result.images[: call.n])
+            return result
 
     def _route_timeout(self, route: Route) -> float:
         settings = self._provider_settings.get(route.provider)

@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from service import metrics
 from service.errors import InsufficientBalance
 from service.money import MAX_BALANCE_MICROS, check_credit, format_usd
 from service.private import private_dir, touch_private
@@ -319,24 +320,25 @@ class SqliteStore:
             )
 
         await self._tx(reserve)
+        metrics.reserved(charge.model, amount)
         return reservation_id
 
     async def settle(self, reservation_id: str, cost: int, served: Served | None = None) -> None:
-        await self._tx(_resolve, reservation_id, "settled", cost, self._clock(), served)
+        _counted([await self._tx(_resolve, reservation_id, "settled", cost, self._clock(), served)])
 
     async def release(self, reservation_id: str) -> None:
-        await self._tx(_resolve, reservation_id, "released", 0, self._clock())
+        _counted([await self._tx(_resolve, reservation_id, "released", 0, self._clock())])
 
     async def release_expired(self, now: float) -> int:
-        def release_all(db: sqlite3.Connection) -> int:
+        def release_all(db: sqlite3.Connection) -> list[Resolved | None]:
             expired = db.execute(
                 "SELECT id FROM reservations WHERE status = 'held' AND expires_at < ?", (now,)
             ).fetchall()
-            for (reservation_id,) in expired:
-                _resolve(db, reservation_id, "released", 0, now)
-            return len(expired)
+            return [
+                _resolve(db, reservation_id, "released", 0, now) for (reservation_id,) in expired
+            ]
 
-        return await self._tx(release_all)
+        return _counted(await self._tx(release_all))
 
     # Instances
 
@@ -365,7 +367,7 @@ class SqliteStore:
         return [Instance(*row) for row in rows]
 
     async def release_orphans(self, dead: list[str], stale_before: float, keep: str) -> int:
-        def release(db: sqlite3.Connection) -> int:
+        def release(db: sqlite3.Connection) -> list[Resolved | None]:
             db.executemany("DELETE FROM instances WHERE id = ?", [(i,) for i in dead if i != keep])
             db.execute(
                 "DELETE FROM instances WHERE heartbeat_at < ? AND id != ?", (stale_before, keep)
@@ -375,11 +377,11 @@ class SqliteStore:
                 "AND owner NOT IN (SELECT id FROM instances)"
             ).fetchall()
             now = self._clock()
-            for (reservation_id,) in orphans:
-                _resolve(db, reservation_id, "released", 0, now)
-            return len(orphans)
+            return [
+                _resolve(db, reservation_id, "released", 0, now) for (reservation_id,) in orphans
+            ]
 
-        return await self._tx(release)
+        return _counted(await self._tx(release))
 
     async def retire(self, instance_id: str) -> None:
         def delete(db: sqlite3.Connection) -> None:
@@ -392,6 +394,14 @@ class SqliteStore:
             "SELECT COALESCE(SUM(delta_micros), 0) FROM ledger WHERE account_id = ?", (account_id,)
         )
         return int(rows[0][0])
+
+    async def held(self) -> tuple[int, float | None]:
+        # The reservations_held index (status, expires_at) answers it without a table scan.
+        rows = await self._read(
+            "SELECT COUNT(*), MIN(created_at) FROM reservations WHERE status = 'held'"
+        )
+        count, oldest = rows[0]
+        return int(count), oldest
 
     async def usage(self, account_name: str, limit: int = 20) -> list[UsageRow]:
         rows = await self._read(
@@ -441,6 +451,18 @@ def _credit(
     )
 
 
+# A reservation this transaction resolved: (model, amount held, cost charged).
+Resolved = tuple[str, int, int]
+
+
+def _counted(resolved: list[Resolved | None]) -> int:
+    """Count committed resolutions in the money metrics; how many there were."""
+    done = [r for r in resolved if r is not None]
+    for model, amount, cost in done:
+        metrics.resolved(model, amount, cost)
+    return len(done)
+
+
 def _resolve(
     db: sqlite3.Connection,
     reservation_id: str,
@@ -448,15 +470,16 @@ def _resolve(
     cost: int,
     now: float,
     served: Served | None = None,
-) -> None:
+) -> Resolved | None:
     """Settle or release a held reservation; a resolved one is left as it is (exactly once)."""
     row = db.execute(
-        "SELECT account_id, amount_micros FROM reservations WHERE id = ? AND status = 'held'",
+        "SELECT account_id, amount_micros, model FROM reservations "
+        "WHERE id = ? AND status = 'held'",
         (reservation_id,),
     ).fetchone()
     if row is None:
-        return
-    account_id, amount = row
+        return None
+    account_id, amount, model = row
     if not 0 <= cost <= amount:
         raise ValueError(f"cost {cost} outside reservation of {amount}")
     served = served or Served()
@@ -484,6 +507,7 @@ def _resolve(
             "VALUES (?, ?, 'refund', ?, ?)",
             (account_id, refund, reservation_id, now),
         )
+    return str(model), int(amount), cost
 
 
 def _key_record(row: Any) -> KeyRecord:
