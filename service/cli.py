@@ -28,7 +28,7 @@ from service.links import url_host
 from service.money import credit_micros, format_usd, usd_to_micros
 from service.providers.registry import ProviderStatus, build_registry
 from service.server import Service, open_store, start_service
-from service.store.base import AccountExists, Store, UnknownAccount
+from service.store.base import AccountExists, Store, StoreError, UnknownAccount
 
 log = logging.getLogger("imagegate.cli")
 DEMO_ACCOUNT = "demo"
@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         logs.setup(args.log_level, Config.from_env(log_format=args.log_format).log_format)
         return int(asyncio.run(args.func(args)) or 0)
-    except (UnknownAccount, AccountExists, ValueError) as exc:
+    except (UnknownAccount, AccountExists, StoreError, ValueError) as exc:
         print(f"imagegate: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # e.g. a port in use: say so, without a traceback
@@ -145,6 +145,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("account")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
+
+    _command(
+        sub,
+        "migrate",
+        _migrate,
+        "Bring the database schema up to date (needed for PostgreSQL; SQLite does it itself).",
+        store=True,
+    )
     return parser
 
 
@@ -152,7 +160,10 @@ def _store_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir", type=Path, help="data directory [IMAGEGATE_DATA_DIR, ./.imagegate]"
     )
-    p.add_argument("--database-url", help="sqlite:///PATH [IMAGEGATE_DATABASE_URL]")
+    p.add_argument(
+        "--database-url",
+        help="sqlite:///PATH or postgresql://USER@HOST/DB [IMAGEGATE_DATABASE_URL]",
+    )
 
 
 def _service_flags(p: argparse.ArgumentParser) -> None:
@@ -446,6 +457,19 @@ async def _usage(args: argparse.Namespace) -> int:
             f"{format_usd(r.cost_micros):>10} {r.status:9} "
             f"{format_usd(r.upstream_cost_micros):>13} {route}"
         )
+    return 0
+
+
+async def _migrate(args: argparse.Namespace) -> int:
+    store = open_store(_config(args))
+    applied = await store.open(migrate=True)
+    try:
+        version = await store.schema_version()
+    finally:
+        await store.close()
+    for name in applied:
+        print(f"applied {name}")
+    print(f"schema at version {version}{'' if applied else ', up to date'}")
     return 0
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 MiB = 1024 * 1024
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,9 @@ class Config:
     grpc_port: int = 50051
     data_dir: Path = Path(".imagegate")
     # sqlite:///path or postgresql://... ; empty means SQLite in data_dir.
-    database_url: str = ""
+    database_url: str = field(default="", repr=False)
+    # Connections each process keeps to PostgreSQL (replicas x this <= max_connections).
+    database_pool_size: int = 10
     catalog: Path | None = None
     default_model: str = "local"
     # Base of every returned image URL; empty: the host the front reports (from a
@@ -47,15 +50,20 @@ class Config:
     log_format: str = "json"
 
     @property
+    def uses_postgres(self) -> bool:
+        return self.database_url.startswith(POSTGRES_SCHEMES)
+
+    @property
     def sqlite_path(self) -> Path:
         url = self.database_url
         if not url:
             return self.data_dir / "imagegate.db"
         if url.startswith("sqlite:///"):
             return Path(url.removeprefix("sqlite:///"))
+        # Only the scheme: the rest of a URL may hold a password.
         raise ValueError(
-            f"unsupported database URL {url!r}: use sqlite:///PATH "
-            "(PostgreSQL support is planned, not built yet)"
+            f"unsupported database URL scheme {url.split(':', 1)[0]!r}: "
+            "use sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE"
         )
 
     @property

@@ -37,6 +37,11 @@ def message_size_options(limit: int) -> list[tuple[str, int]]:
 
 
 def open_store(config: Config) -> Store:
+    """The store the database URL names; PostgreSQL's driver is imported only when used."""
+    if config.uses_postgres:
+        from service.store.postgres import PostgresStore
+
+        return PostgresStore(config.database_url, pool_size=config.database_pool_size)
     return SqliteStore(config.sqlite_path)
 
 

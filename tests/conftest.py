@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 import openai
@@ -20,6 +22,8 @@ from service.config import Config
 from service.money import usd_to_micros
 from service.providers.registry import KIND_MODULES
 from service.server import Service, message_size_options, start_service
+from service.store.base import Store
+from service.store.sqlite import SqliteStore
 
 _names = itertools.count()
 # Servers that tests start as subprocesses (they inherit this) serve /metrics on a free
@@ -161,3 +165,50 @@ async def balance(service: Service, account: str) -> int:
     acct = await service.store.get_account(account)
     assert acct is not None
     return acct.balance_micros
+
+
+@pytest.fixture(scope="session")
+async def postgres_server() -> str:
+    """The machine's PostgreSQL. Skipped only locally when unreachable; CI must run these."""
+    try:
+        from tests import pg
+    except ImportError as exc:  # asyncpg comes with the dev extra
+        _unavailable(f"asyncpg is not installed ({exc})")
+    url, why = await pg.find_server()
+    if url is None:
+        _unavailable(f"no PostgreSQL reachable ({why})")
+    return url
+
+
+def _unavailable(reason: str) -> NoReturn:
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason}; CI=true, so the PostgreSQL tests must run", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+async def postgres_url(postgres_server: str) -> AsyncIterator[str]:
+    """A URL to an empty schema of this test's own, dropped afterwards."""
+    from tests import pg
+
+    name, url = await pg.create_schema(postgres_server)
+    yield url
+    await pg.drop_schema(postgres_server, name)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh empty database for this test: a SQLite file, or a PostgreSQL schema."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'imagegate.db'}"
+    # From a sync fixture: an async fixture cannot be requested from inside the loop.
+    return str(request.getfixturevalue("postgres_url"))
+
+
+def store_for(url: str, clock: Callable[[], float] = time.time) -> Store:
+    """The store a database URL selects (as open_store does), with a clock of the test's."""
+    if url.startswith("sqlite:///"):
+        return SqliteStore(Path(url.removeprefix("sqlite:///")), clock=clock)
+    from service.store.postgres import PostgresStore
+
+    return PostgresStore(url, clock=clock)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,3 +74,12 @@ def held_count(db: Path) -> int:
             "SELECT COUNT(*) FROM reservations WHERE status = 'held'"
         ).fetchone()
     return int(count)
+
+
+async def poll(check: Callable[[], Awaitable[bool]], timeout_s: float = 20.0) -> None:
+    """Until `check()` is true: for what happens in another process or on a timer."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(0.02)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -19,8 +21,10 @@ import pytest
 from imagegate.v1 import images_pb2, images_pb2_grpc
 
 from service.cli import main
+from service.store import migrations
 from service.store.base import Charge, Served
-from service.store.sqlite import SqliteStore
+from tests import pg
+from tests.conftest import store_for
 from tests.rest import call
 
 KEY_RE = re.compile(r"sk-[A-Za-z0-9_-]{43}")
@@ -35,32 +39,115 @@ def run(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_accounts_credit_keys_usage(tmp_path: Path) -> None:
-    assert run(tmp_path, "accounts", "create", "acme", "--credit", "2.5").returncode == 0
-    dup = run(tmp_path, "accounts", "create", "acme")
+def run_on(
+    database_url: str, capsys: pytest.CaptureFixture[str] | None = None
+) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """`imagegate ARGS --database-url URL`, as an operator of either store runs it:
+    a process of its own, or with `capsys` main() in this one (quicker; an uncaught
+    exception then fails the test)."""
+
+    def run_command(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [*args, "--database-url", database_url]
+        if capsys is not None:
+            code = main(argv)
+            out, err = capsys.readouterr()
+            return subprocess.CompletedProcess(argv, code, out, err)
+        return subprocess.run(
+            [sys.executable, "-m", "service.cli", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    return run_command
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str], *phrases: str) -> None:
+    assert result.returncode == 1, result
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("imagegate: "), result.stderr
+    for phrase in phrases:
+        assert phrase in result.stderr
+
+
+def test_accounts_credit_keys_usage(database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    run = run_on(database_url, capsys)
+    assert run("migrate").returncode == 0
+    assert run("accounts", "create", "acme", "--credit", "2.5").returncode == 0
+    dup = run("accounts", "create", "acme")
     assert dup.returncode == 1 and "already exists" in dup.stderr
-    assert run(tmp_path, "credit", "add", "acme", "0.75").returncode == 0
-    shown = json.loads(run(tmp_path, "accounts", "show", "acme", "--json").stdout)
+    assert run("credit", "add", "acme", "0.75").returncode == 0
+    shown = json.loads(run("accounts", "show", "acme", "--json").stdout)
     assert shown["balance_micros"] == 3_250_000 == shown["ledger_sum_micros"]
     assert shown["balance_usd"] == "$3.25"
 
-    created = run(tmp_path, "keys", "create", "acme", "--models", "local", "--name", "ci")
+    created = run("keys", "create", "acme", "--models", "local", "--name", "ci")
     assert created.returncode == 0
     key = KEY_RE.search(created.stdout)
     key_id = re.search(r"key_[0-9a-f]{16}", created.stdout)
     assert key and key_id
-    listed = run(tmp_path, "keys", "list", "acme").stdout
+    listed = run("keys", "list", "acme").stdout
     assert key_id.group() in listed and "active" in listed and "local" in listed
     assert key.group() not in listed
-    assert run(tmp_path, "keys", "revoke", key_id.group()).returncode == 0
-    assert "revoked" in run(tmp_path, "keys", "list", "acme").stdout
-    assert run(tmp_path, "keys", "revoke", key_id.group()).returncode == 1
+    assert run("keys", "revoke", key_id.group()).returncode == 0
+    assert "revoked" in run("keys", "list", "acme").stdout
+    assert run("keys", "revoke", key_id.group()).returncode == 1
 
-    assert run(tmp_path, "usage", "acme", "--json").stdout.strip() == "[]"
-    missing = run(tmp_path, "accounts", "show", "nobody")
+    assert run("usage", "acme", "--json").stdout.strip() == "[]"
+    assert "no account" in run("usage", "nobody").stderr
+    missing = run("accounts", "show", "nobody")
     assert missing.returncode == 1 and "no account" in missing.stderr
-    bad = run(tmp_path, "credit", "add", "acme", "0.0000001")
+    bad = run("credit", "add", "acme", "0.0000001")
     assert bad.returncode == 1 and "micro-USD" in bad.stderr
+
+
+def test_data_dir_holds_the_default_database(tmp_path: Path) -> None:
+    assert run(tmp_path, "accounts", "create", "acme", "--credit", "1").returncode == 0
+    assert (tmp_path / "imagegate.db").exists()
+    assert "$1.00" in run(tmp_path, "accounts", "show", "acme").stdout
+
+
+def test_migrate_command(database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    run = run_on(database_url, capsys)
+    if database_url.startswith("postgresql://"):
+        # PostgreSQL is shared by replicas: its schema changes only when an operator says so.
+        _one_line_error(run("accounts", "show", "acme"), "run `imagegate migrate` first")
+    first = run("migrate")
+    assert first.returncode == 0, first.stderr
+    names = [m.name for m in migrations.migrations("sqlite")]
+    assert first.stdout.splitlines() == [
+        *(f"applied {name}" for name in names),
+        f"schema at version {len(names)}",
+    ]
+    again = run("migrate")
+    assert again.stdout.strip() == f"schema at version {len(names)}, up to date"
+    _one_line_error(run("accounts", "show", "acme"), "no account named 'acme'")
+
+
+async def test_a_newer_schema_stops_every_command(database_url: str, tmp_path: Path) -> None:
+    run = run_on(database_url)
+    assert run("migrate").returncode == 0
+    future = migrations.latest("sqlite") + 1
+    sql = f"INSERT INTO schema_version VALUES ({future}, 'from_the_future', 0)"
+    if database_url.startswith("sqlite:///"):
+        with contextlib.closing(sqlite3.connect(database_url.removeprefix("sqlite:///"))) as db, db:
+            db.execute(sql)
+    else:
+        await pg.execute(database_url, sql)
+    for args in (
+        ("migrate",),
+        ("accounts", "create", "acme"),
+        ("serve-grpc", "--grpc-port", "0", "--data-dir", str(tmp_path)),
+    ):
+        _one_line_error(run(*args), f"schema is at version {future}, newer than")
+
+
+def test_a_password_in_the_url_is_never_printed() -> None:
+    result = run_on("postgresql://someone:s3cret-pw@127.0.0.1:1/nowhere")("accounts", "show", "x")
+    _one_line_error(result, "cannot connect to PostgreSQL at 127.0.0.1:1/nowhere")
+    assert "s3cret" not in result.stderr
+    odd = run_on("mysql://someone:s3cret-pw@host/db")("accounts", "show", "x")
+    _one_line_error(odd, "unsupported database URL scheme 'mysql'")
+    assert "s3cret" not in odd.stderr
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -330,9 +417,13 @@ def test_models_refuses_a_bad_catalog_in_one_line(tmp_path: Path) -> None:
     assert "provider 'nope', which is not declared" in result.stderr
 
 
-async def test_usage_shows_the_route_and_upstream_cost(tmp_path: Path) -> None:
-    assert run(tmp_path, "accounts", "create", "acme", "--credit", "1").returncode == 0
-    store = SqliteStore(tmp_path / "imagegate.db")
+async def test_usage_shows_the_route_and_upstream_cost(database_url: str) -> None:
+    run = run_on(database_url)
+    assert (await asyncio.to_thread(run, "migrate")).returncode == 0
+    assert (
+        await asyncio.to_thread(run, "accounts", "create", "acme", "--credit", "1")
+    ).returncode == 0
+    store = store_for(database_url)
     await store.open()
     account = await store.get_account("acme")
     assert account is not None
@@ -340,8 +431,26 @@ async def test_usage_shows_the_route_and_upstream_cost(tmp_path: Path) -> None:
     reservation = await store.reserve(account.id, 40000, charge, time.time() + 60)
     await store.settle(reservation, 40000, Served("openai", "dall-e-3", 38000))
     await store.close()
-    result = await asyncio.to_thread(run, tmp_path, "usage", "acme")
+    result = await asyncio.to_thread(run, "usage", "acme")
     line = result.stdout.splitlines()[1]
     assert "$0.04" in line and "$0.038" in line and "openai/dall-e-3" in line
-    rows = json.loads((await asyncio.to_thread(run, tmp_path, "usage", "acme", "--json")).stdout)
+    rows = json.loads((await asyncio.to_thread(run, "usage", "acme", "--json")).stdout)
     assert rows[0]["provider"] == "openai" and rows[0]["upstream_cost_micros"] == 38000
+
+
+def test_sqlite_needs_no_postgres_driver(tmp_path: Path) -> None:
+    """Without asyncpg (no `postgres` extra) SQLite works, and a postgresql:// URL says why not."""
+    script = f"""
+import sys
+sys.modules["asyncpg"] = None  # as if not installed: importing it raises ImportError
+from service.cli import main
+assert main(["accounts", "create", "x", "--credit", "1", "--data-dir", {str(tmp_path)!r}]) == 0
+assert main(["accounts", "show", "x", "--database-url", "postgresql://u@127.0.0.1/db"]) == 1
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (
+        "imagegate: a postgresql:// database needs asyncpg: pip install 'imagegate[postgres]'\n"
+    )

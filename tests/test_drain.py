@@ -25,7 +25,7 @@ from service import keys
 from service.store.sqlite import SqliteStore
 from tests.fakes.base import Fault
 from tests.fakes.openai import FakeOpenAI
-from tests.ops_kit import held_count
+from tests.ops_kit import held_count, poll
 from tests.providers_harness import UNIT_PRICE, catalog_toml, model, provider, route
 from tests.rest import Reply, call
 
@@ -171,9 +171,19 @@ def generate(setup: Setup, rest: str) -> asyncio.Future[Reply]:
 
 
 async def until_held(db: Path) -> None:
-    async with asyncio.timeout(20):
-        while await asyncio.to_thread(held_count, db) == 0:
-            await asyncio.sleep(0.02)
+    async def held() -> bool:
+        return await asyncio.to_thread(held_count, db) > 0
+
+    await poll(held)
+
+
+async def until_not_serving(port: int) -> None:
+    """Within two seconds of the signal: at once, give or take the process's own pace."""
+
+    async def drained() -> bool:
+        return await grpc_health(port) == NOT_SERVING
+
+    await poll(drained, timeout_s=2)
 
 
 def money(db: Path) -> tuple[int, int, int]:
@@ -194,9 +204,7 @@ async def test_sigterm_lets_the_request_finish_and_charges_it(setup: Setup, tmp_
         await until_held(setup.db)
         proc.signal()
         # At once: NOT_SERVING, /readyz unready, new work refused; the process still answers.
-        async with asyncio.timeout(2):
-            while await grpc_health(grpc_port) != NOT_SERVING:
-                await asyncio.sleep(0.01)
+        await until_not_serving(grpc_port)
         assert (await call("GET", rest + "/readyz")).status == 503
         refused = await generate(setup, rest)
         assert refused.status == 503 and refused.json()["error"]["code"] == "service_unavailable"
@@ -231,9 +239,7 @@ async def test_a_second_sigterm_cancels_and_releases_at_once(setup: Setup, tmp_p
         pending = generate(setup, rest)
         await until_held(setup.db)
         proc.signal()
-        async with asyncio.timeout(2):
-            while await grpc_health(grpc_port) != NOT_SERVING:
-                await asyncio.sleep(0.01)
+        await until_not_serving(grpc_port)
         assert not pending.done()
         proc.signal()
         reply = await asyncio.wait_for(pending, 10)  # long before the 60 s grace
@@ -275,9 +281,7 @@ async def test_separate_service_and_front_processes_drain_alike(
         await until_held(setup.db)
         service.signal()
         front.signal()
-        async with asyncio.timeout(2):
-            while await grpc_health(grpc_port) != NOT_SERVING:
-                await asyncio.sleep(0.01)
+        await until_not_serving(grpc_port)
         assert (await call("GET", rest + "/readyz")).status == 503
         reply = await pending
         assert reply.status == 200, reply.body[:300]

@@ -17,8 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.config import GatewayConfig
 from gateway.server import bound_port, drain_gateway, start_gateway
 from service.server import SERVICE_NAME, Service, start_service
-from tests.conftest import FRONTS, Stack, make_tenant, service_config, sdk
+from tests.conftest import FRONTS, Stack, make_tenant, sdk, service_config
 from tests.envoy_harness import envoy_front
+from tests.ops_kit import poll
 from tests.rest import Reply, call
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -28,9 +29,7 @@ SETTLE_S = 20.0
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = SETTLE_S) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not await check():
-            await asyncio.sleep(0.05)
+    await poll(check, timeout_s)
 
 
 async def grpc_health(port: int, service: str = SERVICE_NAME) -> int:
@@ -115,7 +114,9 @@ async def test_no_servable_model_is_not_serving(tmp_path: Path) -> None:
         assert await grpc_health(service.port) == NOT_SERVING
         assert await grpc_health(service.port, "") == NOT_SERVING
         async with fronts_for(service.port) as urls:
-            assert_probe(await call("GET", urls["aiohttp"] + "/readyz"), 503, b'{"status":"unready"}')
+            assert_probe(
+                await call("GET", urls["aiohttp"] + "/readyz"), 503, b'{"status":"unready"}'
+            )
     finally:
         await service.stop()
 

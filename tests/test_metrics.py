@@ -17,9 +17,11 @@ from pathlib import Path
 
 import openai
 import pytest
+from prometheus_client import REGISTRY, generate_latest
 
 from service import keys
-from tests.conftest import Stack, Tenant, make_tenant, sdk
+from service.store.base import Charge
+from tests.conftest import Stack, Tenant, make_tenant, sdk, store_for
 from tests.fakes.base import Fault
 from tests.fakes.openai import FakeOpenAI
 from tests.ops_kit import (
@@ -28,9 +30,17 @@ from tests.ops_kit import (
     ledger_by_kind,
     metrics_listener,
     parse,
+    poll,
     scrape,
 )
-from tests.providers_harness import FAST_DISPATCH, UNIT_PRICE, model, provider, provider_stack, route
+from tests.providers_harness import (
+    FAST_DISPATCH,
+    UNIT_PRICE,
+    model,
+    provider,
+    provider_stack,
+    route,
+)
 
 PROMPT = "a lighthouse at dusk"
 GEN = {"rpc": "GenerateImages", "model": "flux"}
@@ -46,7 +56,9 @@ async def fake() -> AsyncIterator[FakeOpenAI]:
 
 
 @pytest.fixture(scope="module")
-async def mstack(tmp_path_factory: pytest.TempPathFactory, fake: FakeOpenAI) -> AsyncIterator[Stack]:
+async def mstack(
+    tmp_path_factory: pytest.TempPathFactory, fake: FakeOpenAI
+) -> AsyncIterator[Stack]:
     async with provider_stack(
         tmp_path_factory.mktemp("metrics"),
         providers={"compat": provider("openai_compatible", fake.openai_base, max_n=4)},
@@ -140,15 +152,17 @@ async def test_open_reservations_and_the_oldest_age_while_one_is_held(
     tenant: Tenant = await make_tenant(service)
     fake.inject(Fault.STALL)  # answers after 2 s
     async with metrics_listener(service) as url:
+
+        async def held() -> bool:
+            return held_count(service.config.sqlite_path) > 0
+
         pending = asyncio.ensure_future(
             sdk(mstack.fronts["aiohttp"], tenant.key).images.generate(
                 model="flux", prompt=PROMPT, response_format="b64_json"
             )
         )
         try:
-            async with asyncio.timeout(10):
-                while held_count(service.config.sqlite_path) == 0:
-                    await asyncio.sleep(0.02)
+            await poll(held, timeout_s=10)
             await asyncio.sleep(0.05)
             during = await scrape(url)
         finally:
@@ -158,6 +172,37 @@ async def test_open_reservations_and_the_oldest_age_while_one_is_held(
     assert during.value("imagegate_open_reservations") == 1
     assert during.value("imagegate_oldest_open_reservation_age_seconds") > 0
     assert after.value("imagegate_open_reservations") == 0
+
+
+async def test_money_counters_follow_each_store_exactly_once(database_url: str) -> None:
+    """SQLite and PostgreSQL alike: counted when committed, a second resolve counts nothing,
+    and the sweep's releases count too."""
+    clock = [1000.0]
+    store = store_for(database_url, lambda: clock[0])
+    await store.open(migrate=True)
+    try:
+        account = await store.create_account("m", 10_000)
+        before = parse(generate_latest(REGISTRY).decode())
+        charge = Charge("r", "k", "money-model", 1, "256x256", "standard")
+        settled = await store.reserve(account.id, 3000, charge, 2000.0)
+        released = await store.reserve(account.id, 2000, charge, 2000.0)
+        await store.reserve(account.id, 1000, charge, 1500.0)  # expires first
+        clock[0] = 1100.0
+        assert await store.held() == (3, 1000.0)
+        await store.settle(settled, 2500)
+        await store.settle(settled, 2500)  # resolved once: not counted twice
+        await store.release(released)
+        await store.release(settled)
+        assert await store.release_expired(1600.0) == 1
+        after = parse(generate_latest(REGISTRY).decode())
+        assert await store.held() == (0, None)
+        assert await store.ledger_sum(account.id) == 10_000 - 2500
+    finally:
+        await store.close()
+    model_ = {"model": "money-model"}
+    assert delta(after, before, "imagegate_reserved_micros_total", **model_) == 6000
+    assert delta(after, before, "imagegate_settled_micros_total", **model_) == 2500
+    assert delta(after, before, "imagegate_released_micros_total", **model_) == 500 + 2000 + 1000
 
 
 def test_admin_listener_address_parsing() -> None:

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Callable, Mapping
 import aiohttp
 import pytest
 
-from service.catalog import CatalogError
 from service.errors import ContentPolicy, ImagegateError, UpstreamError, UpstreamRejected
 from service.providers import azure
 from service.providers.base import AdapterDeps, MissingCredentials, Provider, ProviderSettings
@@ -132,8 +131,13 @@ def test_creation_needs_endpoint_and_key(make: Make) -> None:
         make(env={"OPENAI_API_KEY": OPENAI_KEY})
     with pytest.raises(MissingCredentials, match="MY_AZURE"):
         make(api_key_env="MY_AZURE")
-    with pytest.raises(CatalogError, match="needs base_url"):
+    with pytest.raises(MissingCredentials, match="AZURE_OPENAI_ENDPOINT"):
         make(base_url="")
+    # The endpoint from Azure's standard variable when the catalog names none.
+    assert make(
+        base_url="",
+        env={"AZURE_OPENAI_API_KEY": AZURE_KEY, "AZURE_OPENAI_ENDPOINT": "https://r.example"},
+    )
 
 
 def test_max_n_from_deployment_name_or_option(make: Make) -> None:

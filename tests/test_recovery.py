@@ -22,8 +22,9 @@ from imagegate.v1 import images_pb2, images_pb2_grpc
 from service import keys
 from service.instances import Liveness
 from service.server import message_size_options
-from service.store.base import Charge
+from service.store.base import Charge, Store
 from service.store.sqlite import SqliteStore
+from tests.conftest import store_for
 
 CREDIT = 1_000_000
 # Four hd 1792x1024 images: long enough a render to be caught holding money.
@@ -204,7 +205,7 @@ async def test_kill_9_is_recovered_at_start_up_and_a_live_process_is_left_alone(
             await _end(served)
 
 
-# The same rules on one store, each case in turn.
+# The same rules on one store, each case in turn, on SQLite and on PostgreSQL.
 
 
 class Clock:
@@ -216,15 +217,15 @@ class Clock:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    store = SqliteStore(tmp_path / "db.sqlite")
-    await store.open()
+async def store(database_url: str) -> AsyncIterator[Store]:
+    store = store_for(database_url)
+    await store.open(migrate=True)
     await store.create_account("a", CREDIT)
     yield store
     await store.close()
 
 
-async def _hold(store: SqliteStore, owner: str | None) -> str:
+async def _hold(store: Store, owner: str | None) -> str:
     charge = Charge("r", "key", "local", 1, "256x256", "standard")
     far = 1_800_000_000.0 + 900
     return await store.reserve(1, 1000, charge, far, owner=owner)
@@ -254,9 +255,7 @@ def _exited_pid() -> int:
         ("this machine, pid reused by a later process", True),
     ],
 )
-async def test_whose_reservations_are_released(
-    store: SqliteStore, case: str, released: bool
-) -> None:
+async def test_whose_reservations_are_released(store: Store, case: str, released: bool) -> None:
     clock = Clock()
     me = Liveness(store, stale_s=30, clock=clock)
     await me.beat()
@@ -288,7 +287,7 @@ async def test_whose_reservations_are_released(
     assert me.owner in survivors
 
 
-async def test_a_clean_stop_leaves_nothing_to_wait_for(store: SqliteStore) -> None:
+async def test_a_clean_stop_leaves_nothing_to_wait_for(store: Store) -> None:
     first = Liveness(store, stale_s=30)
     await first.beat()
     await _hold(store, first.owner)

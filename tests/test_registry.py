@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from types import ModuleType
 
 import pytest
@@ -77,6 +78,26 @@ async def test_an_adapter_that_cannot_be_built_is_reported_without_secrets(
     assert not registry.status["v"].live
     assert "project is not set" in registry.status["v"].missing
     assert SECRET not in registry.status["v"].missing and SECRET not in caplog.text
+
+
+async def test_factories_run_off_the_event_loop() -> None:
+    # Credential chains (AWS, Google ADC) may wait on metadata servers: never on the loop.
+    threads: list[int] = []
+    module = ModuleType("capture")
+
+    def create(s: ProviderSettings, deps: AdapterDeps) -> ScriptedProvider:
+        threads.append(threading.get_ident())
+        return ScriptedProvider(s.id)
+
+    module.create = create  # type: ignore[attr-defined]
+    registry = await build_registry(
+        {"b": settings("b", "bedrock")}, {}, import_module=lambda _: module
+    )
+    try:
+        assert registry.live == {"b"}
+        assert threads and threads[0] != threading.get_ident()
+    finally:
+        await registry.aclose()
 
 
 async def test_each_provider_gets_its_own_session_timeout_and_download_hosts() -> None:

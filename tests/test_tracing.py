@@ -231,5 +231,7 @@ async def test_otel_variables_turn_on_otlp_export_in_imagegate_serve(tmp_path: P
     by_name = {span.name: span for _, span in spans}
     front, service = by_name["POST /v1/images/generations"], by_name[SERVICE_SPAN]
     assert front.trace_id == service.trace_id and service.parent_span_id == front.span_id
-    names = {a.value.string_value for r, _ in spans for a in r.attributes if a.key == "service.name"}
+    names = {
+        a.value.string_value for r, _ in spans for a in r.attributes if a.key == "service.name"
+    }
     assert names == {"imagegate-test"}

@@ -1,7 +1,9 @@
 """Adapter for Azure OpenAI image deployments (kind azure_openai).
 
 `base_url` is the resource endpoint, as the SDK's `azure_endpoint`
-(`https://RESOURCE.openai.azure.com`); a route's `upstream_model` is the
+(`https://RESOURCE.openai.azure.com`); unset, it is read from
+`AZURE_OPENAI_ENDPOINT` as Azure's SDKs do, and a provider with neither is not
+live (the start-up log says which is missing); a route's `upstream_model` is the
 deployment name. The key travels in the `api-key` header
 (`AZURE_OPENAI_API_KEY`, or the variable named by `api_key_env`).
 
@@ -26,10 +28,10 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from service.catalog_settings import CatalogError
 from service.providers import openai_wire as wire
 from service.providers.base import (
     AdapterDeps,
+    MissingCredentials,
     Provider,
     ProviderResult,
     ProviderSettings,
@@ -39,6 +41,7 @@ from service.providers.http import credential
 from service.providers.openai import option_max_n
 
 DEFAULT_ENV = "AZURE_OPENAI_API_KEY"
+ENDPOINT_ENV = "AZURE_OPENAI_ENDPOINT"
 DEFAULT_API_VERSION = "2025-04-01-preview"
 V1 = "v1"
 
@@ -48,9 +51,11 @@ class AzureOpenAIProvider:
 
     kind = "azure_openai"
 
-    def __init__(self, settings: ProviderSettings, deps: AdapterDeps, api_key: str) -> None:
+    def __init__(
+        self, settings: ProviderSettings, deps: AdapterDeps, endpoint: str, api_key: str
+    ) -> None:
         self.id = settings.id
-        self._endpoint = settings.base_url.rstrip("/")
+        self._endpoint = endpoint.rstrip("/")
         self._api_version = settings.options.get("api_version") or DEFAULT_API_VERSION
         self._auth = {"api-key": api_key}
         self._unknown_max_n = option_max_n(settings, 1)
@@ -83,9 +88,8 @@ class AzureOpenAIProvider:
 
 
 def create(settings: ProviderSettings, deps: AdapterDeps) -> Provider:
-    if not settings.base_url:
-        raise CatalogError(
-            f"provider {settings.id!r}: kind azure_openai needs base_url, the resource endpoint"
-        )
+    endpoint = settings.base_url or deps.env.get(ENDPOINT_ENV, "").strip()
+    if not endpoint:
+        raise MissingCredentials(f"base_url is not set in the catalog, nor {ENDPOINT_ENV}")
     key = credential(deps.env, settings.api_key_env or DEFAULT_ENV)
-    return AzureOpenAIProvider(settings, deps, key)
+    return AzureOpenAIProvider(settings, deps, endpoint, key)

@@ -11,8 +11,6 @@ ends or the dispatcher cancels the call at its deadline.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -23,7 +21,7 @@ from yarl import URL
 from service.errors import UpstreamError
 from service.providers.base import Downloader, GeneratedImage
 from service.providers.download import HostPolicy
-from service.providers.http import image_type
+from service.providers.http import decode_image_b64
 
 # First poll soon (fast models finish in a second or two), then back off to a steady pace.
 POLL_FIRST_S = 0.25
@@ -125,10 +123,4 @@ def _data_url(url: str, provider_id: str) -> tuple[bytes, str]:
     head, _, payload = url.partition(",")
     if not head.endswith(";base64"):
         raise UpstreamError(f"The upstream provider '{provider_id}' sent a data URL not in base64.")
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise UpstreamError(
-            f"The upstream provider '{provider_id}' sent a data URL that is not valid base64."
-        ) from None
-    return data, image_type(data, provider_id)
+    return decode_image_b64(payload, provider_id)

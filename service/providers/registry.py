@@ -9,6 +9,7 @@ one start-up line says why, naming the variable, never a value.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 from collections.abc import Callable, Mapping
@@ -114,7 +115,10 @@ async def _build(
         settings.id, settings.download_hosts, timeout_s=min(settings.timeout_s, DOWNLOAD_TIMEOUT_S)
     )
     try:
-        provider: Provider = create(settings, AdapterDeps(http=http, download=download, env=env))
+        # In a thread: a factory may resolve credentials the slow way (Vertex's application
+        # default credentials, the AWS chain), probing metadata servers over the network.
+        deps = AdapterDeps(http=http, download=download, env=env)
+        provider: Provider = await asyncio.to_thread(create, settings, deps)
     except Exception as exc:
         await download.aclose()
         await http.close()

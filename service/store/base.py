@@ -87,7 +87,16 @@ class UsageRow:
 
 
 class Store(Protocol):
-    async def open(self) -> None: ...
+    async def open(self, *, migrate: bool = False) -> list[str]:
+        """Connect and check the schema; the names of the migrations applied, if any.
+
+        migrate=True applies pending migrations first (the embedded SQLite store
+        always does). SchemaTooNew for a schema newer than this code knows;
+        SchemaOutdated for an older one that was not migrated.
+        """
+        ...
+
+    async def schema_version(self) -> int: ...
 
     async def close(self) -> None: ...
 
@@ -168,6 +177,22 @@ class Store(Protocol):
 
 def new_reservation_id() -> str:
     return "res_" + secrets.token_hex(12)
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used as it is; the message is one line for the operator."""
+
+
+class SchemaTooNew(StoreError):
+    """The database was migrated by a newer imagegate."""
+
+
+class SchemaOutdated(StoreError):
+    """The database needs `imagegate migrate` before this imagegate can use it."""
+
+
+class DatabaseUnavailable(StoreError):
+    """No driver for the URL, or the server cannot be reached."""
 
 
 class UnknownAccount(LookupError):

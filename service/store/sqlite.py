@@ -24,6 +24,7 @@ from service import metrics
 from service.errors import InsufficientBalance
 from service.money import MAX_BALANCE_MICROS, check_credit, format_usd
 from service.private import private_dir, touch_private
+from service.store import migrations
 from service.store.base import (
     Account,
     AccountExists,
@@ -38,77 +39,9 @@ from service.store.base import (
 
 T = TypeVar("T")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS accounts (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    -- The CHECK is a backstop: reserve() never lets a balance go below zero.
-    balance_micros INTEGER NOT NULL CHECK (balance_micros >= 0),
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS api_keys (
-    id TEXT PRIMARY KEY,
-    account_id INTEGER NOT NULL REFERENCES accounts(id),
-    name TEXT NOT NULL,
-    prefix TEXT NOT NULL,
-    key_hash BLOB NOT NULL UNIQUE,
-    models TEXT,
-    created_at REAL NOT NULL,
-    revoked_at REAL
-);
-CREATE TABLE IF NOT EXISTS reservations (
-    id TEXT PRIMARY KEY,
-    account_id INTEGER NOT NULL REFERENCES accounts(id),
-    key_id TEXT NOT NULL,
-    request_id TEXT NOT NULL,
-    model TEXT NOT NULL,
-    n INTEGER NOT NULL,
-    size TEXT NOT NULL,
-    quality TEXT NOT NULL,
-    amount_micros INTEGER NOT NULL,
-    cost_micros INTEGER NOT NULL DEFAULT 0,
-    status TEXT NOT NULL CHECK (status IN ('held', 'settled', 'released')),
-    created_at REAL NOT NULL,
-    expires_at REAL NOT NULL,
-    resolved_at REAL
-);
-CREATE INDEX IF NOT EXISTS reservations_held ON reservations (status, expires_at);
-CREATE INDEX IF NOT EXISTS reservations_account ON reservations (account_id, created_at);
-CREATE TABLE IF NOT EXISTS ledger (
-    id INTEGER PRIMARY KEY,
-    account_id INTEGER NOT NULL REFERENCES accounts(id),
-    delta_micros INTEGER NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('credit', 'reserve', 'refund')),
-    reservation_id TEXT,
-    note TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS ledger_account ON ledger (account_id);
--- Running service processes; a reservation's owner is one of them while it lives.
-CREATE TABLE IF NOT EXISTS instances (
-    id TEXT PRIMARY KEY,
-    host TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    pid_start TEXT NOT NULL,
-    started_at REAL NOT NULL,
-    heartbeat_at REAL NOT NULL
-);
-"""
-
-# Columns added after a table's first release: (table, column, declaration). Added
-# once, when PRAGMA table_info does not list them (versioned migrations will replace this).
-ADDED_COLUMNS = (
-    # The Instance holding a 'held' reservation; NULL for rows from before owners.
-    ("reservations", "owner", "TEXT"),
-    # The route(s) that served a settled request, and their upstream list cost.
-    ("reservations", "provider", "TEXT NOT NULL DEFAULT ''"),
-    ("reservations", "upstream_model", "TEXT NOT NULL DEFAULT ''"),
-    ("reservations", "upstream_cost_micros", "INTEGER NOT NULL DEFAULT 0"),
-)
-# Indexes on added columns, created after them.
-ADDED_INDEXES = """
-CREATE INDEX IF NOT EXISTS reservations_owner ON reservations (owner) WHERE status = 'held';
-"""
+# Migrations 2 and 3 (owners, routes) were, before versioned migrations, columns that
+# the store added on open where missing: an old database may have some of them.
+_ADDED_BEFORE_VERSIONS = 3
 
 _KEY_SELECT = (
     "SELECT k.id, k.account_id, a.name, k.name, k.prefix, k.key_hash, k.models, k.created_at, "
@@ -127,24 +60,33 @@ class SqliteStore:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, partial(fn, *args))
 
-    async def open(self) -> None:
-        await self._run(self._open)
+    async def open(self, *, migrate: bool = False) -> list[str]:
+        # The embedded default migrates itself whatever `migrate` says: `make run`
+        # on a database made by an older imagegate needs no extra step.
+        return await self._run(self._open)
 
-    def _open(self) -> None:
+    def _open(self) -> list[str]:
         private_dir(self._path.parent)
         # Created 0600 before SQLite opens it: SQLite gives -wal and -shm the same mode.
         touch_private(self._path)
         # Autocommit mode; transactions are explicit BEGIN IMMEDIATE ... COMMIT below.
         db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        # The CLI may write while the server runs: wait for its lock, don't fail.
-        db.execute("PRAGMA busy_timeout=5000")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA foreign_keys=ON")
-        db.executescript(SCHEMA)
+        try:
+            # The CLI may write while the server runs: wait for its lock, don't fail.
+            db.execute("PRAGMA busy_timeout=5000")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            applied = _migrate(db, self._clock())
+        except BaseException:
+            db.close()
+            raise
         self._db = db
-        self._in_tx(_add_columns)
-        db.executescript(ADDED_INDEXES)
+        return applied
+
+    async def schema_version(self) -> int:
+        rows = await self._read("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+        return int(rows[0][0])
 
     async def close(self) -> None:
         if self._db is not None:
@@ -157,16 +99,8 @@ class SqliteStore:
         return await self._run(self._in_tx, fn, *args)
 
     def _in_tx(self, fn: Callable[..., T], *args: Any) -> T:
-        db = self._db
-        assert db is not None, "store not opened"
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(db, *args)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-        return result
+        assert self._db is not None, "store not opened"
+        return _transaction(self._db, fn, *args)
 
     async def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         def query() -> list[Any]:
@@ -415,20 +349,90 @@ class SqliteStore:
         return [UsageRow(*row) for row in rows]
 
 
+def _transaction(db: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
+    """fn(db, *args) in one BEGIN IMMEDIATE transaction: the write lock from the start."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(db, *args)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    return result
+
+
+def _migrate(db: sqlite3.Connection, now: float) -> list[str]:
+    """Apply pending migrations, each in its own BEGIN IMMEDIATE transaction.
+
+    The version is read inside each transaction, so two processes migrating at
+    once take turns and neither applies a migration twice.
+    """
+    applied: list[str] = []
+    while (name := _transaction(db, _apply_next, now)) is not None:
+        applied.append(name)
+    return applied
+
+
+def _apply_next(db: sqlite3.Connection, now: float) -> str | None:
+    current = _current_version(db, now)
+    migrations.check_not_newer(current, "sqlite")
+    todo = migrations.pending("sqlite", current)
+    if not todo:
+        return None
+    for statement in _statements(todo[0].sql):
+        try:
+            db.execute(statement)
+        except sqlite3.OperationalError as exc:
+            # Found already in a database that imagegate's idempotent ALTERs upgraded
+            # before versioned migrations; any other error stops the migration.
+            if todo[0].version > _ADDED_BEFORE_VERSIONS or "duplicate column" not in str(exc):
+                raise
+    db.execute(
+        "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+        (todo[0].version, todo[0].name, now),
+    )
+    return todo[0].name
+
+
+def _current_version(db: sqlite3.Connection, now: float) -> int:
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version ("
+        "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+    )
+    version = db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+    if version is not None:
+        return int(version)
+    # Made by imagegate before versioned migrations: its schema is version 1.
+    if db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'accounts'"
+    ).fetchone():
+        first = migrations.migrations("sqlite")[0]
+        db.execute(
+            "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+            (first.version, first.name, now),
+        )
+        return first.version
+    return 0
+
+
+def _statements(script: str) -> list[str]:
+    """Split a script into statements: executescript() would COMMIT our transaction."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer)
+            buffer = ""
+    if buffer.strip():
+        statements.append(buffer)  # a trailing comment, or an error sqlite reports
+    return statements
+
+
 def _account_id(db: sqlite3.Connection, name: str) -> int:
     row = db.execute("SELECT id FROM accounts WHERE name = ?", (name,)).fetchone()
     if row is None:
         raise UnknownAccount(f"no account named {name!r}")
     return int(row[0])
-
-
-def _add_columns(db: sqlite3.Connection) -> None:
-    """ADDED_COLUMNS missing from an older database; in a write transaction, so two
-    processes opening it together do not both add a column."""
-    for table, column, declaration in ADDED_COLUMNS:
-        present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-        if column not in present:
-            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
 
 def _credit(

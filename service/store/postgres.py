@@ -1,0 +1,471 @@
+"""The store for many replicas: PostgreSQL through an asyncpg pool, one statement per change.
+
+Every balance change is one statement (data-modifying CTEs), so it commits or
+not as a whole with its ledger row, and holds a row lock for one round trip.
+Under READ COMMITTED a conditional UPDATE that waited for another replica's
+lock re-reads the row before checking its WHERE: `balance_micros >= amount`
+and `status = 'held'` are decided on the committed value, so no interleaving
+of replicas overspends, and a reservation is resolved by exactly one of them.
+Lock order is always reservation row, then account row, so settles, releases
+and reserves cannot deadlock one another.
+
+asyncpg is imported here only: SQLite users never need it (the `postgres` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from service import metrics
+from service.errors import InsufficientBalance
+from service.money import MAX_BALANCE_MICROS, check_credit, format_usd
+from service.store import migrations
+from service.store.base import (
+    Account,
+    AccountExists,
+    Charge,
+    DatabaseUnavailable,
+    Instance,
+    KeyRecord,
+    Served,
+    StoreError,
+    UnknownAccount,
+    UsageRow,
+    new_reservation_id,
+)
+
+try:
+    import asyncpg
+except ImportError as exc:
+    raise DatabaseUnavailable(
+        "a postgresql:// database needs asyncpg: pip install 'imagegate[postgres]'"
+    ) from exc
+
+# Both replicas of a rolling start may run `imagegate migrate`: one waits for the other.
+# The lock is per schema (search_path), so separate schemas of one database never wait.
+_MIGRATE_LOCK_CLASS = 0x1A6E  # an arbitrary constant naming imagegate's lock space
+
+_KEY_SELECT = (
+    "SELECT k.id, k.account_id, a.name, k.name, k.prefix, k.key_hash, k.models, k.created_at, "
+    "k.revoked_at FROM api_keys k JOIN accounts a ON a.id = k.account_id "
+)
+
+# Debit only if the balance covers it; the reservation and its ledger row come
+# from the debit's RETURNING, so without a debit nothing else is written.
+_RESERVE = """
+WITH debit AS (
+    UPDATE accounts SET balance_micros = balance_micros - $2
+    WHERE id = $1 AND balance_micros >= $2
+    RETURNING id
+), held AS (
+    INSERT INTO reservations (id, account_id, key_id, request_id, model, n, size, quality,
+                              amount_micros, status, created_at, expires_at, owner)
+    SELECT $3, id, $4, $5, $6, $7, $8, $9, $2, 'held', $10, $11, $12 FROM debit
+    RETURNING id, account_id
+)
+INSERT INTO ledger (account_id, delta_micros, kind, reservation_id, created_at)
+SELECT account_id, -$2, 'reserve', id, $10 FROM held
+RETURNING id
+"""
+
+# Only a held reservation changes; whichever replica's UPDATE commits first wins
+# and the other finds status <> 'held' and changes nothing. The CTEs run to
+# completion whatever the final SELECT reads; it counts what was resolved.
+_RESOLVE = """
+WITH resolved AS (
+    UPDATE reservations SET status = $2, cost_micros = $3, resolved_at = $4,
+                            provider = $5, upstream_model = $6, upstream_cost_micros = $7
+    WHERE id = $1 AND status = 'held' AND $3 BETWEEN 0 AND amount_micros
+    RETURNING account_id, amount_micros - $3 AS refund, amount_micros, model
+), refunded AS (
+    UPDATE accounts SET balance_micros = balance_micros + resolved.refund
+    FROM resolved WHERE accounts.id = resolved.account_id AND resolved.refund > 0
+), entry AS (
+    INSERT INTO ledger (account_id, delta_micros, kind, reservation_id, created_at)
+    SELECT account_id, refund, 'refund', $1, $4 FROM resolved WHERE refund > 0
+)
+SELECT model, amount_micros FROM resolved
+"""
+
+
+class PostgresStore:
+    def __init__(
+        self, url: str, *, pool_size: int = 10, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._url = url
+        self._pool_size = pool_size
+        self._clock = clock
+        self._pool: Any = None
+
+    @property
+    def _db(self) -> Any:
+        assert self._pool is not None, "store not opened"
+        return self._pool
+
+    async def open(self, *, migrate: bool = False) -> list[str]:
+        try:
+            pool = await asyncpg.create_pool(
+                self._url, min_size=1, max_size=self._pool_size, command_timeout=60
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise DatabaseUnavailable(
+                f"cannot connect to PostgreSQL at {_where(self._url)}: {exc}"
+            ) from None
+        try:
+            applied = await _migrate(pool, self._clock()) if migrate else []
+            async with pool.acquire() as conn:
+                migrations.check_current(await _version(conn), "postgres")
+        except BaseException as exc:
+            await pool.close()
+            if isinstance(exc, asyncpg.PostgresError):  # e.g. no right to create tables
+                raise StoreError(f"PostgreSQL at {_where(self._url)}: {exc}") from None
+            raise
+        self._pool = pool
+        return applied
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def schema_version(self) -> int:
+        async with self._db.acquire() as conn:
+            return await _version(conn)
+
+    # Accounts
+
+    async def create_account(self, name: str, credit_micros: int = 0) -> Account:
+        check_credit(credit_micros)
+        row = await self._db.fetchrow(
+            """
+            WITH created AS (
+                INSERT INTO accounts (name, balance_micros, created_at) VALUES ($1, $2, $3)
+                ON CONFLICT (name) DO NOTHING
+                RETURNING id, name, balance_micros, created_at
+            ), credited AS (
+                INSERT INTO ledger (account_id, delta_micros, kind, note, created_at)
+                SELECT id, $2, 'credit', 'initial credit', $3 FROM created WHERE $2 <> 0
+            )
+            SELECT * FROM created
+            """,
+            name,
+            credit_micros,
+            self._clock(),
+        )
+        if row is None:
+            raise AccountExists(f"account {name!r} already exists")
+        return _account(row)
+
+    async def get_account(self, name: str) -> Account | None:
+        row = await self._db.fetchrow(
+            "SELECT id, name, balance_micros, created_at FROM accounts WHERE name = $1", name
+        )
+        return None if row is None else _account(row)
+
+    async def add_credit(self, name: str, micros: int, note: str = "") -> Account:
+        check_credit(micros)
+        # The same cap as SQLite's, where an overflowing sum would become a float.
+        row = await self._db.fetchrow(
+            """
+            WITH credited AS (
+                UPDATE accounts SET balance_micros = balance_micros + $2
+                WHERE name = $1 AND balance_micros <= $5::bigint - $2
+                RETURNING id, name, balance_micros, created_at
+            ), entry AS (
+                INSERT INTO ledger (account_id, delta_micros, kind, note, created_at)
+                SELECT id, $2, 'credit', $3, $4 FROM credited
+            )
+            SELECT * FROM credited
+            """,
+            name,
+            micros,
+            note,
+            self._clock(),
+            MAX_BALANCE_MICROS,
+        )
+        if row is None:
+            if await self.get_account(name) is None:
+                raise UnknownAccount(f"no account named {name!r}")
+            raise ValueError(
+                f"credit refused: the balance would be over {format_usd(MAX_BALANCE_MICROS)}"
+            )
+        return _account(row)
+
+    # Keys
+
+    async def create_key(
+        self,
+        account_name: str,
+        key_hash: bytes,
+        prefix: str,
+        name: str,
+        models: tuple[str, ...] | None,
+    ) -> KeyRecord:
+        key_id = "key_" + secrets.token_hex(8)
+        inserted = await self._db.fetchval(
+            "INSERT INTO api_keys (id, account_id, name, prefix, key_hash, models, created_at) "
+            "SELECT $1, id, $3, $4, $5, $6, $7 FROM accounts WHERE name = $2 RETURNING id",
+            key_id,
+            account_name,
+            name,
+            prefix,
+            key_hash,
+            None if models is None else json.dumps(list(models)),
+            self._clock(),
+        )
+        if inserted is None:
+            raise UnknownAccount(f"no account named {account_name!r}")
+        (record,) = await self._keys("WHERE k.id = $1", key_id)
+        return record
+
+    async def find_key(self, key_hash: bytes) -> KeyRecord | None:
+        records = await self._keys("WHERE k.key_hash = $1", key_hash)
+        return records[0] if records else None
+
+    async def list_keys(self, account_name: str) -> list[KeyRecord]:
+        return await self._keys("WHERE a.name = $1 ORDER BY k.created_at, k.id", account_name)
+
+    async def _keys(self, where: str, *args: Any) -> list[KeyRecord]:
+        return [_key_record(row) for row in await self._db.fetch(_KEY_SELECT + where, *args)]
+
+    async def revoke_key(self, key_id: str) -> bool:
+        revoked = await self._db.fetchval(
+            "UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL RETURNING id",
+            key_id,
+            self._clock(),
+        )
+        return revoked is not None
+
+    # Money
+
+    async def reserve(
+        self,
+        account_id: int,
+        amount: int,
+        charge: Charge,
+        expires_at: float,
+        *,
+        reservation_id: str | None = None,
+        owner: str | None = None,
+    ) -> str:
+        reservation_id = reservation_id or new_reservation_id()
+        entry = await self._db.fetchval(
+            _RESERVE,
+            account_id,
+            amount,
+            reservation_id,
+            charge.key_id,
+            charge.request_id,
+            charge.model,
+            charge.n,
+            charge.size,
+            charge.quality,
+            self._clock(),
+            expires_at,
+            owner,
+        )
+        if entry is None:
+            balance = await self._db.fetchval(
+                "SELECT balance_micros FROM accounts WHERE id = $1", account_id
+            )
+            raise InsufficientBalance(
+                f"Your balance of {format_usd(balance or 0)} is too low for this "
+                f"request, quoted at {format_usd(amount)}. Add credit to continue."
+            )
+        metrics.reserved(charge.model, amount)
+        return reservation_id
+
+    async def settle(self, reservation_id: str, cost: int, served: Served | None = None) -> None:
+        await self._resolve(reservation_id, "settled", cost, self._clock(), served)
+
+    async def release(self, reservation_id: str) -> None:
+        await self._resolve(reservation_id, "released", 0, self._clock())
+
+    async def _resolve(
+        self,
+        reservation_id: str,
+        status: str,
+        cost: int,
+        now: float,
+        served: Served | None = None,
+    ) -> int:
+        """1 if this call resolved the reservation, 0 if it was resolved already."""
+        served = served or Served()
+        row = await self._db.fetchrow(
+            _RESOLVE,
+            reservation_id,
+            status,
+            cost,
+            now,
+            served.provider,
+            served.upstream_model,
+            served.upstream_cost_micros,
+        )
+        if row is not None:
+            metrics.resolved(row["model"], row["amount_micros"], cost)
+            return 1
+        amount = await self._db.fetchval(
+            "SELECT amount_micros FROM reservations WHERE id = $1 AND status = 'held'",
+            reservation_id,
+        )
+        if amount is not None:  # still held: the cost was out of range
+            raise ValueError(f"cost {cost} outside reservation of {amount}")
+        return 0
+
+    async def release_expired(self, now: float) -> int:
+        # One reservation per statement: each is resolved exactly once even when
+        # every replica sweeps at the same moment, and no sweep locks many rows.
+        due = await self._db.fetch(
+            "SELECT id FROM reservations WHERE status = 'held' AND expires_at < $1 ORDER BY id",
+            now,
+        )
+        return await self._release_each([row["id"] for row in due], now)
+
+    async def _release_each(self, reservation_ids: list[str], now: float) -> int:
+        released = 0
+        for reservation_id in reservation_ids:
+            released += await self._resolve(reservation_id, "released", 0, now)
+        return released
+
+    # Instances
+
+    async def beat(self, instance: Instance) -> None:
+        await self._db.execute(
+            "INSERT INTO instances (id, host, pid, pid_start, started_at, heartbeat_at) "
+            "VALUES ($1, $2, $3, $4, $5, $6) "
+            "ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+            instance.id,
+            instance.host,
+            instance.pid,
+            instance.pid_start,
+            instance.started_at,
+            instance.heartbeat_at,
+        )
+
+    async def instances(self) -> list[Instance]:
+        rows = await self._db.fetch(
+            "SELECT id, host, pid, pid_start, started_at, heartbeat_at FROM instances"
+        )
+        return [Instance(*row) for row in rows]
+
+    async def release_orphans(self, dead: list[str], stale_before: float, keep: str) -> int:
+        # Each replica may run this at once: forgetting an instance twice is harmless,
+        # and each orphan is resolved by one statement guarded by status = 'held'.
+        await self._db.execute(
+            "DELETE FROM instances WHERE (id = ANY($1::text[]) OR heartbeat_at < $2) AND id <> $3",
+            [i for i in dead if i != keep],
+            stale_before,
+            keep,
+        )
+        orphans = await self._db.fetch(
+            "SELECT id FROM reservations WHERE status = 'held' AND owner IS NOT NULL "
+            "AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = reservations.owner) "
+            "ORDER BY id"
+        )
+        return await self._release_each([row["id"] for row in orphans], self._clock())
+
+    async def retire(self, instance_id: str) -> None:
+        await self._db.execute("DELETE FROM instances WHERE id = $1", instance_id)
+
+    async def ledger_sum(self, account_id: int) -> int:
+        # SUM(bigint) is numeric in PostgreSQL: back to bigint, never a float or Decimal.
+        total = await self._db.fetchval(
+            "SELECT COALESCE(SUM(delta_micros), 0)::bigint FROM ledger WHERE account_id = $1",
+            account_id,
+        )
+        return int(total)
+
+    async def held(self) -> tuple[int, float | None]:
+        row = await self._db.fetchrow(
+            "SELECT count(*) AS n, min(created_at) AS oldest FROM reservations "
+            "WHERE status = 'held'"
+        )
+        return int(row["n"]), row["oldest"]
+
+    async def usage(self, account_name: str, limit: int = 20) -> list[UsageRow]:
+        rows = await self._db.fetch(
+            "SELECT r.created_at, r.request_id, r.model, r.n, r.size, r.quality, "
+            "r.amount_micros, r.cost_micros, r.status, r.provider, r.upstream_model, "
+            "r.upstream_cost_micros FROM reservations r "
+            "JOIN accounts a ON a.id = r.account_id WHERE a.name = $1 "
+            "ORDER BY r.created_at DESC, r.seq DESC LIMIT $2",
+            account_name,
+            limit,
+        )
+        return [UsageRow(*row) for row in rows]
+
+
+async def _migrate(pool: Any, now: float) -> list[str]:
+    """Apply pending migrations, each in a transaction under a per-schema advisory lock."""
+    applied: list[str] = []
+    async with pool.acquire() as conn:
+        while True:
+            async with conn.transaction():
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1, hashtext(current_schema()))",
+                    _MIGRATE_LOCK_CLASS,
+                )
+                # Created under the lock: a concurrent CREATE IF NOT EXISTS can still collide.
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
+                    "name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)"
+                )
+                current = await _version(conn)
+                migrations.check_not_newer(current, "postgres")
+                todo = migrations.pending("postgres", current)
+                if not todo:
+                    return applied
+                try:
+                    await conn.execute(todo[0].sql)
+                except asyncpg.PostgresError as exc:  # e.g. no CREATE right on the schema
+                    raise StoreError(f"migration {todo[0].name} failed: {exc}") from None
+                await conn.execute(
+                    "INSERT INTO schema_version (version, name, applied_at) VALUES ($1, $2, $3)",
+                    todo[0].version,
+                    todo[0].name,
+                    now,
+                )
+            applied.append(todo[0].name)
+
+
+async def _version(conn: Any) -> int:
+    exists = await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL")
+    if not exists:
+        return 0
+    return int(await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version"))
+
+
+def _where(url: str) -> str:
+    """host:port/database for messages: never the password a URL may carry."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.hostname or 'localhost'}{port}{parts.path or ''}"
+
+
+def _account(row: Any) -> Account:
+    return Account(
+        id=int(row["id"]),
+        name=row["name"],
+        balance_micros=int(row["balance_micros"]),
+        created_at=float(row["created_at"]),
+    )
+
+
+def _key_record(row: Any) -> KeyRecord:
+    key_id, account_id, account_name, name, prefix, key_hash, models, created, revoked = row
+    return KeyRecord(
+        id=key_id,
+        account_id=int(account_id),
+        account_name=account_name,
+        name=name,
+        prefix=prefix,
+        key_hash=bytes(key_hash),
+        models=None if models is None else tuple(json.loads(models)),
+        created_at=created,
+        revoked_at=revoked,
+    )
