@@ -9,9 +9,13 @@ worker's from PROMETHEUS_MULTIPROC_DIR (prometheus-client's multiprocess mode).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+import shutil
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
@@ -40,6 +44,26 @@ def registry() -> CollectorRegistry:
         multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
         return merged
     return REGISTRY
+
+
+@contextlib.contextmanager
+def multiprocess_metrics() -> Iterator[Path]:
+    """For a supervisor about to spawn its workers: a fresh private directory as
+    PROMETHEUS_MULTIPROC_DIR, which the workers inherit (prometheus-client chooses
+    where values live when it is imported, so it must be set before they start).
+    The supervisor's own listener then serves every worker's metrics; a worker that
+    ends is forgotten with metrics.mark_dead(pid). Removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="imagegate-metrics-"))  # 0700: private
+    previous = os.environ.get(MULTIPROC_ENV)
+    os.environ[MULTIPROC_ENV] = str(path)
+    try:
+        yield path
+    finally:
+        if previous is None:
+            os.environ.pop(MULTIPROC_ENV, None)
+        else:
+            os.environ[MULTIPROC_ENV] = previous
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def create_app(refresh: Refresh | None = None) -> web.Application:

@@ -13,13 +13,13 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import openai
 import pytest
 from prometheus_client import REGISTRY, generate_latest
 
 from service import keys
+from service.admin_http import multiprocess_metrics
 from service.store.base import Charge
 from tests.conftest import Stack, Tenant, make_tenant, sdk, store_for
 from tests.fakes.base import Fault
@@ -233,16 +233,23 @@ SCRAPER = textwrap.dedent(
 )
 
 
-def test_one_scrape_covers_every_process_in_multiprocess_mode(tmp_path: Path) -> None:
-    """`serve --workers N` sets PROMETHEUS_MULTIPROC_DIR for its workers: the listener's
-    registry then sums what every process wrote there."""
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    for amount in ("5", "7"):
-        subprocess.run([sys.executable, "-c", WORKER, amount], env=env, check=True, timeout=60)
-    out = subprocess.run(
-        [sys.executable, "-c", SCRAPER], env=env, check=True, timeout=60, capture_output=True
-    ).stdout.decode()
-    scraped = parse(out)
+async def test_one_scrape_covers_every_process_in_multiprocess_mode() -> None:
+    """As a supervisor of workers does: a private PROMETHEUS_MULTIPROC_DIR set before the
+    workers start; its listener's one scrape sums what every worker wrote there."""
+    with multiprocess_metrics() as directory:
+        assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(directory)
+        assert directory.stat().st_mode & 0o077 == 0
+        for amount in ("5", "7"):
+            await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-c", WORKER, amount], check=True, timeout=60
+            )
+        async with metrics_listener() as url:
+            scraped = await scrape(url)
+        out = subprocess.run(
+            [sys.executable, "-c", SCRAPER], check=True, timeout=60, capture_output=True
+        ).stdout.decode()
+        assert parse(out).value("imagegate_reserved_micros_total", model="flux") == 12
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ and not directory.exists()
     assert scraped.value("imagegate_reserved_micros_total", model="flux") == 12
     assert scraped.value("imagegate_settled_micros_total", model="flux") == 2
     assert scraped.value("imagegate_released_micros_total", model="flux") == 10
