@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_status import rpc_status
 from imagegate.v1 import images_pb2, images_pb2_grpc
 
-from gateway import errors, health, json_text, telemetry
+from gateway import errors, health, json_text, sse, telemetry
 from gateway.config import GatewayConfig
 from gateway.request_json import InvalidJson, parse_request
 
@@ -59,11 +59,15 @@ async def _channel(app: web.Application) -> AsyncIterator[None]:
     await channel.close()
 
 
-async def generate_images(request: web.Request) -> web.Response:
+async def generate_images(request: web.Request) -> web.StreamResponse:
     try:
         message = parse_request(await request.read(), images_pb2.GenerateImagesRequest())
     except InvalidJson:
         raise _Failure(errors.INVALID_JSON) from None
+    if message.stream:
+        # Same path, as OpenAI serves it; Envoy's Lua filter routes it the same way.
+        call = request.app[STUB].StreamImages(message, **_call_options(request))
+        return await sse.relay(request, call, {REQUEST_ID: request[REQUEST_ID_KEY]})
     reply = await request.app[STUB].GenerateImages(message, **_call_options(request))
     return _json(reply)
 
@@ -140,7 +144,8 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
     except Exception:
         log.exception("request %s failed in the front", request[REQUEST_ID_KEY])
         response = _json_bytes(errors.INTERNAL.status, errors.error_body(errors.INTERNAL))
-    response.headers[REQUEST_ID] = request[REQUEST_ID_KEY]
+    if not response.prepared:  # a stream has sent its headers (x-request-id among them)
+        response.headers[REQUEST_ID] = request[REQUEST_ID_KEY]
     return response
 
 

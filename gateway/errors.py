@@ -79,10 +79,16 @@ def error_body(
     row: Row, message: str | None = None, param: str | None = None, code: str | None = None
 ) -> bytes:
     """Serialise exactly as Envoy's Lua filter does: compact, fixed key order, same escapes."""
-    error = {
+    return json_text.dumps({"error": error_object(row, message, param, code)})
+
+
+def error_object(
+    row: Row, message: str | None = None, param: str | None = None, code: str | None = None
+) -> dict[str, str | None]:
+    """OpenAI's error object: all four keys, in this order."""
+    return {
         "message": message if message is not None else row.message,
         "type": row.type,
         "param": param,
         "code": code if code is not None else row.code,
     }
-    return json_text.dumps({"error": error})

@@ -138,7 +138,9 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             else:
                 response = await handler(request)
         except asyncio.CancelledError:
-            if task is None or not life.forced(task):
+            # A stream that has begun cannot become a 503: it is cut, as a client sees
+            # a service that goes away mid-stream.
+            if task is None or not life.forced(task) or request.writer.output_size:
                 raise
             task.uncancel()  # the drain's cancellation is answered, not passed on
             response = _unavailable(request)

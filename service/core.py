@@ -18,6 +18,7 @@ from service.providers.base import GeneratedImage, Provider, TokenUsage
 from service.providers.dispatch import Dispatched, Dispatcher
 from service.requests import GenerationParams, ImageRequest, validate
 from service.store.base import Charge, Served, Store, new_reservation_id
+from service.streaming import Delivered, Send, image_event
 
 log = logging.getLogger("imagegate.core")
 T = TypeVar("T")
@@ -131,17 +132,10 @@ class ImageCore:
 
         `render` builds what the transport will send (raising a domain error when
         it cannot be sent); whatever fails or is cancelled, at any moment, the
-        reservation is resolved before this returns or raises. A streaming RPC
-        can pass a render that sends, so that only what it handed over is charged.
+        reservation is resolved before this returns or raises. (A streamed request
+        goes through `stream`, which charges per image handed over.)
         """
-        # An unknown model's message names only the models this key may use.
-        visible = [m.id for m in self.list_models(caller)]
-        request = validate(params, self._catalog, self._default_model, available=visible)
-        _note(request)
-        if caller.models is not None and request.model.id not in caller.models:
-            raise ModelNotAllowed(
-                f"This API key is not allowed to use the model '{request.model.id}'."
-            )
+        request = self._validated(caller, params, streaming=False)
         started = self._clock()
         reservation = await self._reserve(caller, request, ctx, started)
         log.debug("request %s prompt %r", ctx.request_id, request.prompt)
@@ -162,6 +156,79 @@ class ImageCore:
             raise
         _note_served(request, served, len(images), cost)
         return rendered
+
+    async def stream(
+        self, caller: Caller, params: GenerationParams, ctx: RequestContext, send: Send
+    ) -> None:
+        """Reserve, then hand each event to `send` as it comes; charge what `send` took.
+
+        Previews are free; each finished image is charged once `send` has returned
+        for it. However the stream ends (done, failed after some events, the client
+        gone), the images handed over are settled and the rest of the reservation
+        released before this returns or raises.
+        """
+        await self.stream_request(
+            caller, self._validated(caller, params, streaming=True), ctx, send
+        )
+
+    async def stream_request(
+        self, caller: Caller, request: ImageRequest, ctx: RequestContext, send: Send
+    ) -> None:
+        """`stream` for a request already validated (with streaming=True)."""
+        started = self._clock()
+        reservation = await self._reserve(caller, request, ctx, started)
+        log.debug("request %s prompt %r", ctx.request_id, request.prompt)
+        delivered = Delivered()
+        try:
+            items = self.dispatcher.stream(
+                request, request_id=ctx.request_id, deadline=ctx.deadline
+            )
+            try:
+                async for item in items:
+                    await send(image_event(request, item, self._clock()))
+                    delivered.add(item)
+            finally:
+                await items.aclose()
+        except BaseException:
+            with observe.stage("settle"):
+                await _uninterrupted(self._settle_delivered(reservation, request, delivered))
+            raise
+        with observe.stage("settle"):
+            settled = self._settle_delivered(reservation, request, delivered)
+            served, cost = await _uninterrupted(settled)
+        _note_served(request, served, delivered.images, cost)
+
+    async def _settle_delivered(
+        self, reservation: str, request: ImageRequest, delivered: Delivered
+    ) -> tuple[Served, int]:
+        """Charge the images handed over, release the rest; nothing handed over: release all."""
+        calls = delivered.calls()
+        if not calls:
+            await self._store.release(reservation)
+            return Served("", "", 0), 0
+        bill = costs.bill(request, calls, request.quote)
+        served = Served(bill.provider, bill.upstream_model, bill.upstream_cost_micros)
+        try:
+            await self._store.settle(reservation, bill.cost_micros, served)
+        except BaseException:
+            await self._store.release(reservation)  # a no-op if the settle did commit
+            raise
+        return served, bill.cost_micros
+
+    def _validated(
+        self, caller: Caller, params: GenerationParams, *, streaming: bool
+    ) -> ImageRequest:
+        # An unknown model's message names only the models this key may use.
+        visible = [m.id for m in self.list_models(caller)]
+        request = validate(
+            params, self._catalog, self._default_model, available=visible, streaming=streaming
+        )
+        _note(request)
+        if caller.models is not None and request.model.id not in caller.models:
+            raise ModelNotAllowed(
+                f"This API key is not allowed to use the model '{request.model.id}'."
+            )
+        return request
 
     async def _reserve(
         self, caller: Caller, request: ImageRequest, ctx: RequestContext, started: float

@@ -43,29 +43,43 @@ def to_status(err: errors.ImagegateError) -> grpc.Status:
     The metadata copy (imagegate-reason/-param/-code, retry-after) is for fronts
     that cannot decode protobuf details, namely Envoy's Lua filter.
     """
-    code = status_code(err)
-    # ASCII only (others as \xe9-style escapes): a message may echo caller input,
-    # and Envoy's Lua front then needs no UTF-8 decoder to write it as JSON.
-    message = err.message.encode("ascii", "backslashreplace").decode()
-    status = status_pb2.Status(code=code.value[0], message=message)
-    metadata = {}
-    if err.param:
-        metadata["param"] = err.param
-    if isinstance(err, errors.InvalidParameter):
-        metadata["code"] = "missing_required_parameter" if err.missing else "invalid_value"
-    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=metadata)
-    detail = any_pb2.Any()
-    detail.Pack(info)
-    status.details.append(detail)
+    status = status_message(err)
     trailers = [("imagegate-reason", err.reason)]
-    trailers.extend((f"imagegate-{k}", v) for k, v in metadata.items())
+    trailers.extend((f"imagegate-{k}", v) for k, v in _metadata(err).items())
     if isinstance(err, errors.RateLimited):
         trailers.append(("retry-after", str(err.retry_after_s)))
     rich = rpc_status.to_status(status)
     return _Status(rich.code, rich.details, (*rich.trailing_metadata, *trailers))
 
 
+def status_message(err: errors.ImagegateError) -> status_pb2.Status:
+    """The google.rpc.Status of an error, ErrorInfo in its details (also sent in-band,
+    as a streamed RPC's error event)."""
+    # ASCII only (others as \xe9-style escapes): a message may echo caller input,
+    # and Envoy's Lua front then needs no UTF-8 decoder to write it as JSON.
+    message = err.message.encode("ascii", "backslashreplace").decode()
+    status = status_pb2.Status(code=status_code(err).value[0], message=message)
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=_metadata(err))
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status.details.append(detail)
+    return status
+
+
+def _metadata(err: errors.ImagegateError) -> dict[str, str]:
+    metadata = {}
+    if err.param:
+        metadata["param"] = err.param
+    if isinstance(err, errors.InvalidParameter):
+        metadata["code"] = "missing_required_parameter" if err.missing else "invalid_value"
+    return metadata
+
+
 INTERNAL_MESSAGE = "internal error"
+
+
+def internal_status_message() -> status_pb2.Status:
+    return status_pb2.Status(code=grpc.StatusCode.INTERNAL.value[0], message=INTERNAL_MESSAGE)
 
 
 def internal_status() -> grpc.Status:

@@ -50,12 +50,15 @@ class Observer(grpc.aio.ServerInterceptor):
             )
         behavior = handler.unary_stream
         if behavior is not None and inspect.isasyncgenfunction(behavior):
-            return grpc.unary_stream_rpc_method_handler(
-                observed.stream(behavior),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        return handler  # client streaming: none in this service, left as it is
+            wrapped: Any = observed.stream(behavior)
+        elif behavior is not None and inspect.iscoroutinefunction(behavior):
+            # A stream written with context.write (StreamImages, health's Watch).
+            wrapped = observed.unary(behavior, "server_stream")
+        else:
+            return handler  # client streaming: none in this service, left as it is
+        return grpc.unary_stream_rpc_method_handler(
+            wrapped, handler.request_deserializer, handler.response_serializer
+        )
 
 
 class _Call:

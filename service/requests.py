@@ -14,6 +14,8 @@ DEFAULT_OUTPUT_FORMAT = "png"
 ALPHA_FORMATS = ("png", "webp")
 # OpenAI's default quality, which clients send explicitly: the model's own default.
 AUTO_QUALITY = "auto"
+# OpenAI's bound on preview images before a streamed image.
+MAX_PARTIAL_IMAGES = 3
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,10 @@ class ImageRequest:
     output_compression: int | None = None
     moderation: str | None = None
     user: str = ""
+    # Streamed: the images are sent as events (always as image bytes, b64_json).
+    stream: bool = False
+    # Preview images a streamed single image gets first (0 when not streaming or n > 1).
+    partial_images: int = 0
 
     @property
     def width(self) -> int:
@@ -85,11 +91,14 @@ def validate(
     default_model: str,
     *,
     available: Sequence[str] = (),
+    streaming: bool = False,
 ) -> ImageRequest:
     """Apply the model's rules and defaults; raise InvalidParameter naming the field.
 
     `available` is what an unknown model's message may list: the caller's models
     only, never the whole catalog (a limited key must not learn the others).
+    `streaming`: the request is answered as a stream of events (the StreamImages
+    RPC), whatever its `stream` field says; a unary call refuses `stream: true`.
     """
     model = _model(params.model or default_model, catalog, available)
     prompt = params.prompt
@@ -104,17 +113,13 @@ def validate(
             f"{len(prompt)} instead.",
             param="prompt",
         )
-    if params.stream:
+    if params.stream and not streaming:
         raise InvalidParameter(
-            "Streaming is not supported by this gateway yet; send 'stream': false.",
+            "'stream': true is answered by the StreamImages RPC (the REST fronts route it "
+            "there); GenerateImages returns one response.",
             param="stream",
         )
-    if params.partial_images is not None:
-        raise InvalidParameter(
-            "'partial_images' is only used with streaming, which this gateway does not "
-            "support yet.",
-            param="partial_images",
-        )
+    partial_images = _partial_images(params.partial_images, streaming)
     n = 1 if params.n is None else params.n
     if not 1 <= n <= model.n_max:
         raise InvalidParameter(
@@ -129,9 +134,7 @@ def validate(
         model.qualities,
         model,
     )
-    response_format = _choice(
-        "response_format", params.response_format or "url", RESPONSE_FORMATS, model
-    )
+    response_format = _response_format(params.response_format, streaming, model)
     style = _optional("style", params.style, model.styles, model)
     moderation = _optional("moderation", params.moderation, model.moderations, model)
     background = _optional("background", params.background, model.backgrounds, model)
@@ -164,7 +167,40 @@ def validate(
         output_compression=compression,
         moderation=moderation,
         user=params.user,
+        stream=streaming,
+        # Previews only for a single image: an event does not say which image it
+        # previews, so n > 1 streams one completed event per image and no partials.
+        partial_images=partial_images if n == 1 else 0,
     )
+
+
+def _partial_images(value: int | None, streaming: bool) -> int:
+    if value is None:
+        return 0
+    if not streaming:
+        raise InvalidParameter(
+            "'partial_images' is only used with 'stream': true.", param="partial_images"
+        )
+    if not 0 <= value <= MAX_PARTIAL_IMAGES:
+        raise InvalidParameter(
+            f"Invalid 'partial_images': {value}. Expected an integer from 0 to "
+            f"{MAX_PARTIAL_IMAGES}.",
+            param="partial_images",
+        )
+    return value
+
+
+def _response_format(value: str, streaming: bool, model: ModelSpec) -> str:
+    if not streaming:
+        return _choice("response_format", value or "url", RESPONSE_FORMATS, model)
+    # Events carry the image itself (OpenAI's events have no url field).
+    if value not in ("", "b64_json"):
+        raise InvalidParameter(
+            f"Invalid value for 'response_format': '{value}'. A streamed image is sent as "
+            "b64_json in its event; leave response_format out or send 'b64_json'.",
+            param="response_format",
+        )
+    return "b64_json"
 
 
 def _model(model_id: str, catalog: Catalog, available: Sequence[str]) -> ModelSpec:

@@ -17,12 +17,22 @@ from service import observe
 from service.catalog import ModelSpec
 from service.core import Caller, Generation, ImageCore, RequestContext
 from service.errors import ImagegateError, InvalidParameter
-from service.grpc_errors import abort, internal_status, to_status
+from service.grpc_errors import (
+    abort,
+    internal_status,
+    internal_status_message,
+    status_message,
+    to_status,
+)
 from service.links import LinkBase
+from service.providers.base import TokenUsage
 from service.requests import GenerationParams
+from service.streaming import ImageEvent, Send
 
 log = logging.getLogger("imagegate.servicer")
 T = TypeVar("T")
+# The event type prefix of streamed generations (edits stream as "image_edit").
+GENERATION = "image_generation"
 MiB = 1024 * 1024
 # The values OpenAI's ImagesResponse may hold in these top-level fields. Typed
 # clients validate them (the Python SDK's strict mode, older SDKs whose `size`
@@ -53,6 +63,48 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
             return await self._core.generate(caller, _params(request), ctx, self._render)
 
         return await self._run(context, call)
+
+    async def StreamImages(
+        self, request: images_pb2.GenerateImagesRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        async def call(send: Send) -> None:
+            caller = await self._caller(context)
+            ctx = RequestContext(
+                self._request_id(context), self._base_url(context), _deadline(context)
+            )
+            await self._core.stream(caller, _params(request), ctx, send)
+
+        await self._stream(context, call, GENERATION)
+
+    async def _stream(
+        self,
+        context: grpc.aio.ServicerContext,
+        call: Callable[[Send], Awaitable[None]],
+        prefix: str,
+    ) -> None:
+        """Run a streamed call: each event one message whose type is `prefix`.partial_image
+        or `prefix`.completed. An error before the first message is the RPC's status, as
+        in a unary call; after it, an "error" event carrying that status comes first, so
+        that REST fronts, which have sent their 200 already, can pass it on."""
+        sent = False
+
+        async def send(event: ImageEvent) -> None:
+            nonlocal sent
+            await context.write(_event(event, prefix))
+            sent = True
+
+        try:
+            await call(send)
+        except ImagegateError as err:
+            if sent:
+                await context.write(images_pb2.ImageEvent(type="error", error=status_message(err)))
+            await abort(context, to_status(err))
+        except Exception:
+            log.exception("request %s failed", _metadata(context, "x-request-id"))
+            if sent:
+                error = internal_status_message()
+                await context.write(images_pb2.ImageEvent(type="error", error=error))
+            await abort(context, internal_status())
 
     async def _render(self, gen: Generation) -> images_pb2.ImagesResponse:
         """The response as it will be sent; the core charges only once this succeeded."""
@@ -172,21 +224,38 @@ def _model(spec: ModelSpec) -> images_pb2.Model:
     )
 
 
-def _response(gen: Generation) -> images_pb2.ImagesResponse:
-    usage = gen.usage
-    response = images_pb2.ImagesResponse(
-        created=gen.created,
-        usage=images_pb2.Usage(
-            prompt_tokens=usage.input_tokens,
-            completion_tokens=usage.output_tokens,
-            total_tokens=usage.total_tokens,
-            input_tokens=usage.input_tokens,
-            input_tokens_details=images_pb2.InputTokensDetails(
-                text_tokens=usage.input_text_tokens, image_tokens=usage.input_image_tokens
-            ),
-            output_tokens=usage.output_tokens,
+def _usage(usage: TokenUsage) -> images_pb2.Usage:
+    return images_pb2.Usage(
+        prompt_tokens=usage.input_tokens,
+        completion_tokens=usage.output_tokens,
+        total_tokens=usage.total_tokens,
+        input_tokens=usage.input_tokens,
+        input_tokens_details=images_pb2.InputTokensDetails(
+            text_tokens=usage.input_text_tokens, image_tokens=usage.input_image_tokens
         ),
+        output_tokens=usage.output_tokens,
     )
+
+
+def _event(event: ImageEvent, prefix: str) -> images_pb2.ImageEvent:
+    message = images_pb2.ImageEvent(
+        type=f"{prefix}.completed" if event.completed else f"{prefix}.partial_image",
+        b64_json=event.data,
+        background=event.background,
+        created_at=event.created_at,
+        output_format=event.output_format,
+        quality=event.quality,
+        size=event.size,
+    )
+    if event.partial_image_index is not None:
+        message.partial_image_index = event.partial_image_index
+    if event.usage is not None:
+        message.usage.CopyFrom(_usage(event.usage))
+    return message
+
+
+def _response(gen: Generation) -> images_pb2.ImagesResponse:
+    response = images_pb2.ImagesResponse(created=gen.created, usage=_usage(gen.usage))
     for image in gen.images:
         item = response.data.add()
         if image.url is not None:

@@ -63,12 +63,14 @@ async def _serve_grpc(data_dir: Path) -> Served:
         str(port),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # A long heartbeat: the frozen process below must stay "alive" however slowly a
+        # loaded machine starts the others; the killed one is found dead by its pid.
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "IMAGEGATE_HEARTBEAT_INTERVAL_S": "60"},
     )
     assert proc.stdout
     output = b""
     try:
-        async with asyncio.timeout(30):
+        async with asyncio.timeout(90):
             while b"Ctrl-C stops" not in output:
                 line = await proc.stdout.readline()
                 assert line, f"serve-grpc exited early:\n{output.decode()}"
@@ -109,7 +111,7 @@ async def _held(db: Path, account: str) -> set[str]:
 
 
 async def _until_held(db: Path, account: str) -> set[str]:
-    async with asyncio.timeout(30):
+    async with asyncio.timeout(90):
         while True:
             # Polled: the holding happens in another process, with no event to await.
             if held := await _held(db, account):

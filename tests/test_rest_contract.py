@@ -374,11 +374,11 @@ PARAM_ERRORS = [
         openai.BadRequestError,
     ),
     (
-        {"model": "local", "prompt": PROMPT, "stream": True},
+        {"model": "local", "prompt": PROMPT, "partial_images": 2},
         400,
         "invalid_request_error",
         "invalid_value",
-        "stream",
+        "partial_images",
         openai.BadRequestError,
     ),
     (

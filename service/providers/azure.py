@@ -14,7 +14,8 @@ Option `api_version` picks the URL form:
 - `v1`: the version-less v1 API, `POST {endpoint}/openai/v1/images/generations`
   with the deployment name as `model` in the body.
 
-Bodies and replies are OpenAI's (openai_wire.py). Azure's refusals: a 400 whose
+Bodies and replies are OpenAI's (openai_wire.py), streaming included (gpt-image
+deployments stream a call of one image as OpenAI does). Azure's refusals: a 400 whose
 `inner_error.code` is `ResponsibleAIPolicyViolation` (or code `contentFilter` /
 `moderation_blocked`) is a safety refusal; 404 `DeploymentNotFound` is a
 misconfigured route (fails over); 401/403 mean our key was refused.
@@ -26,6 +27,8 @@ gpt-image or dall-e-2 model, or option `max_n` says otherwise.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 from urllib.parse import quote
 
 from service.providers import openai_wire as wire
@@ -35,7 +38,9 @@ from service.providers.base import (
     Provider,
     ProviderResult,
     ProviderSettings,
+    StreamEvent,
     UpstreamCall,
+    generated_events,
 )
 from service.providers.http import credential
 from service.providers.openai import option_max_n
@@ -67,20 +72,30 @@ class AzureOpenAIProvider:
         return wire.max_n_for(upstream_model, self._unknown_max_n)
 
     async def generate(self, call: UpstreamCall) -> ProviderResult:
+        url, body, params = self._request(call, wire.family(call))
+        return await self._upstream.generate(url, self._headers(call), body, call.n, params)
+
+    def stream(self, call: UpstreamCall) -> AsyncIterator[StreamEvent]:
         fam = wire.family(call)
-        headers = {
-            **self._auth,
-            **wire.request_id_header("x-ms-client-request-id", call.request_id),
-        }
+        if not wire.streams(fam, call):
+            return generated_events(self, call)
+        url, body, params = self._request(call, fam)
+        body = wire.stream_body(body, call)
+        return self._upstream.stream(url, self._headers(call), body, call.n, params)
+
+    def _headers(self, call: UpstreamCall) -> dict[str, str]:
+        return {**self._auth, **wire.request_id_header("x-ms-client-request-id", call.request_id)}
+
+    def _request(
+        self, call: UpstreamCall, fam: str
+    ) -> tuple[str, dict[str, Any], Mapping[str, str] | None]:
+        """URL, body and query of the call in the configured API version's form."""
         if self._api_version == V1:
             url = f"{self._endpoint}/openai/v1/images/generations"
-            body = wire.request_body(call, fam, model=call.upstream_model)
-            return await self._upstream.generate(url, headers, body, call.n)
+            return url, wire.request_body(call, fam, model=call.upstream_model), None
         deployment = quote(call.upstream_model, safe="")
         url = f"{self._endpoint}/openai/deployments/{deployment}/images/generations"
-        body = wire.request_body(call, fam, model=None)
-        params = {"api-version": self._api_version}
-        return await self._upstream.generate(url, headers, body, call.n, params)
+        return url, wire.request_body(call, fam, model=None), {"api-version": self._api_version}
 
     async def aclose(self) -> None:
         # The session and downloader belong to the registry.

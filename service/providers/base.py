@@ -4,7 +4,10 @@ One adapter per provider *kind* (openai, azure_openai, google, vertex, bedrock,
 stability, bfl, replicate, openai_compatible, local). A `[providers.ID]` table of
 the catalog becomes one ProviderSettings and one adapter instance; the
 dispatcher (dispatch.py) calls `generate` once per upstream call, after it has
-split `n` into calls of at most `max_n(upstream_model)` images.
+split `n` into calls of at most `max_n(upstream_model)` images. For a streamed
+request it calls `stream` instead where the adapter has one (StreamingProvider:
+upstreams that stream, and the local renderer's previews); for the others it
+wraps `generate`, so every model can be streamed.
 
 Adapters may import HTTP and vendor libraries (aiohttp, botocore, google-auth),
 never grpc. They raise only service.errors: ContentPolicy for a safety refusal,
@@ -14,9 +17,9 @@ rest (retryable or not).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 # Defined with the rest of the catalog's tables; re-exported for adapters.
 from service.catalog_settings import ProviderSettings as ProviderSettings
@@ -95,6 +98,47 @@ class Provider(Protocol):
     async def generate(self, call: UpstreamCall) -> ProviderResult: ...
 
     async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class PartialImage:
+    """A preview of the image being made, streamed before it (free for the caller)."""
+
+    data: bytes
+    content_type: str
+    # 0-based, in the order the previews come.
+    index: int
+
+
+@dataclass(frozen=True)
+class CompletedImage:
+    """One finished image of a streamed call, with the usage reported for it."""
+
+    image: GeneratedImage
+    # Where the upstream reports usage once per call, the call's first image carries it.
+    usage: TokenUsage = field(default_factory=TokenUsage)
+
+
+StreamEvent = PartialImage | CompletedImage
+
+
+@runtime_checkable
+class StreamingProvider(Provider, Protocol):
+    """A provider that can stream: optional; the dispatcher wraps `generate` for the rest."""
+
+    def stream(self, call: UpstreamCall) -> AsyncIterator[StreamEvent]:
+        """Previews (`call.request.partial_images` at most, none when call.n > 1), then
+        one CompletedImage per image as each is ready. One upstream call, as `generate`."""
+        ...
+
+
+async def generated_events(provider: Provider, call: UpstreamCall) -> AsyncIterator[StreamEvent]:
+    """`generate`'s one answer as completed events: the stream of a call whose upstream
+    does not stream (the dispatcher's default, and adapters' for such models)."""
+    result = await provider.generate(call)
+    for i, image in enumerate(result.images):
+        # The call's usage rides on its first image, so the events add up to it.
+        yield CompletedImage(image, result.usage if i == 0 else TokenUsage())
 
 
 class Downloader(Protocol):

@@ -14,17 +14,32 @@ For one validated request and its model's routes (in order of preference):
   breaker failure (the route answered).
 The images of the calls that succeeded are returned even if others failed; the
 error is raised only when every call failed. Domain code: no grpc, no HTTP.
+
+`stream()` runs the same policy for a streamed request and passes each call's
+events on as they come (previews, then each image). A call is retried or failed
+over only until it has passed an event on: after that the caller has seen its
+previews, so its error is final for it, and the images it did deliver count.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -32,11 +47,15 @@ from service.catalog import Route
 from service.catalog_settings import DispatchSettings, ProviderSettings
 from service.errors import ContentPolicy, UpstreamError, UpstreamRejected
 from service.providers.base import (
+    CompletedImage,
     GeneratedImage,
     Provider,
     ProviderResult,
+    StreamEvent,
+    StreamingProvider,
     TokenUsage,
     UpstreamCall,
+    generated_events,
 )
 from service.providers.observed import upstream_observed
 from service.requests import ImageRequest
@@ -66,6 +85,22 @@ class Dispatched:
     @property
     def images(self) -> list[GeneratedImage]:
         return [image for call in self.calls for image in call.images]
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """One event of a streamed dispatch, and the upstream call (attempt) that sent it."""
+
+    call: int
+    route: Route
+    event: StreamEvent
+
+
+@dataclass(frozen=True)
+class _Done:
+    """The end of a streamed dispatch: None, or the error that sums up its failures."""
+
+    error: Exception | None
 
 
 class BreakerState(enum.Enum):
@@ -131,6 +166,10 @@ class _Job:
     end: float
     # Whether `end` is the caller's deadline (rather than upstream_timeout_s).
     caller_bound: bool
+    # Streamed requests: where each call's events go as they come.
+    sink: Callable[[Streamed], None] | None = None
+    # Numbers the upstream calls (attempts) of a streamed request.
+    attempts: itertools.count[int] = field(default_factory=itertools.count)
 
 
 @dataclass
@@ -173,11 +212,57 @@ class Dispatcher:
         `deadline` is the caller's, as time.monotonic(); the whole dispatch also ends
         within upstream_timeout_s, so a held reservation always outlives it.
         """
+        return await self._run(self._job(request, routes, request_id, deadline))
+
+    async def stream(
+        self,
+        request: ImageRequest,
+        routes: Sequence[Route] | None = None,
+        *,
+        request_id: str = "",
+        deadline: float | None = None,
+    ) -> AsyncGenerator[Streamed, None]:
+        """The events of every call as they come; then, if no call delivered an image,
+        the error that sums up the failures. Closing the iterator cancels the calls."""
+        queue: asyncio.Queue[Streamed | _Done] = asyncio.Queue()
+        job = self._job(request, routes, request_id, deadline, sink=queue.put_nowait)
+        task = asyncio.ensure_future(self._finish(job, queue))
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, _Done):
+                    if item.error is not None:
+                        raise item.error
+                    return
+                yield item
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _finish(self, job: _Job, queue: asyncio.Queue[Streamed | _Done]) -> None:
+        try:
+            await self._run(job)
+        except Exception as exc:
+            queue.put_nowait(_Done(exc))
+        else:
+            queue.put_nowait(_Done(None))
+
+    def _job(
+        self,
+        request: ImageRequest,
+        routes: Sequence[Route] | None,
+        request_id: str,
+        deadline: float | None,
+        sink: Callable[[Streamed], None] | None = None,
+    ) -> _Job:
         end = self._clock() + self._upstream_timeout_s
         caller_bound = deadline is not None and deadline < end
         if deadline is not None:
             end = min(end, deadline)
-        job = _Job(request, routes or request.model.routes, request_id, end, caller_bound)
+        return _Job(request, routes or request.model.routes, request_id, end, caller_bound, sink)
+
+    async def _run(self, job: _Job) -> Dispatched:
+        request, request_id = job.request, job.request_id
         outcome = await self._serve(job, request.n, 0)
         if not outcome.results:
             raise _summary(outcome.errors, request.model.id)
@@ -238,6 +323,14 @@ class Dispatcher:
                 return merged
             try:
                 result = await self._attempts(job, route, provider, count)
+            except _AfterEvents as exc:
+                # The caller has seen this call's events: no other call takes its place.
+                delivered = exc.result.images
+                done = [CallResult(route, count, delivered, exc.result.usage)] if delivered else []
+                error = (
+                    _naming(exc.error, route) if isinstance(exc.error, UpstreamError) else exc.error
+                )
+                return _Outcome(done, [*errors, error])
             except FINAL as exc:
                 return _Outcome([], [*errors, exc])
             except UpstreamError as exc:
@@ -265,7 +358,15 @@ class Dispatcher:
             left = job.end - self._clock()
             error: UpstreamError
             try:
-                result = await self._once(provider, call, min(route_timeout, left))
+                result = await self._once(provider, call, min(route_timeout, left), job, route)
+            except _AfterEvents as exc:
+                if isinstance(exc.error, FINAL):
+                    breaker.success()
+                elif isinstance(exc.error, _TimedOut) and job.caller_bound and left < route_timeout:
+                    breaker.abandon()
+                else:
+                    breaker.failure(self._clock())
+                raise
             except FINAL:
                 breaker.success()  # the route answered; the request is what failed
                 raise
@@ -300,18 +401,32 @@ class Dispatcher:
             if not breaker.allow(self._clock()):
                 raise error
 
-    async def _once(self, provider: Provider, call: UpstreamCall, limit: float) -> ProviderResult:
+    async def _once(
+        self, provider: Provider, call: UpstreamCall, limit: float, job: _Job, route: Route
+    ) -> ProviderResult:
+        relay = None if job.sink is None else _Relay(job.sink, next(job.attempts), route)
         with upstream_observed(provider.id, call, timed_out=_TimedOut) as seen:
             try:
-                async with asyncio.timeout(max(limit, 0.0)):
-                    result = await provider.generate(call)
-            except TimeoutError:
-                raise _TimedOut(
-                    f"The upstream provider '{provider.id}' did not answer within {limit:.3g} s.",
-                    retryable=True,
-                ) from None
-            if not result.images:
-                raise UpstreamError(f"The upstream provider '{provider.id}' returned no images.")
+                try:
+                    async with asyncio.timeout(max(limit, 0.0)):
+                        if relay is None:
+                            result = await provider.generate(call)
+                        else:
+                            result = await relay.run(provider, call)
+                except TimeoutError:
+                    raise _TimedOut(
+                        f"The upstream provider '{provider.id}' did not answer within "
+                        f"{limit:.3g} s.",
+                        retryable=True,
+                    ) from None
+                if not result.images:
+                    raise UpstreamError(
+                        f"The upstream provider '{provider.id}' returned no images."
+                    )
+            except (UpstreamError, *FINAL) as exc:
+                if relay is not None and relay.sent:
+                    raise _AfterEvents(exc, relay.result()) from exc
+                raise
             seen.images = len(result.images[: call.n])
             return result
 
@@ -326,6 +441,58 @@ class Dispatcher:
 
 class _TimedOut(UpstreamError):
     """An attempt ran out of time (retryable: the route may answer faster next time)."""
+
+
+class _AfterEvents(Exception):
+    """A streamed call failed after passing events on: final for it, never retried."""
+
+    def __init__(self, error: Exception, result: ProviderResult) -> None:
+        super().__init__(*error.args)
+        self.error = error
+        # What it did deliver before failing.
+        self.result = result
+
+
+class _Relay:
+    """Passes one streamed call's events on as they come, and remembers what it passed."""
+
+    def __init__(self, sink: Callable[[Streamed], None], attempt: int, route: Route) -> None:
+        self._sink = sink
+        self._attempt = attempt
+        self._route = route
+        self.sent = False
+        self._images: list[GeneratedImage] = []
+        self._usage = TokenUsage()
+
+    async def run(self, provider: Provider, call: UpstreamCall) -> ProviderResult:
+        stream = events(provider, call)
+        try:
+            async for event in stream:
+                if isinstance(event, CompletedImage):
+                    if len(self._images) >= call.n:
+                        continue  # extra images are neither sent nor charged
+                    self._images.append(event.image)
+                    self._usage += event.usage
+                elif call.n > 1 or event.index >= call.request.partial_images:
+                    continue  # previews the caller did not ask for
+                self._sink(Streamed(self._attempt, self._route, event))
+                self.sent = True
+        finally:
+            # Stop the upstream stream now (cancelled, timed out) rather than when collected.
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        return self.result()
+
+    def result(self) -> ProviderResult:
+        return ProviderResult(list(self._images), self._usage)
+
+
+def events(provider: Provider, call: UpstreamCall) -> AsyncIterator[StreamEvent]:
+    """The provider's own stream, or its one `generate` answer as completed events."""
+    if isinstance(provider, StreamingProvider):
+        return provider.stream(call)
+    return generated_events(provider, call)
 
 
 def _naming(error: UpstreamError, route: Route) -> UpstreamError:

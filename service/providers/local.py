@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from service.providers.base import (
     AdapterDeps,
+    CompletedImage,
     GeneratedImage,
+    PartialImage,
     ProviderResult,
     ProviderSettings,
+    StreamEvent,
     UpstreamCall,
 )
-from service.providers.local_render import CONTENT_TYPES, render
+from service.providers.local_render import CONTENT_TYPES, render, render_partial
 
 OFFLINE_NOTE = "(Rendered offline by imagegate's local renderer.)"
 
@@ -43,32 +47,68 @@ class LocalProvider:
         return 10
 
     async def generate(self, call: UpstreamCall) -> ProviderResult:
-        request = call.request
         loop = asyncio.get_running_loop()
-        draw = partial(
-            render,
-            request.prompt,
-            request.width,
-            request.height,
-            output_format=request.output_format,
-            quality=request.quality,
-            background=request.background,
-            compression=request.output_compression,
-        )
+        draw = _drawing(call)
         # All n at once; if the caller gives up, gather cancels the ones not started.
         blobs = await asyncio.gather(
             *(loop.run_in_executor(self._pool, partial(draw, index=i)) for i in range(call.n))
         )
+        return ProviderResult(images=[_image(call, data) for data in blobs])
+
+    async def stream(self, call: UpstreamCall) -> AsyncIterator[StreamEvent]:
+        """Cheap previews first (the backdrop, coarse to fine), then each image as it is
+        drawn; previews only for a single image, as the dispatcher asks."""
+        request = call.request
+        loop = asyncio.get_running_loop()
         content_type = CONTENT_TYPES[request.output_format]
-        revised = revised_prompt(request.prompt)
-        return ProviderResult(
-            images=[GeneratedImage(data, content_type, revised) for data in blobs]
-        )
+        steps = request.partial_images if call.n == 1 else 0
+        for step in range(steps):
+            preview = partial(
+                render_partial,
+                request.prompt,
+                request.width,
+                request.height,
+                output_format=request.output_format,
+                background=request.background,
+                compression=request.output_compression,
+                step=step,
+                steps=steps,
+            )
+            yield PartialImage(await loop.run_in_executor(self._pool, preview), content_type, step)
+        draw = _drawing(call)
+        renders = [loop.run_in_executor(self._pool, partial(draw, index=i)) for i in range(call.n)]
+        try:
+            for done in asyncio.as_completed(renders):
+                yield CompletedImage(_image(call, await done))
+        finally:
+            for pending in renders:
+                pending.cancel()  # renders not started yet never start
 
     async def aclose(self) -> None:
         # Drop queued renders, and wait for running ones off the loop so
         # shutdown leaves no worker threads behind.
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
+
+
+def _drawing(call: UpstreamCall) -> partial[bytes]:
+    request = call.request
+    return partial(
+        render,
+        request.prompt,
+        request.width,
+        request.height,
+        output_format=request.output_format,
+        quality=request.quality,
+        background=request.background,
+        compression=request.output_compression,
+    )
+
+
+def _image(call: UpstreamCall, data: bytes) -> GeneratedImage:
+    request = call.request
+    return GeneratedImage(
+        data, CONTENT_TYPES[request.output_format], revised_prompt(request.prompt)
+    )
 
 
 def revised_prompt(prompt: str) -> str:

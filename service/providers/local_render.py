@@ -64,6 +64,33 @@ def render(
     return encode(image, output_format, compression)
 
 
+def render_partial(
+    prompt: str,
+    width: int,
+    height: int,
+    *,
+    output_format: str,
+    background: str | None,
+    compression: int | None,
+    step: int,
+    steps: int,
+    index: int = 0,
+) -> bytes:
+    """Preview `step` of `steps` of what render() draws for the same inputs: its backdrop,
+    without the caption, coarser the earlier the step (drawn small, blurred, upscaled)."""
+    transparent = background == "transparent"
+    palette = _palette(_digest("palette", prompt))
+    layout = random.Random(_digest("layout", prompt, index))
+    image = _backdrop(width, height, palette, layout, transparent)
+    # The last preview is 1/4 of the size, each earlier one half of the next.
+    factor = 2 ** (steps - step + 1)
+    small = image.resize((max(1, width // factor), max(1, height // factor)), Image.Resampling.BOX)
+    small = small.filter(ImageFilter.GaussianBlur(1.0))
+    return encode(
+        small.resize((width, height), Image.Resampling.BILINEAR), output_format, compression
+    )
+
+
 def encode(image: Image.Image, output_format: str, compression: int | None) -> bytes:
     """Encode with the settings render() uses (shared so benchmarks compare like for like)."""
     # Pillow's PNG and JPEG encoders hold the GIL when writing to a BytesIO but

@@ -19,12 +19,18 @@ dall-e-2/dall-e-3 and unknown models of compatible servers are asked for
 downloader (list the server's host in `download_hosts`). Each call carries
 `X-Client-Request-Id`, which OpenAI records with the request.
 
+A streamed request (`stream`) streams upstream for gpt-image calls of one image
+(OpenAI's `stream: true` with `partial_images`, events passed on as they come);
+other calls are `generate`'s answer as completed events.
+
 Option `max_n` (kind-specific key) overrides the images per call for models whose
 name shows no family (default: 10 for openai, 1 for openai_compatible, since
 many compatible servers ignore `n`).
 """
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
 
 from service.catalog_settings import CatalogError
 from service.providers import openai_wire as wire
@@ -33,7 +39,9 @@ from service.providers.base import (
     Provider,
     ProviderResult,
     ProviderSettings,
+    StreamEvent,
     UpstreamCall,
+    generated_events,
 )
 from service.providers.http import credential
 
@@ -65,8 +73,17 @@ class OpenAIProvider:
 
     async def generate(self, call: UpstreamCall) -> ProviderResult:
         body = wire.request_body(call, wire.family(call), model=call.upstream_model)
-        headers = {**self._auth, **wire.request_id_header("X-Client-Request-Id", call.request_id)}
-        return await self._upstream.generate(self._url, headers, body, call.n)
+        return await self._upstream.generate(self._url, self._headers(call), body, call.n)
+
+    def stream(self, call: UpstreamCall) -> AsyncIterator[StreamEvent]:
+        fam = wire.family(call)
+        if not wire.streams(fam, call):
+            return generated_events(self, call)
+        body = wire.stream_body(wire.request_body(call, fam, model=call.upstream_model), call)
+        return self._upstream.stream(self._url, self._headers(call), body, call.n)
+
+    def _headers(self, call: UpstreamCall) -> dict[str, str]:
+        return {**self._auth, **wire.request_id_header("X-Client-Request-Id", call.request_id)}
 
     async def aclose(self) -> None:
         # The session and downloader belong to the registry.

@@ -2,7 +2,9 @@
 
 One request body per model family, one reading of the reply (base64 images,
 URLs fetched through the safe downloader, `revised_prompt`, `usage`), and one
-mapping of OpenAI's and Azure's error bodies to domain errors.
+mapping of OpenAI's and Azure's error bodies to domain errors. gpt-image calls
+of one image can stream (`stream: true`): the reply is server-sent events,
+`image_generation.partial_image` previews then `image_generation.completed`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin
@@ -18,10 +20,14 @@ from urllib.parse import urljoin
 import aiohttp
 
 from service.errors import ContentPolicy, ImagegateError, UpstreamError, UpstreamRejected
+from service.providers import sse
 from service.providers.base import (
+    CompletedImage,
     Downloader,
     GeneratedImage,
+    PartialImage,
     ProviderResult,
+    StreamEvent,
     TokenUsage,
     UpstreamCall,
 )
@@ -121,6 +127,16 @@ def request_body(call: UpstreamCall, fam: str, model: str | None) -> dict[str, A
     return body
 
 
+def streams(fam: str, call: UpstreamCall) -> bool:
+    """Whether this call streams upstream: gpt-image models stream, one image at a time
+    (previews belong to a single image; several are asked for as one plain call)."""
+    return fam == GPT_IMAGE and call.n == 1
+
+
+def stream_body(body: Mapping[str, Any], call: UpstreamCall) -> dict[str, Any]:
+    return {**body, "stream": True, "partial_images": call.request.partial_images}
+
+
 def request_id_header(name: str, request_id: str) -> dict[str, str]:
     """`{name: request_id}` when the id is printable ASCII of an accepted length."""
     fits = 0 < len(request_id) <= MAX_REQUEST_ID
@@ -175,6 +191,75 @@ class Upstream:
         items, usage = await asyncio.to_thread(self._parse, raw, n)
         images = await self._images(items, url)
         return ProviderResult(images=images, usage=usage)
+
+    async def stream(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        body: Mapping[str, Any],
+        n: int,
+        params: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[StreamEvent]:
+        """One streaming POST: previews and images as the upstream sends them. A server
+        that answers with plain JSON instead is read as `generate` reads it."""
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        async with (
+            upstream_errors(self.provider_id),
+            self.http.post(
+                url,
+                json=body,
+                headers=headers,
+                params=params,
+                timeout=timeout,
+                allow_redirects=False,
+            ) as response,
+        ):
+            log.debug("provider %s answered HTTP %d", self.provider_id, response.status)
+            if response.status != 200:
+                raise refusal(
+                    self.provider_id,
+                    response.status,
+                    response.headers,
+                    await self._error_payload(response),
+                    self.secrets,
+                )
+            if response.content_type != "text/event-stream":
+                raw = await read_body(response, self.provider_id)
+                items, usage = await asyncio.to_thread(self._parse, raw, n)
+                for i, image in enumerate(await self._images(items, url)):
+                    yield CompletedImage(image, usage if i == 0 else TokenUsage())
+                return
+            async for block in sse.read_blocks(response, self.provider_id):
+                # Text, JSON and base64 of megabytes: off the event loop.
+                item = await asyncio.to_thread(self._event, block)
+                if item is not None:
+                    yield item
+
+    def _event(self, block: bytes) -> StreamEvent | None:
+        event = sse.parse(block)
+        if event is None:
+            return None
+        try:
+            payload = json.loads(event.data)
+        except ValueError:
+            raise self._bad("a stream event that is not JSON") from None
+        if not isinstance(payload, dict):
+            raise self._bad("a stream event that is not a JSON object")
+        kind = _text(payload.get("type")) or _text(event.event)
+        if kind == "error" or "error" in payload:
+            # {"error": {...}} as in a reply, or the error's fields at the top level.
+            error = payload if isinstance(payload.get("error"), dict) else {"error": payload}
+            raise refusal(self.provider_id, 200, {}, error, self.secrets)
+        if kind.endswith(".partial_image"):
+            data, content_type = decode_image_b64(payload.get("b64_json"), self.provider_id)
+            index = payload.get("partial_image_index")
+            index = index if isinstance(index, int) and not isinstance(index, bool) else 0
+            return PartialImage(data, content_type, index)
+        if kind.endswith(".completed"):
+            data, content_type = decode_image_b64(payload.get("b64_json"), self.provider_id)
+            image = GeneratedImage(data, content_type)
+            return CompletedImage(image, self._usage(payload.get("usage")))
+        return None  # an event this gateway has no use for
 
     async def _error_payload(self, response: aiohttp.ClientResponse) -> Any:
         try:

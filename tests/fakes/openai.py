@@ -6,7 +6,9 @@ One server answers three paths:
 - Azure, deployment form: `POST /openai/deployments/{deployment}/images/generations?api-version=`,
   header `api-key`;
 - Azure v1 form: `POST /openai/v1/images/generations`, the deployment as `model`.
-It also serves the images it hands out as URLs, under `/files/`.
+It also serves the images it hands out as URLs, under `/files/`. A gpt-image
+request with `stream: true` is answered with OpenAI's server-sent events
+(`partial_images` previews, then `image_generation.completed` with usage).
 
 Bodies are checked the way OpenAI checks them, per model family: `response_format`
 sent to a gpt-image model is a 400 `unknown_parameter`, as are fields the family
@@ -15,12 +17,13 @@ has no use for; dall-e-3 takes only n=1; sizes and qualities are the family's ow
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import itertools
 import json
 import re
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -153,6 +156,12 @@ class FakeOpenAI(FakeUpstream):
         self.relative_urls = False
         self.files: dict[str, bytes] = {}
         self._names = itertools.count()
+        # Streams: after the previews, None sends the completed event, "error" an error
+        # event, "cut" drops the connection.
+        self.stream_end: str | None = None
+        # When set, a stream waits for it before its completed event (shows that the
+        # previews reach the caller while the upstream is still working).
+        self.stream_gate: asyncio.Event | None = None
 
     @property
     def openai_base(self) -> str:
@@ -355,6 +364,8 @@ class FakeOpenAI(FakeUpstream):
                 item["content_filter_results"] = content_filter_results()
                 item["prompt_filter_results"] = content_filter_results()
             data.append(item)
+        if family == "gpt-image" and body.get("stream"):
+            return web.Response(body=self._events(body, fmt), content_type="text/event-stream")
         reply: dict[str, Any] = {"created": int(time.time()), "data": data}
         if family == "gpt-image":
             quality = body.get("quality", "auto")
@@ -366,6 +377,43 @@ class FakeOpenAI(FakeUpstream):
                 usage=self.usage_override or _usage(body["prompt"], OUTPUT_TOKENS[quality] * n),
             )
         return web.json_response(reply)
+
+    async def _events(self, body: dict[str, Any], fmt: str) -> AsyncIterator[bytes]:
+        """OpenAI's image stream: previews, then the completed image (or this fake's end)."""
+        quality = body.get("quality", "auto")
+        fields = {
+            "created_at": int(time.time()),
+            "size": body.get("size", "auto").replace("auto", "1024x1024"),
+            "quality": quality.replace("auto", "medium"),
+            "background": body.get("background", "auto").replace("auto", "opaque"),
+            "output_format": fmt,
+        }
+        for index in range(int(body.get("partial_images", 0))):
+            blob = image_bytes(FORMATS[fmt], seed=100 + index)
+            yield _sse(
+                "image_generation.partial_image",
+                b64_json=_b64(blob),
+                **fields,
+                partial_image_index=index,
+            )
+        if self.stream_gate is not None:
+            await self.stream_gate.wait()
+        if self.stream_end == "cut":
+            raise ConnectionResetError("the fake drops the stream")
+        if self.stream_end == "error":
+            yield _sse(
+                "error",
+                error={
+                    "message": "The server had an error while processing your request.",
+                    "type": "server_error",
+                    "param": None,
+                    "code": None,
+                },
+            )
+            return
+        usage = self.usage_override or _usage(body["prompt"], OUTPUT_TOKENS[quality])
+        blob = image_bytes(FORMATS[fmt], seed=1)
+        yield _sse("image_generation.completed", b64_json=_b64(blob), **fields, usage=usage)
 
     def _host(self, blob: bytes, fmt: str) -> str:
         name = f"img-{next(self._names)}.{fmt}"
@@ -382,6 +430,11 @@ class FakeOpenAI(FakeUpstream):
             raise web.HTTPNotFound()
         ctype = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
         return web.Response(body=self.files[name], content_type=ctype[name.rsplit(".", 1)[1]])
+
+
+def _sse(kind: str, **fields: Any) -> bytes:
+    data = json.dumps({"type": kind, **fields})
+    return f"event: {kind}\ndata: {data}\n\n".encode()
 
 
 def _b64(blob: bytes) -> str:

@@ -1,5 +1,6 @@
 from google.api import annotations_pb2 as _annotations_pb2
 from google.api import httpbody_pb2 as _httpbody_pb2
+from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -131,3 +132,27 @@ class GetImageRequest(_message.Message):
     expires: str
     signature: str
     def __init__(self, image_id: _Optional[str] = ..., expires: _Optional[str] = ..., signature: _Optional[str] = ...) -> None: ...
+
+class ImageEvent(_message.Message):
+    __slots__ = ("type", "b64_json", "partial_image_index", "background", "created_at", "output_format", "quality", "size", "usage", "error")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    B64_JSON_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_IMAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    b64_json: bytes
+    partial_image_index: int
+    background: str
+    created_at: int
+    output_format: str
+    quality: str
+    size: str
+    usage: Usage
+    error: _status_pb2.Status
+    def __init__(self, type: _Optional[str] = ..., b64_json: _Optional[bytes] = ..., partial_image_index: _Optional[int] = ..., background: _Optional[str] = ..., created_at: _Optional[int] = ..., output_format: _Optional[str] = ..., quality: _Optional[str] = ..., size: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...

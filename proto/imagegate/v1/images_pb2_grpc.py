@@ -40,6 +40,11 @@ class ImageServiceStub:
                 request_serializer=imagegate_dot_v1_dot_images__pb2.GenerateImagesRequest.SerializeToString,
                 response_deserializer=imagegate_dot_v1_dot_images__pb2.ImagesResponse.FromString,
                 _registered_method=True)
+        self.StreamImages = channel.unary_stream(
+                '/imagegate.v1.ImageService/StreamImages',
+                request_serializer=imagegate_dot_v1_dot_images__pb2.GenerateImagesRequest.SerializeToString,
+                response_deserializer=imagegate_dot_v1_dot_images__pb2.ImageEvent.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/imagegate.v1.ImageService/ListModels',
                 request_serializer=imagegate_dot_v1_dot_images__pb2.ListModelsRequest.SerializeToString,
@@ -62,6 +67,17 @@ class ImageServiceServicer:
 
     def GenerateImages(self, request, context):
         """POST /v1/images/generations: create images from a prompt.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamImages(self, request, context):
+        """POST /v1/images/generations with "stream": true: the images as they are made,
+        one message per event (partial images, then one completed event per image).
+        Both REST fronts serve it on the public path above, written as server-sent
+        events; the path below is internal (Envoy's Lua filter rewrites a streaming
+        request to it, and answers 404 to a client that calls it directly).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,6 +113,11 @@ def add_ImageServiceServicer_to_server(servicer, server):
                     servicer.GenerateImages,
                     request_deserializer=imagegate_dot_v1_dot_images__pb2.GenerateImagesRequest.FromString,
                     response_serializer=imagegate_dot_v1_dot_images__pb2.ImagesResponse.SerializeToString,
+            ),
+            'StreamImages': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamImages,
+                    request_deserializer=imagegate_dot_v1_dot_images__pb2.GenerateImagesRequest.FromString,
+                    response_serializer=imagegate_dot_v1_dot_images__pb2.ImageEvent.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -141,6 +162,33 @@ class ImageService:
             '/imagegate.v1.ImageService/GenerateImages',
             imagegate_dot_v1_dot_images__pb2.GenerateImagesRequest.SerializeToString,
             imagegate_dot_v1_dot_images__pb2.ImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/imagegate.v1.ImageService/StreamImages',
+            imagegate_dot_v1_dot_images__pb2.GenerateImagesRequest.SerializeToString,
+            imagegate_dot_v1_dot_images__pb2.ImageEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,43 @@
+// The official OpenAI Node SDK streaming images from imagegate: `node stream_images.mjs JOBS`,
+// JOBS a JSON list of {base_url, key, body}. Prints one JSON result per job:
+// {events: [{type, partial_image_index, size, png, bytes, usage}], error: null | {...}}.
+import OpenAI from "openai";
+
+const PNG = [0x89, 0x50, 0x4e, 0x47];
+
+async function run({ base_url, key, body }) {
+  const client = new OpenAI({ baseURL: `${base_url}/v1`, apiKey: key, maxRetries: 0 });
+  const events = [];
+  try {
+    const stream = await client.images.generate(body);
+    for await (const event of stream) {
+      const bytes = Buffer.from(event.b64_json, "base64");
+      events.push({
+        type: event.type,
+        partial_image_index: event.partial_image_index ?? null,
+        size: event.size,
+        png: PNG.every((b, i) => bytes[i] === b),
+        bytes: bytes.length,
+        usage: event.usage ?? null,
+      });
+    }
+    return { events, error: null };
+  } catch (err) {
+    return {
+      events,
+      error: {
+        name: err.constructor.name,
+        is_api_error: err instanceof OpenAI.APIError,
+        status: err.status ?? null,
+        message: err.message,
+        type: err.type ?? null,
+        code: err.code ?? null,
+      },
+    };
+  }
+}
+
+const jobs = JSON.parse(process.argv[2]);
+const results = [];
+for (const job of jobs) results.push(await run(job));
+process.stdout.write(JSON.stringify(results));
