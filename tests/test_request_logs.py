@@ -324,6 +324,35 @@ async def test_one_json_line_per_request_per_process_over_the_error_table(
             assert PROMPT not in line, line
 
 
+async def test_a_streamed_generation_is_one_line_per_process_too(lstack: Stack) -> None:
+    tenant = await make_tenant(lstack.service)
+    with captured() as capture:
+        reply = await call(
+            "POST",
+            lstack.fronts["aiohttp"] + "/v1/images/generations",
+            key=tenant.key,
+            json_body={
+                "model": "local",
+                "prompt": PROMPT,
+                "size": "256x256",
+                "n": 2,
+                "stream": True,
+                "partial_images": 1,
+            },
+            headers={"x-request-id": "log-stream"},
+        )
+    assert reply.status == 200 and reply.body.count(b"event: image_generation.completed") == 2
+    [front] = capture.objects("imagegate.access", "log-stream")
+    assert (front["status"], front["code"]) == (200, None)
+    [line] = capture.objects("imagegate.request", "log-stream")
+    assert (line["rpc"], line["status"], line["model"], line["n"], line["images"]) == (
+        "StreamImages", "OK", "local", 2, 2,
+    )  # fmt: skip
+    assert line["cost_micros"] == 2 * 1000 and line["account"] == tenant.account
+    everything = "\n".join(text for level, text in capture.lines if level >= logging.INFO)
+    assert PROMPT not in everything and not BASE64_RUN.search(everything)
+
+
 def test_text_format_for_a_terminal_keeps_the_fields() -> None:
     record = logging.LogRecord("imagegate.request", logging.INFO, "", 0, "%s %s", ("A", "OK"), None)
     record.fields = {"request_id": "r1", "model": "flux", "reason": None}
