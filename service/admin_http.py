@@ -96,6 +96,10 @@ async def start_admin(address: str, refresh: Refresh | None = None) -> web.AppRu
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        # Say which listener: the public ports are reported the same way.
+        raise OSError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
     except BaseException:
         await runner.cleanup()
         raise

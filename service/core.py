@@ -107,7 +107,8 @@ class ImageCore:
             or record.revoked_at is not None
         ):
             raise InvalidApiKey(keys.INVALID)
-        observe.current().key_id, observe.current().account = record.id, record.account_name
+        noted = observe.current()
+        noted.key_id, noted.account = record.id, record.account_name
         return Caller(record.id, record.account_id, record.account_name, record.models)
 
     def list_models(self, caller: Caller) -> list[ModelSpec]:

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 
 from service import keys
-from service.admin_http import multiprocess_metrics
+from service.admin_http import multiprocess_metrics, start_admin
 from service.store.base import Charge
 from tests.conftest import Stack, Tenant, make_tenant, sdk, store_for
 from tests.fakes.base import Fault
@@ -203,6 +203,13 @@ async def test_money_counters_follow_each_store_exactly_once(database_url: str) 
     assert delta(after, before, "imagegate_reserved_micros_total", **model_) == 6000
     assert delta(after, before, "imagegate_settled_micros_total", **model_) == 2500
     assert delta(after, before, "imagegate_released_micros_total", **model_) == 500 + 2000 + 1000
+
+
+async def test_a_metrics_port_in_use_is_named() -> None:
+    async with metrics_listener() as url:
+        taken = url.removeprefix("http://").removesuffix("/metrics")
+        with pytest.raises(OSError, match=f"cannot serve metrics on {taken}"):
+            await start_admin(taken)
 
 
 def test_admin_listener_address_parsing() -> None:
