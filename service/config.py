@@ -30,8 +30,12 @@ class Config:
     # loopback covers the aiohttp front and an Envoy on the same host.
     trusted_proxies: str = "127.0.0.0/8,::1/128"
     image_ttl_s: int = 3600
-    # Empty: generated once and kept in data_dir (set it when replicas share links).
+    # Empty: generated once and kept in data_dir (set it when replicas share links;
+    # required with an s3:// image store).
     url_secret: str = field(default="", repr=False)
+    # Where images live: empty = files under data_dir/images; s3://BUCKET/PREFIX = a
+    # bucket every replica shares (endpoint and credentials from the AWS_* variables).
+    image_store: str = ""
     # gRPC messages carry whole images: n=10 large PNGs need far more than 4 MB.
     max_message_bytes: int = 64 * MiB
     # Longest an upstream call may take; slow models need minutes.

@@ -301,6 +301,10 @@ class ImageCore:
     async def get_image(self, image_id: str, expires: str, signature: str) -> tuple[bytes, str]:
         return await self._images.get(image_id, expires, signature)
 
+    async def aclose(self) -> None:
+        """Close what the core owns: the image store's connections."""
+        await self._images.aclose()
+
     async def sweep(self) -> None:
         """Release reservations a crash left behind, and delete images past their links."""
         released = await self._store.release_expired(self._clock())

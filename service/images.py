@@ -1,10 +1,11 @@
-"""Images served by URL: files under the data dir, behind HMAC-signed expiring links."""
+"""Images served by URL: stored in an image backend, behind HMAC-signed expiring links."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import time
@@ -12,6 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from service.errors import ImageNotFound
+from service.imagestore.base import ImageBackend
+from service.imagestore.local import LocalFiles
 from service.private import create_private, private_dir
 
 ROUTE = "/v1/images/files/"
@@ -19,58 +22,63 @@ EXTENSIONS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
 CONTENT_TYPES = {ext: ctype for ctype, ext in EXTENSIONS.items()}
 # 24 random bytes, URL-safe: unguessable even without the signature.
 _ID_BYTES = 24
+log = logging.getLogger("imagegate.images")
 NOT_FOUND = "No such image, or its link has expired or was altered."
 
 
 class ImageStore:
+    """Image ids, signed expiring links, all-or-nothing writes; the bytes live in a
+    backend (service/imagestore/): a folder (a Path here) or an S3 bucket."""
+
     def __init__(
-        self, root: Path, secret: bytes, ttl_s: int, clock: Callable[[], float] = time.time
+        self,
+        backend: ImageBackend | Path,
+        secret: bytes,
+        ttl_s: int,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        self._root = root
+        self._backend = LocalFiles(backend) if isinstance(backend, Path) else backend
         self._secret = secret
         self.ttl_s = ttl_s
         self._clock = clock
 
     async def put(self, data: bytes, content_type: str) -> str:
-        image_id = f"{secrets.token_urlsafe(_ID_BYTES)}.{EXTENSIONS[content_type]}"
-        await asyncio.to_thread(self._write, image_id, data)
+        image_id = _new_id(content_type)
+        await self._backend.write(image_id, data, content_type)
         return image_id
 
     async def put_all(self, images: Sequence[tuple[bytes, str]]) -> list[str]:
-        """Store every image or none: if one write fails, those written are deleted."""
-        results = await asyncio.gather(
-            *(self.put(data, content_type) for data, content_type in images),
+        """Store every image or none: if one write fails, or the caller is cancelled,
+        every image of the call is deleted before this raises."""
+        ids = [_new_id(content_type) for _, content_type in images]
+        writes = asyncio.gather(
+            *(
+                self._backend.write(image_id, data, content_type)
+                for image_id, (data, content_type) in zip(ids, images, strict=True)
+            ),
             return_exceptions=True,
         )
-        ids = [r for r in results if isinstance(r, str)]
+        cancelled = False
+        while True:
+            try:
+                # The writes run on in their threads whatever happens to us: wait for
+                # them, so that what they wrote is deleted after, not left behind.
+                results = await asyncio.shield(writes)
+                break
+            except asyncio.CancelledError:
+                if writes.cancelled():
+                    raise
+                cancelled = True
         failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
-            await asyncio.to_thread(self._delete, ids)
+        if cancelled or failures:
+            try:
+                await self._backend.delete(ids)
+            except Exception:
+                log.warning("could not delete the images of a failed request; the sweep will")
+            if cancelled:
+                raise asyncio.CancelledError
             raise failures[0]
         return ids
-
-    def _write(self, image_id: str, data: bytes) -> None:
-        private_dir(self._root)
-        tmp = self._root / f".{image_id}.tmp"
-        fd = create_private(tmp)
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
-            # Rename so a concurrent GET never sees a half-written file.
-            tmp.replace(self._root / image_id)
-        except BaseException:
-            # A full disk leaves a partial file: delete it, which also frees the
-            # space the database needs to give the reservation back.
-            tmp.unlink(missing_ok=True)
-            raise
-
-    def _delete(self, image_ids: list[str]) -> None:
-        for image_id in image_ids:
-            (self._root / image_id).unlink(missing_ok=True)
 
     def signed_path(self, image_id: str) -> str:
         """The path and query of a link valid for ttl_s from now."""
@@ -91,25 +99,21 @@ class ImageStore:
         ext = image_id.rpartition(".")[2]
         if not valid or ext not in CONTENT_TYPES or "/" in image_id or image_id.startswith("."):
             raise ImageNotFound(NOT_FOUND)
-        try:
-            data = await asyncio.to_thread((self._root / image_id).read_bytes)
-        except FileNotFoundError:
-            raise ImageNotFound(NOT_FOUND) from None
+        data = await self._backend.read(image_id)
+        if data is None:
+            raise ImageNotFound(NOT_FOUND)
         return data, CONTENT_TYPES[ext]
 
     async def sweep(self) -> int:
         """Delete images older than the link lifetime: nobody can fetch them any more."""
-        return await asyncio.to_thread(self._sweep, self._clock() - self.ttl_s)
+        return await self._backend.delete_older_than(self._clock() - self.ttl_s)
 
-    def _sweep(self, cutoff: float) -> int:
-        removed = 0
-        if not self._root.is_dir():
-            return 0
-        for entry in os.scandir(self._root):
-            if entry.is_file() and entry.stat().st_mtime < cutoff:
-                Path(entry.path).unlink(missing_ok=True)
-                removed += 1
-        return removed
+    async def aclose(self) -> None:
+        await self._backend.aclose()
+
+
+def _new_id(content_type: str) -> str:
+    return f"{secrets.token_urlsafe(_ID_BYTES)}.{EXTENSIONS[content_type]}"
 
 
 def load_or_create_secret(path: Path) -> bytes:

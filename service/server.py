@@ -21,6 +21,7 @@ from service.config import Config
 from service.core import Caller, ImageCore
 from service.grpc_observe import Observer
 from service.images import ImageStore, load_or_create_secret
+from service.imagestore import is_s3, open_backend
 from service.instances import Liveness
 from service.lifecycle import SERVICE_NAME, InFlight, Readiness
 from service.links import DEFAULT_REST_URL, LinkBase, bind_address, parse_networks
@@ -102,6 +103,7 @@ class Service:
         await self.server.stop(grace)
         await self.liveness.retire()
         await self.registry.aclose()
+        await self.core.aclose()
         await self.store.close()
 
 
@@ -125,19 +127,24 @@ async def start_service(
     store = open_store(config)
     await store.open()
     liveness = Liveness(store, config.instance_stale_s)
+    env = os.environ if env is None else env
+    images: ImageStore | None = None
     try:
-        secret = config.url_secret.encode() or load_or_create_secret(config.data_dir / "url_secret")
-        registry = await build_registry(
-            catalog.providers, os.environ if env is None else env, kind_modules=kind_modules
-        )
+        secret = url_secret(config)
+        backend = await open_backend(config.image_store, config.data_dir / "images", env)
+        log.info("images kept in %r", backend)
+        images = ImageStore(backend, secret, config.image_ttl_s)
+        registry = await build_registry(catalog.providers, env, kind_modules=kind_modules)
     except BaseException:
+        if images is not None:
+            await images.aclose()
         await store.close()
         raise
     core = ImageCore(
         catalog=servable(catalog, registry),
         store=store,
         providers=registry.providers,
-        images=ImageStore(config.data_dir / "images", secret, config.image_ttl_s),
+        images=images,
         default_model=config.default_model,
         upstream_timeout_s=config.upstream_timeout_s,
         reservation_ttl_s=config.reservation_ttl_s,
@@ -159,6 +166,7 @@ async def start_service(
         with contextlib.suppress(Exception):
             await liveness.retire()
         await registry.aclose()
+        await images.aclose()
         await store.close()
         raise
     service = Service(
@@ -168,6 +176,21 @@ async def start_service(
     service._tasks.append(asyncio.create_task(_beat_forever(service, config.heartbeat_interval_s)))
     log.info("ImageService listening on %s:%d", config.host, bound)
     return service
+
+
+def url_secret(config: Config) -> bytes:
+    """The key that signs image links. Replicas that serve each other's links must
+    share it: an S3 image store without a configured one is refused, since each
+    replica would otherwise make its own and refuse the others' links."""
+    if config.url_secret:
+        return config.url_secret.encode()
+    if is_s3(config.image_store):
+        raise ValueError(
+            "IMAGEGATE_IMAGE_STORE is an s3:// bucket shared by replicas: set "
+            "IMAGEGATE_URL_SECRET too, the same on every replica (e.g. `openssl rand -hex 32`), "
+            "so that a link signed by one replica is served by all"
+        )
+    return load_or_create_secret(config.data_dir / "url_secret")
 
 
 async def create_server(

@@ -24,6 +24,7 @@ from service.providers.registry import KIND_MODULES
 from service.server import Service, message_size_options, start_service
 from service.store.base import Store
 from service.store.sqlite import SqliteStore
+from tests.s3_server import MotoServer, S3Bucket
 
 _names = itertools.count()
 # Servers that tests start as subprocesses (they inherit this) serve /metrics on a free
@@ -212,3 +213,17 @@ def store_for(url: str, clock: Callable[[], float] = time.time) -> Store:
     from service.store.postgres import PostgresStore
 
     return PostgresStore(url, clock=clock)
+
+
+@pytest.fixture(scope="session")
+async def s3_server() -> AsyncIterator[MotoServer]:
+    """A real S3-compatible server (moto's server mode) on loopback, for the session."""
+    server = await MotoServer.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def s3_bucket(s3_server: MotoServer) -> S3Bucket:
+    """An empty bucket of this test's own."""
+    return await s3_server.create_bucket()

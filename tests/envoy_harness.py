@@ -131,6 +131,12 @@ class EnvoyFront:
         config = patched_config(
             grpc_port, source=source, grpc_host=grpc_host, route_timeout_s=route_timeout_s
         )
+        return await cls.from_config(config, concurrency=concurrency)
+
+    @classmethod
+    async def from_config(cls, config: dict[str, Any], *, concurrency: int = 1) -> EnvoyFront:
+        """Envoy on a whole config of the caller's (e.g. with a cluster of several
+        endpoints), from the repository root; returns once it is ready."""
         front = _launch(config, concurrency)
         try:
             await front._wait_ready()

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from imagegate.v1 import images_pb2, images_pb2_grpc
 
-from service import images
+from service.imagestore import local
 from tests.conftest import Stack, balance, make_tenant
 from tests.rest import assert_error, call
 
@@ -59,7 +59,7 @@ async def test_rest(
 ) -> None:
     tenant = await make_tenant(stack.service)
     disk = FullDisk(room)
-    monkeypatch.setattr(images, "os", disk)
+    monkeypatch.setattr(local, "os", disk)
     reply = await call("POST", f"{base_url}/v1/images/generations", key=tenant.key, json_body=BODY)
     assert_error(reply, 500, "server_error", None)
     assert disk.failed
@@ -73,7 +73,7 @@ async def test_grpc(
     image_dir: set[str],
 ) -> None:
     tenant = await make_tenant(stack.service)
-    monkeypatch.setattr(images, "os", FullDisk(1))
+    monkeypatch.setattr(local, "os", FullDisk(1))
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await grpc_stub.GenerateImages(
             images_pb2.GenerateImagesRequest(**BODY),

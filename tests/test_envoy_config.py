@@ -1,5 +1,5 @@
-"""The Envoy front: envoy.yaml validates, docker-compose matches it, and a running
-Envoy answers every error-table row exactly as gateway/errors.py says.
+"""The Envoy front: envoy.yaml validates, docker-compose.yml runs it over two replicas,
+and a running Envoy answers every error-table row exactly as gateway/errors.py says.
 
 The gRPC side is a small in-test ImageService that fails on demand the way
 service/grpc_errors.py does (rich status + imagegate-* trailing metadata), so
@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import grpc
@@ -39,6 +40,7 @@ from gateway import errors, json_text
 from gateway.config import GatewayConfig
 from gateway.server import bound_port, start_gateway
 from service.config import Config
+from tests import compose
 from tests.conftest import FRONTS
 from tests.envoy_harness import ENVOY_YAML, REPO, EnvoyFront, envoy_front, patched_config, validate
 
@@ -349,14 +351,22 @@ def test_harness_moves_only_addresses() -> None:
     assert patched == original
 
 
-COMPOSE = REPO / "docker-compose.yml"
+# --- docker-compose.yml (tests/compose.py reads it as compose does) -------------------
+
 DOCKERFILE = REPO / "Dockerfile"
+# Compose waits for these before it starts what depends on them.
+HEALTHY, DONE = "service_healthy", "service_completed_successfully"
 
 
 def test_compose_references_files_that_exist() -> None:
-    compose = load(COMPOSE)
-    services = compose["services"]
-    assert (REPO / services["imagegate"]["build"] / "Dockerfile").is_file()
+    services = compose.services()
+    for name in compose.OWN_IMAGE:
+        # One image, built from the Dockerfile, for every imagegate container.
+        assert services[name]["image"] == "imagegate:local", name
+        assert (REPO / services[name]["build"] / "Dockerfile").is_file()
+    for name, service in services.items():
+        image = service["image"]
+        assert ":" in image and not image.endswith(":latest"), (name, image)
     envoy = services["envoy"]
     workdir = Path(envoy["working_dir"])
     mounts = {}
@@ -370,66 +380,150 @@ def test_compose_references_files_that_exist() -> None:
     descriptor = transcoder(load(ENVOY_YAML))["proto_descriptor"]
     assert mounts[workdir / descriptor] == (REPO / descriptor).resolve()
     assert "envoy.yaml" in envoy["command"][-1]
-    for line in DOCKERFILE.read_text().splitlines():
+    dockerfile = DOCKERFILE.read_text()
+    for line in dockerfile.splitlines():
         if line.startswith("COPY "):
             for source in line.split()[1:-1]:
                 assert (REPO / source).exists(), f"Dockerfile copies missing {source}"
+    # The image has the drivers compose uses: PostgreSQL, and botocore for S3.
+    [install] = re.findall(r"pip install '\.\[([\w,]+)\]'", dockerfile)
+    assert {"postgres", "s3"} <= set(install.split(","))
+
+
+def test_compose_starts_each_service_after_what_it_needs() -> None:
+    services = compose.services()
+    assert set(services) == {
+        "postgres",
+        "redis",
+        "minio",
+        "create-bucket",
+        "migrate",
+        *compose.REPLICAS,
+        "envoy",
+    }
+    for name in compose.REPLICAS:
+        assert services[name]["depends_on"] == {
+            "migrate": {"condition": DONE},
+            "create-bucket": {"condition": DONE},
+            "postgres": {"condition": HEALTHY},
+            "redis": {"condition": HEALTHY},
+            "minio": {"condition": HEALTHY},
+        }
+    assert services["migrate"]["depends_on"] == {"postgres": {"condition": HEALTHY}}
+    assert services["migrate"]["command"] == ["imagegate", "migrate"]
+    assert services["create-bucket"]["depends_on"] == {"minio": {"condition": HEALTHY}}
+    assert services["envoy"]["depends_on"] == {r: {"condition": HEALTHY} for r in compose.REPLICAS}
+    for name, service in services.items():
+        for needed, how in service.get("depends_on", {}).items():
+            if how["condition"] == HEALTHY:
+                assert services[needed]["healthcheck"]["test"], needed
+            else:  # a one-shot: runs once, is never restarted
+                assert how["condition"] == DONE
+                assert services[needed]["restart"] == "no" and "healthcheck" not in services[needed]
+        if name not in ("migrate", "create-bucket"):
+            assert service["restart"] == "unless-stopped", name
+    for name in compose.REPLICAS:
+        assert services[name]["command"][:2] == ["imagegate", "serve-grpc"]
+
+
+def test_compose_replicas_share_one_ledger_one_bucket_one_secret() -> None:
+    host = {"IMAGEGATE_URL_SECRET": "s" * 64}
+    first, second = (compose.environment(name, host) for name in compose.REPLICAS)
+    assert first == second
+    services = compose.services()
+    postgres = services["postgres"]["environment"]
+    database = urlsplit(first["IMAGEGATE_DATABASE_URL"])
+    assert (database.scheme, database.hostname, database.port) == ("postgresql", "postgres", 5432)
+    assert (database.username, database.password, database.path) == (
+        postgres["POSTGRES_USER"],
+        postgres["POSTGRES_PASSWORD"],
+        "/" + postgres["POSTGRES_DB"],
+    )
+    assert compose.environment("migrate", {}) == {
+        "IMAGEGATE_DATABASE_URL": first["IMAGEGATE_DATABASE_URL"]
+    }
+    # The S3 client: the standard AWS variables, MinIO's root user as credentials.
+    minio = services["minio"]["environment"]
+    assert first["IMAGEGATE_IMAGE_STORE"].startswith("s3://")
+    assert first["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert (first["AWS_ACCESS_KEY_ID"], first["AWS_SECRET_ACCESS_KEY"]) == (
+        minio["MINIO_ROOT_USER"],
+        minio["MINIO_ROOT_PASSWORD"],
+    )
+    s3 = {k: v for k, v in first.items() if k.startswith("AWS_") or k == "IMAGEGATE_IMAGE_STORE"}
+    assert compose.environment("create-bucket", {}) == s3
+    assert first["IMAGEGATE_REDIS_URL"] == "redis://redis:6379/0"
+    # Without a signing key compose refuses to start (a replica would refuse too).
+    assert first["IMAGEGATE_URL_SECRET"] == host["IMAGEGATE_URL_SECRET"]
+    with pytest.raises(compose.MissingVariable, match="IMAGEGATE_URL_SECRET"):
+        compose.environment("imagegate-1", {})
+    # Image links point at Envoy's published port, whichever replica signed them.
+    assert first["IMAGEGATE_PUBLIC_URL"] == "http://127.0.0.1:10000"
+    assert (
+        compose.environment("imagegate-1", {**host, "IMAGEGATE_PUBLIC_URL": "https://x.example"})[
+            "IMAGEGATE_PUBLIC_URL"
+        ]
+        == "https://x.example"
+    )
+    # Every IMAGEGATE_* variable set is one imagegate reads. IMAGEGATE_REDIS_URL is
+    # read by the per-key limits (branch `limits`, not yet on main when this was written).
+    known = {f"IMAGEGATE_{n.upper()}" for n in (*Config().__dict__, *GatewayConfig().__dict__)}
+    known.add("IMAGEGATE_REDIS_URL")
+    dockerfile = dict(re.findall(r"(IMAGEGATE_\w+)=(\S+)", DOCKERFILE.read_text()))
+    settings = {k for k in first if k.startswith("IMAGEGATE_")} | set(dockerfile)
+    assert settings <= known, settings - known
+    assert dockerfile["IMAGEGATE_HOST"] == "0.0.0.0"
 
 
 def test_compose_ports_match_configs() -> None:
-    compose = load(COMPOSE)
-    imagegate, envoy = compose["services"]["imagegate"], compose["services"]["envoy"]
-    envoy_addresses = addresses(load(ENVOY_YAML))
-    grpc_port, rest_port = Config().grpc_port, GatewayConfig().rest_port
-    assert (grpc_port, rest_port, envoy_addresses["listener"][1]) == (50051, 8080, 10000)
-    # Envoy shares imagegate's network namespace: its cluster address is the service's port.
-    assert envoy["network_mode"] == "service:imagegate"
-    assert envoy_addresses["cluster"] == ("127.0.0.1", grpc_port)
-    assert envoy_addresses["admin"] == ("127.0.0.1", 9901)
-    published = {int(p.rsplit(":", 1)[1]): int(p.rsplit(":", 2)[1]) for p in imagegate["ports"]}
-    assert published == {grpc_port: grpc_port, rest_port: rest_port, 10000: 10000}
-    assert "ports" not in envoy  # published on the namespace's owner
-    assert f"127.0.0.1:{grpc_port}" in " ".join(imagegate["healthcheck"]["test"])
+    services = compose.services()
+    grpc_port, listener = Config().grpc_port, addresses(load(ENVOY_YAML))["listener"]
+    assert (grpc_port, listener) == (50051, ("127.0.0.1", 10000))
+    # Only Envoy is published, on the host's loopback; the rest talk on compose's network.
+    published = {name: s["ports"] for name, s in services.items() if "ports" in s}
+    assert published == {"envoy": ["127.0.0.1:10000:10000"]}
+    assert compose.cluster_endpoints(compose.envoy_config()) == [
+        {"address": name, "port_value": grpc_port} for name in compose.REPLICAS
+    ]
+    for name in compose.REPLICAS:
+        assert f"127.0.0.1:{grpc_port}" in " ".join(services[name]["healthcheck"]["test"])
     dockerfile = DOCKERFILE.read_text()
     assert re.search(r"^EXPOSE .*\b50051\b", dockerfile, re.M)
-    assert re.search(r"^EXPOSE .*\b8080\b", dockerfile, re.M)
     assert re.search(r"^FROM python:3\.11-slim$", dockerfile, re.M)
-    assert 'CMD ["imagegate", "serve", "--data-dir", "/data"]' in dockerfile
-    # Every IMAGEGATE_* variable set is one the configs read, and binds all interfaces.
-    settings = dict(re.findall(r"(IMAGEGATE_\w+)=(\S+)", dockerfile)) | imagegate["environment"]
-    known = {f"IMAGEGATE_{n.upper()}" for n in (*Config().__dict__, *GatewayConfig().__dict__)}
-    assert set(settings) <= known, set(settings) - known
-    assert settings["IMAGEGATE_HOST"] == "0.0.0.0"
 
 
-def test_compose_listener_rewrite_gives_a_valid_config(tmp_path: Path) -> None:
-    envoy = load(COMPOSE)["services"]["envoy"]
-    assert "$$LISTENER_REWRITE" in envoy["command"][-1]
-    rewritten = subprocess.run(
-        ["sed", "-e", envoy["environment"]["LISTENER_REWRITE"], str(ENVOY_YAML)],
+def test_compose_envoy_config_is_envoy_yaml_with_both_replicas(tmp_path: Path) -> None:
+    envoy = compose.services()["envoy"]
+    assert 'sed -e "$$ENVOY_REWRITE" envoy.yaml' in envoy["command"][-1]
+    text = subprocess.run(
+        ["sed", "-e", compose.envoy_rewrite(), "envoy.yaml"],
+        cwd=REPO,
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    changed = [
-        (a, b)
-        for a, b in zip(ENVOY_YAML.read_text().splitlines(), rewritten.splitlines(), strict=True)
-        if a != b
-    ]
-    assert len(changed) == 1, changed
     config_path = tmp_path / "envoy.yaml"
-    config_path.write_text(rewritten)
-    assert addresses(load(config_path)) == {
-        "listener": ("0.0.0.0", 10000),
-        "admin": ("127.0.0.1", 9901),
-        "cluster": ("127.0.0.1", 50051),
-    }
+    config_path.write_text(text)
     result = validate(config_path)
     assert result.returncode == 0, result.stdout + result.stderr
+    config, original = load(config_path), load(ENVOY_YAML)
+    [listener] = config["static_resources"]["listeners"]
+    assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 10000}
+    assert config["admin"]["address"] == original["admin"]["address"]  # private to Envoy
+    [cluster] = config["static_resources"]["clusters"]
+    # Found by name through compose's DNS; round robin over both (Envoy's default).
+    assert cluster["type"] == "STRICT_DNS" and "lb_policy" not in cluster
+    # Nothing else differs from what `make envoy` and the tests run.
+    [listener["address"], original["static_resources"]["listeners"][0]["address"]] = [{}, {}]
+    [original_cluster] = original["static_resources"]["clusters"]
+    for c in (cluster, original_cluster):
+        c.pop("type")
+        c["load_assignment"]["endpoints"] = []
+    assert config == original
 
 
 async def test_compose_healthcheck_probes_image_service() -> None:
-    probe = load(COMPOSE)["services"]["imagegate"]["healthcheck"]["test"]
+    probe = compose.services()["imagegate-1"]["healthcheck"]["test"]
     assert probe[:3] == ["CMD", "python", "-c"]
     server = grpc.aio.server()
     servicer = health.aio.HealthServicer()

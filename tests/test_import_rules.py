@@ -18,7 +18,8 @@ GRPC_EDGE = {
     "admin_http.py",
 }
 GRPC = ("grpc", "grpc_status", "grpc_health", "grpc_reflection", "imagegate", "gateway")
-# Provider adapters may use HTTP and vendor libraries (aiohttp, botocore, google-auth)...
+# Provider adapters and image backends may use HTTP and vendor libraries (aiohttp,
+# botocore, google-auth)...
 FORBIDDEN_IN_ADAPTERS = (*GRPC, "google.protobuf", "google.rpc", "google.api")
 # ...the rest of the domain core none of them.
 FORBIDDEN_IN_CORE = (
@@ -32,6 +33,7 @@ FORBIDDEN_IN_CORE = (
     "replicate",
 )
 ADAPTERS = ROOT / "service" / "providers"
+IMAGE_BACKENDS = ROOT / "service" / "imagestore"
 
 
 def _imports(path: Path) -> set[str]:
@@ -63,7 +65,7 @@ def test_domain_core_imports_no_grpc_generated_code_or_vendor_sdk() -> None:
     core = [
         p
         for p in (ROOT / "service").rglob("*.py")
-        if p.name not in GRPC_EDGE and ADAPTERS not in p.parents
+        if p.name not in GRPC_EDGE and not {ADAPTERS, IMAGE_BACKENDS} & set(p.parents)
     ]
     assert any(p.name == "core.py" for p in core)
     for path in core:
@@ -71,9 +73,9 @@ def test_domain_core_imports_no_grpc_generated_code_or_vendor_sdk() -> None:
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 
-def test_provider_adapters_import_no_grpc() -> None:
-    adapters = list(ADAPTERS.rglob("*.py"))
-    assert any(p.name == "http.py" for p in adapters)
+def test_provider_adapters_and_image_backends_import_no_grpc() -> None:
+    adapters = [*ADAPTERS.rglob("*.py"), *IMAGE_BACKENDS.rglob("*.py")]
+    assert {"http.py", "s3.py"} <= {p.name for p in adapters}
     for path in adapters:
         bad = {n for n in _imports(path) if _forbidden(n, FORBIDDEN_IN_ADAPTERS)}
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
@@ -83,6 +85,7 @@ def test_checker_sees_imports() -> None:
     # Guard against a checker that silently finds nothing.
     assert "grpc" in _imports(ROOT / "service" / "servicer.py")
     assert "aiohttp" in _imports(ADAPTERS / "http.py")
+    assert "botocore.session" in _imports(IMAGE_BACKENDS / "s3.py")
     assert _forbidden("grpc.aio", FORBIDDEN_IN_ADAPTERS)
     assert _forbidden("google.auth", FORBIDDEN_IN_CORE)
     assert not _forbidden("google.auth", FORBIDDEN_IN_ADAPTERS)

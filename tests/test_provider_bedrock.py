@@ -18,6 +18,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials, RefreshableCredentials
 from yarl import URL
 
+from service import awslog
 from service.errors import ContentPolicy, UpstreamError, UpstreamRejected
 from service.providers import bedrock
 from service.providers.base import AdapterDeps, MissingCredentials, ProviderSettings
@@ -296,7 +297,7 @@ async def test_botocore_signing_log_never_shows_the_session_token(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     signing_log = logging.getLogger("botocore.auth")
-    ours = [f for f in signing_log.filters if isinstance(f, bedrock._NoSigningDebug)]
+    ours = [f for f in signing_log.filters if isinstance(f, awslog.NoSigningDebug)]
     for f in ours:
         signing_log.removeFilter(f)
     try:

@@ -36,6 +36,7 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
+from service.awslog import quiet_signing_log
 from service.errors import ContentPolicy, ImagegateError, UpstreamError, UpstreamRejected
 from service.providers.base import (
     AdapterDeps,
@@ -182,7 +183,7 @@ def create(settings: ProviderSettings, deps: AdapterDeps) -> BedrockImages:
         raise MissingCredentials(
             "botocore is not installed (pip install 'imagegate[bedrock]')"
         ) from None
-    _quiet_signing_log()
+    quiet_signing_log()
     region = (
         settings.options.get("region")
         or deps.env.get("AWS_REGION")
@@ -204,19 +205,6 @@ def create(settings: ProviderSettings, deps: AdapterDeps) -> BedrockImages:
             "SSO, or a container or instance role)"
         )
     return BedrockImages(settings, deps, credentials, region)
-
-
-class _NoSigningDebug(logging.Filter):
-    """botocore's signer logs the canonical request, session token included, at DEBUG."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno > logging.DEBUG
-
-
-def _quiet_signing_log() -> None:
-    logger = logging.getLogger("botocore.auth")
-    if not any(isinstance(f, _NoSigningDebug) for f in logger.filters):
-        logger.addFilter(_NoSigningDebug())
 
 
 def _family_of(model: str) -> str:
