@@ -43,6 +43,8 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.router.add_get("/v1/models", list_models, allow_head=False)
     app.router.add_get("/v1/models/{model}", get_model, allow_head=False)
     app.router.add_get("/v1/images/files/{image_id}", get_image, allow_head=False)
+    app.router.add_get("/v1/balance", get_balance, allow_head=False)
+    app.router.add_get("/v1/usage", list_usage, allow_head=False)
     return app
 
 
@@ -96,6 +98,26 @@ async def get_image(request: web.Request) -> web.Response:
         message, **_call_options(request)
     )
     return web.Response(body=body.data, headers={"Content-Type": body.content_type})
+
+
+async def get_balance(request: web.Request) -> web.Response:
+    reply = await request.app[STUB].GetBalance(
+        images_pb2.GetBalanceRequest(), **_call_options(request)
+    )
+    return _json(reply)
+
+
+async def list_usage(request: web.Request) -> web.Response:
+    message = images_pb2.ListUsageRequest(
+        limit=_query(request, "limit"), after=_query(request, "after")
+    )
+    reply = await request.app[STUB].ListUsage(message, **_call_options(request))
+    return _json(reply)
+
+
+def _query(request: web.Request, name: str) -> str:
+    """The last of repeated parameters, as Envoy's transcoder binds them."""
+    return request.query.getall(name, [""])[-1]
 
 
 def _call_options(request: web.Request) -> dict[str, object]:

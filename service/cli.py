@@ -28,7 +28,14 @@ from service.links import url_host
 from service.money import credit_micros, format_usd, usd_to_micros
 from service.providers.registry import ProviderStatus, build_registry
 from service.server import Service, open_store, start_service
-from service.store.base import AccountExists, Store, StoreError, UnknownAccount
+from service.store.base import (
+    AccountExists,
+    KeyLimits,
+    Store,
+    StoreError,
+    UnknownAccount,
+    UnknownCursor,
+)
 
 log = logging.getLogger("imagegate.cli")
 DEMO_ACCOUNT = "demo"
@@ -40,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         logs.setup(args.log_level, Config.from_env(log_format=args.log_format).log_format)
         return int(asyncio.run(args.func(args)) or 0)
-    except (UnknownAccount, AccountExists, StoreError, ValueError) as exc:
+    except (UnknownAccount, UnknownCursor, AccountExists, StoreError, ValueError) as exc:
         print(f"imagegate: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # e.g. a port in use: say so, without a traceback
@@ -119,6 +126,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("account")
     p.add_argument("--models", help="comma-separated model ids this key may use (default: all)")
     p.add_argument("--name", default="", help="a label to recognise the key by")
+    _limit_flags(p)
+    p = _command(
+        keys_cmd,
+        "limits",
+        _keys_limits,
+        "Show a key's limits, or change some: N (0 for none) or 'default' for the "
+        "IMAGEGATE_LIMIT_* default.",
+        store=True,
+    )
+    p.add_argument("key_id")
+    _limit_flags(p)
     p = _command(
         keys_cmd,
         "list",
@@ -144,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("account")
     p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--after", help="a usage record id: only older records (paging)")
     p.add_argument("--json", action="store_true")
 
     _command(
@@ -154,6 +173,48 @@ def _parser() -> argparse.ArgumentParser:
         store=True,
     )
     return parser
+
+
+LIMIT_FLAGS = {
+    "rpm": "requests per minute",
+    "ipm": "images per minute",
+    "concurrency": "requests in flight at once",
+    "max_n": "images per request",
+}
+
+
+def _limit_flags(p: argparse.ArgumentParser) -> None:
+    for name, what in LIMIT_FLAGS.items():
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=_limit_value,
+            metavar="N",
+            help=f"{what}: N, 0 for no limit, 'default' for IMAGEGATE_LIMIT_{name.upper()}",
+        )
+
+
+class _Default:
+    """`--rpm default`: back to the configured default (NULL in the store)."""
+
+
+DEFAULT = _Default()
+
+
+def _limit_value(text: str) -> int | _Default:
+    if text == "default":
+        return DEFAULT
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not a whole number or 'default': {text!r}")
+    return int(text)
+
+
+def _limit_changes(args: argparse.Namespace) -> dict[str, int | None]:
+    changes: dict[str, int | None] = {}
+    for name in LIMIT_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = None if value is DEFAULT else value
+    return changes
 
 
 def _store_flags(p: argparse.ArgumentParser) -> None:
@@ -403,9 +464,10 @@ async def _credit_add(args: argparse.Namespace) -> int:
 async def _keys_create(args: argparse.Namespace) -> int:
     models = tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None
     key = keys.new_key()
+    limits = KeyLimits(**_limit_changes(args))
     async with _store(args) as store:
         record = await store.create_key(
-            args.account, keys.hash_key(key), keys.display_prefix(key), args.name, models
+            args.account, keys.hash_key(key), keys.display_prefix(key), args.name, models, limits
         )
     print(
         f"created {record.id} for {record.account_name}"
@@ -415,16 +477,38 @@ async def _keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _keys_limits(args: argparse.Namespace) -> int:
+    async with _store(args) as store:
+        record = await store.set_key_limits(args.key_id, _limit_changes(args))
+    if record is None:
+        print(f"imagegate: no key {args.key_id}", file=sys.stderr)
+        return 1
+    print(f"{record.id}: {_limits_text(record.limits)}")
+    return 0
+
+
+def _limits_text(limits: KeyLimits) -> str:
+    """rpm=10 ipm=default ...; 0 shows as 'none'."""
+    values = {name: getattr(limits, name) for name in LIMIT_FLAGS}
+    return " ".join(
+        f"{name}={'default' if v is None else 'none' if v == 0 else v}"
+        for name, v in values.items()
+    )
+
+
 async def _keys_list(args: argparse.Namespace) -> int:
     async with _store(args) as store:
         if await store.get_account(args.account) is None:
             raise UnknownAccount(f"no account named {args.account!r}")
         records = await store.list_keys(args.account)
-    print(f"{'id':22} {'key':16} {'name':12} {'models':20} {'created':20} status")
+    print(f"{'id':22} {'key':16} {'name':12} {'models':20} {'created':20} {'status':28} limits")
     for r in records:
         status = f"revoked {_iso(r.revoked_at)}" if r.revoked_at else "active"
         models = ",".join(r.models) if r.models is not None else "*"
-        print(f"{r.id:22} {r.prefix:16} {r.name:12} {models:20} {_iso(r.created_at):20} {status}")
+        print(
+            f"{r.id:22} {r.prefix:16} {r.name:12} {models:20} {_iso(r.created_at):20} "
+            f"{status:28} {_limits_text(r.limits)}"
+        )
     return 0
 
 
@@ -442,20 +526,22 @@ async def _usage(args: argparse.Namespace) -> int:
     async with _store(args) as store:
         if await store.get_account(args.account) is None:
             raise UnknownAccount(f"no account named {args.account!r}")
-        rows = await store.usage(args.account, args.limit)
+        # The store query GET /v1/usage reads too.
+        rows = await store.usage(args.account, args.limit, args.after)
     if args.json:
         print(json.dumps([r.__dict__ for r in rows]))
         return 0
     print(
-        f"{'time':20} {'model':14} {'n':>2} {'size':10} {'quality':8} {'cost':>10} "
-        f"{'status':9} {'upstream cost':>13} route"
+        f"{'time':20} {'id':28} {'key':20} {'model':14} {'n':>2} {'size':10} {'quality':8} "
+        f"{'cost':>10} {'status':9} {'latency':>8} {'upstream cost':>13} route"
     )
     for r in rows:
         route = f"{r.provider}/{r.upstream_model}" if r.provider else ""
+        latency = "" if r.latency_ms is None else f"{r.latency_ms}ms"
         print(
-            f"{_iso(r.created_at):20} {r.model:14} {r.n:>2} {r.size:10} {r.quality:8} "
-            f"{format_usd(r.cost_micros):>10} {r.status:9} "
-            f"{format_usd(r.upstream_cost_micros):>13} {route}"
+            f"{_iso(r.created_at):20} {r.id:28} {r.key_id:20} {r.model:14} {r.n:>2} "
+            f"{r.size:10} {r.quality:8} {format_usd(r.cost_micros):>10} {r.status:9} "
+            f"{latency:>8} {format_usd(r.upstream_cost_micros):>13} {route}"
         )
     return 0
 

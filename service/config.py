@@ -45,6 +45,18 @@ class Config:
     # How often a running service records that it lives; what a process silent for
     # six intervals held is released by the others (at once if it ran on this machine).
     heartbeat_interval_s: float = 5.0
+    # Per-key limits for keys that set none of their own; 0: no limit.
+    limit_rpm: int = 0
+    limit_ipm: int = 0
+    limit_concurrency: int = 0
+    limit_max_n: int = 0
+    # redis://... shares limits across replicas; empty: counted in each process.
+    redis_url: str = field(default="", repr=False)
+    # Prefix of every Redis key imagegate writes (several deployments, or test runs,
+    # can share one Redis).
+    redis_prefix: str = "imagegate"
+    # How long an Idempotency-Key and its stored response are kept (at least 24 hours).
+    idempotency_ttl_s: float = 86400.0
     # Prometheus /metrics (HOST:PORT, or "off"); `serve` serves the front's there too.
     metrics_address: str = "127.0.0.1:9464"
     # After SIGTERM: how long calls in flight may take to finish before they are

@@ -7,20 +7,37 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from service import costs, keys, metrics, observe
+from service.aio import uninterrupted
 from service.catalog import Catalog, ModelSpec
-from service.errors import InvalidApiKey, ModelNotAllowed, ModelNotFound
+from service.errors import InvalidApiKey, InvalidParameter, ModelNotAllowed, ModelNotFound
+from service.idempotency import HEADER as IDEMPOTENCY_HEADER
+from service.idempotency import Idempotency, Keeper, check_key
 from service.images import ImageStore
+from service.limits import Limiter, Limits, check_n, in_force
 from service.providers.base import GeneratedImage, Provider, TokenUsage
 from service.providers.dispatch import Dispatched, Dispatcher
 from service.requests import GenerationParams, ImageRequest, validate
-from service.store.base import Charge, Served, Store, new_reservation_id
+from service.store.base import (
+    AccountBalance,
+    Charge,
+    Claim,
+    KeyLimits,
+    Served,
+    Store,
+    UnknownCursor,
+    UsageRow,
+    new_reservation_id,
+)
 from service.streaming import Delivered, Send, image_event
 
 log = logging.getLogger("imagegate.core")
+# Usage records per page: by default, and at most.
+DEFAULT_PAGE = 20
+MAX_PAGE = 100
 T = TypeVar("T")
 # Turns a Generation into what the transport sends; raises if it cannot be sent.
 Render = Callable[["Generation"], Awaitable[T]]
@@ -33,6 +50,7 @@ class Caller:
     account_name: str
     # None: every model.
     models: tuple[str, ...] | None
+    limits: KeyLimits = field(default_factory=KeyLimits)
 
 
 @dataclass(frozen=True)
@@ -78,6 +96,9 @@ class ImageCore:
         owner: str | None = None,
         clock: Callable[[], float] = time.time,
         dispatcher: Dispatcher | None = None,
+        limiter: Limiter | None = None,
+        limit_defaults: Limits | None = None,
+        idempotency_ttl_s: float = 86400.0,
     ) -> None:
         self._catalog = catalog
         self._store = store
@@ -87,6 +108,10 @@ class ImageCore:
         # The Instance id recorded on reservations, so a restart knows whose they are.
         self._owner = owner
         self._clock = clock
+        self._limiter = limiter or Limiter()
+        self._limit_defaults = limit_defaults or Limits()
+        self._idempotency_ttl_s = idempotency_ttl_s
+        self._keeper = Keeper(store, reservation_ttl_s, owner, clock)
         self.dispatcher = dispatcher or Dispatcher(
             providers,
             catalog.dispatch,
@@ -109,7 +134,9 @@ class ImageCore:
             raise InvalidApiKey(keys.INVALID)
         noted = observe.current()
         noted.key_id, noted.account = record.id, record.account_name
-        return Caller(record.id, record.account_id, record.account_name, record.models)
+        return Caller(
+            record.id, record.account_id, record.account_name, record.models, record.limits
+        )
 
     def list_models(self, caller: Caller) -> list[ModelSpec]:
         return [
@@ -127,16 +154,63 @@ class ImageCore:
         return model
 
     async def generate(
-        self, caller: Caller, params: GenerationParams, ctx: RequestContext, render: Render[T]
+        self,
+        caller: Caller,
+        params: GenerationParams,
+        ctx: RequestContext,
+        render: Render[T],
+        idempotency: Idempotency[T] | None = None,
     ) -> T:
         """Reserve, generate, render, and charge only once `render` has succeeded.
 
         `render` builds what the transport will send (raising a domain error when
         it cannot be sent); whatever fails or is cancelled, at any moment, the
         reservation is resolved before this returns or raises. (A streamed request
-        goes through `stream`, which charges per image handed over.)
+        goes through `stream`, which charges per image handed over.) With
+        `idempotency`, the request runs once per key of the account and its outcome
+        is replayed to the others (service/idempotency.py).
         """
+        if idempotency is not None:
+            check_key(idempotency.key)
         request = self._validated(caller, params, streaming=False)
+        limits = self._limits(caller, request)
+        if idempotency is None:
+            return await self._admitted(caller, request, limits, ctx, render, None)
+        encode = idempotency.encode
+        return await self._keeper.once(
+            caller.account_id,
+            idempotency,
+            ctx.deadline,
+            lambda claim: self._admitted(caller, request, limits, ctx, render, (claim, encode)),
+        )
+
+    def _limits(self, caller: Caller, request: ImageRequest) -> Limits:
+        """The key's limits in force; a 400 on `n` if no retry could meet them."""
+        limits = in_force(caller.limits, self._limit_defaults)
+        check_n(limits, request.n)
+        return limits
+
+    async def _admitted(
+        self,
+        caller: Caller,
+        request: ImageRequest,
+        limits: Limits,
+        ctx: RequestContext,
+        render: Render[T],
+        keep: tuple[Claim, Callable[[T], bytes]] | None,
+    ) -> T:
+        """Within the key's limits (429 before anything is reserved), run the request."""
+        async with self._limiter.admit(caller.key_id, limits, request.n):
+            return await self._execute(caller, request, ctx, render, keep)
+
+    async def _execute(
+        self,
+        caller: Caller,
+        request: ImageRequest,
+        ctx: RequestContext,
+        render: Render[T],
+        keep: tuple[Claim, Callable[[T], bytes]] | None,
+    ) -> T:
         started = self._clock()
         reservation = await self._reserve(caller, request, ctx, started)
         log.debug("request %s prompt %r", ctx.request_id, request.prompt)
@@ -147,19 +221,29 @@ class ImageCore:
             cost = bill.cost_micros
             served = Served(bill.provider, bill.upstream_model, bill.upstream_cost_micros)
             rendered = await render(_generation(request, started, images, bill.usage, cost))
+            done = None
+            if keep is not None:
+                # Stored with the charge, in one transaction: never one without the other.
+                claim, encode = keep
+                done = (claim, await asyncio.to_thread(encode, rendered))
             with observe.stage("settle"):
-                await _uninterrupted(self._store.settle(reservation, cost, served))
+                await uninterrupted(self._store.settle(reservation, cost, served, done=done))
         except BaseException:
             # Failed, timed out, unsendable or cancelled (client gone): charge nothing.
             # A settle that did commit makes this release a no-op (resolved once).
             with observe.stage("settle"):
-                await _uninterrupted(self._store.release(reservation))
+                await uninterrupted(self._store.release(reservation))
             raise
         _note_served(request, served, len(images), cost)
         return rendered
 
     async def stream(
-        self, caller: Caller, params: GenerationParams, ctx: RequestContext, send: Send
+        self,
+        caller: Caller,
+        params: GenerationParams,
+        ctx: RequestContext,
+        send: Send,
+        idempotency_key: str | None = None,
     ) -> None:
         """Reserve, then hand each event to `send` as it comes; charge what `send` took.
 
@@ -168,6 +252,13 @@ class ImageCore:
         gone), the images handed over are settled and the rest of the reservation
         released before this returns or raises.
         """
+        if idempotency_key is not None:
+            # A stream is not replayable: refused, rather than run twice for a retry.
+            raise InvalidParameter(
+                f"{IDEMPOTENCY_HEADER} is not supported with stream: true. Send the request "
+                "without it, or without streaming.",
+                param=IDEMPOTENCY_HEADER,
+            )
         await self.stream_request(
             caller, self._validated(caller, params, streaming=True), ctx, send
         )
@@ -175,7 +266,15 @@ class ImageCore:
     async def stream_request(
         self, caller: Caller, request: ImageRequest, ctx: RequestContext, send: Send
     ) -> None:
-        """`stream` for a request already validated (with streaming=True)."""
+        """`stream` for a request already validated (with streaming=True), within the
+        key's limits (429 before anything is reserved)."""
+        limits = self._limits(caller, request)
+        async with self._limiter.admit(caller.key_id, limits, request.n):
+            await self._stream_admitted(caller, request, ctx, send)
+
+    async def _stream_admitted(
+        self, caller: Caller, request: ImageRequest, ctx: RequestContext, send: Send
+    ) -> None:
         started = self._clock()
         reservation = await self._reserve(caller, request, ctx, started)
         log.debug("request %s prompt %r", ctx.request_id, request.prompt)
@@ -192,11 +291,11 @@ class ImageCore:
                 await items.aclose()
         except BaseException:
             with observe.stage("settle"):
-                await _uninterrupted(self._settle_delivered(reservation, request, delivered))
+                await uninterrupted(self._settle_delivered(reservation, request, delivered))
             raise
         with observe.stage("settle"):
             settled = self._settle_delivered(reservation, request, delivered)
-            served, cost = await _uninterrupted(settled)
+            served, cost = await uninterrupted(settled)
         _note_served(request, served, delivered.images, cost)
 
     async def _settle_delivered(
@@ -259,7 +358,7 @@ class ImageCore:
             with observe.stage("reserve"):
                 await asyncio.shield(held)
         except asyncio.CancelledError:
-            await _uninterrupted(self._undo_reserve(held, reservation))
+            await uninterrupted(self._undo_reserve(held, reservation))
             raise
         return reservation
 
@@ -301,16 +400,51 @@ class ImageCore:
     async def get_image(self, image_id: str, expires: str, signature: str) -> tuple[bytes, str]:
         return await self._images.get(image_id, expires, signature)
 
+    async def balance(self, caller: Caller) -> AccountBalance:
+        return await self._store.balance(caller.account_id)
+
+    async def usage(self, caller: Caller, limit: str, after: str) -> tuple[list[UsageRow], bool]:
+        """A page of the caller's account's usage records, newest first, and whether
+        older ones follow. `limit` and `after` as the query gave them ("" = not sent)."""
+        count = _page_size(limit)
+        try:
+            rows = await self._store.usage(caller.account_name, count + 1, after or None)
+        except UnknownCursor:
+            raise InvalidParameter(
+                f"Invalid 'after': {after!r} is not the id of one of your usage records.",
+                param="after",
+            ) from None
+        return rows[:count], len(rows) > count
+
     async def aclose(self) -> None:
         """Close what the core owns: the image store's connections."""
         await self._images.aclose()
 
     async def sweep(self) -> None:
-        """Release reservations a crash left behind, and delete images past their links."""
-        released = await self._store.release_expired(self._clock())
+        """Release reservations a crash left behind, delete images past their links, and
+        forget Idempotency-Keys past their time."""
+        now = self._clock()
+        released = await self._store.release_expired(now)
         removed = await self._images.sweep()
-        if released or removed:
-            log.info("sweep released=%d reservations removed=%d images", released, removed)
+        forgotten = await self._store.sweep_idempotency(now - self._idempotency_ttl_s)
+        if released or removed or forgotten:
+            log.info(
+                "sweep released=%d reservations removed=%d images forgot=%d idempotency keys",
+                released,
+                removed,
+                forgotten,
+            )
+
+
+def _page_size(limit: str) -> int:
+    if not limit:
+        return DEFAULT_PAGE
+    if not limit.isdigit() or not 1 <= int(limit) <= MAX_PAGE:
+        raise InvalidParameter(
+            f"Invalid 'limit': {limit[:20]!r}. Use a whole number from 1 to {MAX_PAGE}.",
+            param="limit",
+        )
+    return int(limit)
 
 
 def _note(request: ImageRequest) -> None:
@@ -346,25 +480,3 @@ def _generation(
         quality=request.quality if reported else None,
         size=request.size if reported else None,
     )
-
-
-async def _uninterrupted(work: Awaitable[T]) -> T:
-    """Run `work` to its end even if the caller is cancelled meanwhile, then pass the
-    cancellation on: money is resolved before a cancelled request finishes ending."""
-    task = asyncio.ensure_future(work)
-    cancelled = False
-    while True:
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if not task.done():
-                cancelled = True
-                continue
-        except Exception:
-            pass  # task.result() below raises it
-        break
-    if cancelled:
-        if not task.cancelled():
-            task.exception()  # retrieved: the cancellation wins
-        raise asyncio.CancelledError
-    return task.result()

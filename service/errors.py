@@ -60,7 +60,13 @@ class InsufficientBalance(ImagegateError):
 
 
 class IdempotencyConflict(ImagegateError):
+    """An Idempotency-Key reused with a different request."""
+
     reason = "IDEMPOTENCY_CONFLICT"
+
+
+class IdempotencyInFlight(IdempotencyConflict):
+    """The key's request is still running and the caller's deadline ends first."""
 
 
 class RateLimited(ImagegateError):

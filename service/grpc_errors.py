@@ -21,6 +21,7 @@ CODES: dict[type[errors.ImagegateError], grpc.StatusCode] = {
     errors.ModelNotAllowed: grpc.StatusCode.PERMISSION_DENIED,
     errors.InsufficientBalance: grpc.StatusCode.FAILED_PRECONDITION,
     errors.IdempotencyConflict: grpc.StatusCode.ALREADY_EXISTS,
+    errors.IdempotencyInFlight: grpc.StatusCode.ABORTED,
     errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.UpstreamError: grpc.StatusCode.UNAVAILABLE,
     errors.ImageNotFound: grpc.StatusCode.NOT_FOUND,

@@ -65,6 +65,13 @@ def format_usd(micros: int) -> str:
     return f"{sign}${whole}.{digits}"
 
 
+def decimal_usd(micros: int) -> str:
+    """1_500_000 -> '1.500000': exact, all six decimals, no sign for zero, for APIs."""
+    sign = "-" if micros < 0 else ""
+    whole, frac = divmod(abs(micros), MICROS_PER_USD)
+    return f"{sign}{whole}.{frac:06d}"
+
+
 def _show(text: str) -> str:
     """The caller's text in a one-line message: quoted, and cut if long."""
     return repr(text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "...")

@@ -24,6 +24,7 @@ from service.images import ImageStore, load_or_create_secret
 from service.imagestore import is_s3, open_backend
 from service.instances import Liveness
 from service.lifecycle import SERVICE_NAME, InFlight, Readiness
+from service.limits import Limiter, Limits
 from service.links import DEFAULT_REST_URL, LinkBase, bind_address, parse_networks
 from service.providers.registry import KIND_MODULES, Registry, build_registry
 from service.servicer import ImageServicer
@@ -70,6 +71,7 @@ class Service:
     # Image URL policy; `serve` sets links.fallback_url once its REST front is bound.
     links: LinkBase
     liveness: Liveness
+    limiter: Limiter
     # The health service's answer, and the ImageService calls in flight (for a drain).
     readiness: Readiness
     calls: InFlight
@@ -102,6 +104,7 @@ class Service:
         # In-flight requests end here, each releasing or settling its reservation.
         await self.server.stop(grace)
         await self.liveness.retire()
+        await self.limiter.close()
         await self.registry.aclose()
         await self.core.aclose()
         await self.store.close()
@@ -124,6 +127,8 @@ async def start_service(
     """
     catalog = load_catalog(config.catalog)
     links = LinkBase(config.public_url, parse_networks(config.trusted_proxies), rest_url)
+    # Checks the Redis URL but connects only when used (and opening cannot fail).
+    limiter = Limiter(config.redis_url, config.redis_prefix)
     store = open_store(config)
     await store.open()
     liveness = Liveness(store, config.instance_stale_s)
@@ -140,6 +145,7 @@ async def start_service(
             await images.aclose()
         await store.close()
         raise
+    await limiter.open()
     core = ImageCore(
         catalog=servable(catalog, registry),
         store=store,
@@ -149,6 +155,14 @@ async def start_service(
         upstream_timeout_s=config.upstream_timeout_s,
         reservation_ttl_s=config.reservation_ttl_s,
         owner=liveness.owner,
+        limiter=limiter,
+        limit_defaults=Limits(
+            rpm=config.limit_rpm,
+            ipm=config.limit_ipm,
+            concurrency=config.limit_concurrency,
+            max_n=config.limit_max_n,
+        ),
+        idempotency_ttl_s=config.idempotency_ttl_s,
     )
     servicer = ImageServicer(core, links, config.max_message_bytes)
     readiness, calls = Readiness(), InFlight()
@@ -165,12 +179,13 @@ async def start_service(
     except BaseException:
         with contextlib.suppress(Exception):
             await liveness.retire()
+        await limiter.close()
         await registry.aclose()
         await images.aclose()
         await store.close()
         raise
     service = Service(
-        config, store, core, server, bound, registry, links, liveness, readiness, calls
+        config, store, core, server, bound, registry, links, liveness, limiter, readiness, calls
     )
     service._tasks.append(asyncio.create_task(_sweep_forever(core, config.sweep_interval_s)))
     service._tasks.append(asyncio.create_task(_beat_forever(service, config.heartbeat_interval_s)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -11,6 +12,7 @@ from urllib.parse import unquote
 
 import grpc
 from google.api import httpbody_pb2
+from google.protobuf.message import Message
 from imagegate.v1 import images_pb2, images_pb2_grpc
 
 from service import observe
@@ -24,13 +26,17 @@ from service.grpc_errors import (
     status_message,
     to_status,
 )
+from service.idempotency import Idempotency
 from service.links import LinkBase
+from service.money import decimal_usd
 from service.providers.base import TokenUsage
 from service.requests import GenerationParams
+from service.store.base import UsageRow
 from service.streaming import ImageEvent, Send
 
 log = logging.getLogger("imagegate.servicer")
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 # The event type prefix of streamed generations (edits stream as "image_edit").
 GENERATION = "image_generation"
 MiB = 1024 * 1024
@@ -60,7 +66,12 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
             ctx = RequestContext(
                 self._request_id(context), self._base_url(context), _deadline(context)
             )
-            return await self._core.generate(caller, _params(request), ctx, self._render)
+            idempotency = _idempotency(
+                context, "GenerateImages", request, images_pb2.ImagesResponse
+            )
+            return await self._core.generate(
+                caller, _params(request), ctx, self._render, idempotency
+            )
 
         return await self._run(context, call)
 
@@ -72,7 +83,8 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
             ctx = RequestContext(
                 self._request_id(context), self._base_url(context), _deadline(context)
             )
-            await self._core.stream(caller, _params(request), ctx, send)
+            idempotency_key = _metadata(context, "idempotency-key")
+            await self._core.stream(caller, _params(request), ctx, send, idempotency_key)
 
         await self._stream(context, call, GENERATION)
 
@@ -151,6 +163,39 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
 
         return await self._run(context, call)
 
+    async def GetBalance(
+        self, request: images_pb2.GetBalanceRequest, context: grpc.aio.ServicerContext
+    ) -> images_pb2.Balance:
+        async def call() -> images_pb2.Balance:
+            balance = await self._core.balance(await self._caller(context))
+            return images_pb2.Balance(
+                object="balance",
+                currency="usd",
+                balance_micros=balance.balance_micros,
+                held_micros=balance.held_micros,
+                balance_usd=decimal_usd(balance.balance_micros),
+                held_usd=decimal_usd(balance.held_micros),
+            )
+
+        return await self._run(context, call)
+
+    async def ListUsage(
+        self, request: images_pb2.ListUsageRequest, context: grpc.aio.ServicerContext
+    ) -> images_pb2.UsageList:
+        async def call() -> images_pb2.UsageList:
+            caller = await self._caller(context)
+            rows, has_more = await self._core.usage(caller, request.limit, request.after)
+            records = [_usage_record(row) for row in rows]
+            return images_pb2.UsageList(
+                object="list",
+                data=records,
+                has_more=has_more,
+                first_id=records[0].id if records else "",
+                last_id=records[-1].id if records else "",
+            )
+
+        return await self._run(context, call)
+
     async def _run(self, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
         try:
             return await call()
@@ -195,6 +240,43 @@ def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
         if k == key and isinstance(v, str):
             return v
     return None
+
+
+def _idempotency(
+    context: grpc.aio.ServicerContext, rpc: str, request: Message, reply: type[M]
+) -> Idempotency[M] | None:
+    """The call's Idempotency-Key, with the hash of its canonical request: the message
+    (both fronts and gRPC clients send the same one for the same body), not its JSON."""
+    key = _metadata(context, "idempotency-key")
+    if key is None:
+        return None
+    digest = hashlib.sha256(rpc.encode() + b"\0" + request.SerializeToString(deterministic=True))
+    return Idempotency(
+        key=key,
+        request_hash=digest.digest(),
+        encode=lambda message: message.SerializeToString(deterministic=True),
+        decode=reply.FromString,
+    )
+
+
+def _usage_record(row: UsageRow) -> images_pb2.UsageRecord:
+    routes = zip(row.provider.split(","), row.upstream_model.split(","), strict=False)
+    return images_pb2.UsageRecord(
+        id=row.id,
+        object="usage_record",
+        created=int(row.created_at),
+        request_id=row.request_id,
+        key_id=row.key_id,
+        model=row.model,
+        route=",".join(f"{p}/{m}" for p, m in routes) if row.provider else "",
+        n=row.n,
+        size=row.size,
+        quality=row.quality,
+        cost_micros=row.cost_micros,
+        quoted_micros=row.quoted_micros,
+        latency_ms=row.latency_ms or 0,
+        status=row.status,
+    )
 
 
 def _params(request: images_pb2.GenerateImagesRequest) -> GenerationParams:

@@ -454,3 +454,24 @@ assert main(["accounts", "show", "x", "--database-url", "postgresql://u@127.0.0.
     assert result.stderr == (
         "imagegate: a postgresql:// database needs asyncpg: pip install 'imagegate[postgres]'\n"
     )
+
+
+def test_key_limits_commands(database_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    run = run_on(database_url, capsys)
+    assert run("migrate").returncode == 0
+    assert run("accounts", "create", "acme").returncode == 0
+    created = run("keys", "create", "acme", "--rpm", "60", "--max-n", "2", "--concurrency", "0")
+    assert created.returncode == 0, created.stderr
+    key_id = created.stdout.split()[1]
+    listed = run("keys", "list", "acme").stdout
+    assert "rpm=60 ipm=default concurrency=none max_n=2" in listed
+    changed = run("keys", "limits", key_id, "--rpm", "default", "--ipm", "100")
+    assert changed.returncode == 0
+    assert changed.stdout.strip() == f"{key_id}: rpm=default ipm=100 concurrency=none max_n=2"
+    # No flags: shown as they are.
+    assert run("keys", "limits", key_id).stdout == changed.stdout
+    missing = run("keys", "limits", "key_missing", "--rpm", "1")
+    assert missing.returncode == 1 and "no key key_missing" in missing.stderr
+    with pytest.raises(SystemExit):  # argparse refuses it: not a count
+        run("keys", "limits", key_id, "--rpm", "-3")
+    assert "not a whole number or 'default'" in capsys.readouterr().err

@@ -62,8 +62,15 @@ CASES = [
         ("CONTENT_POLICY", {}),
         (400, "invalid_request_error", "content_policy_violation", None),
     ),
+    (
+        # Its own gRPC code (the duplicate is still running), the base's reason and row.
+        errors.IdempotencyInFlight("A request with this Idempotency-Key is still in progress."),
+        grpc.StatusCode.ABORTED,
+        ("IDEMPOTENCY_CONFLICT", {}),
+        (409, "invalid_request_error", "idempotency_key_conflict", None),
+    ),
 ]
-IDS = ["UpstreamRejected", "UpstreamError-subclass", "ContentPolicy-subclass"]
+IDS = ["UpstreamRejected", "UpstreamError-subclass", "ContentPolicy-subclass", "InFlight"]
 
 
 @pytest.fixture(scope="module")

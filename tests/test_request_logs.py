@@ -3,8 +3,8 @@ process it crosses (the front's `imagegate.access`, the service's `imagegate.req
 with its fields, and never a key, a prompt, image bytes or a credential anywhere.
 
 Every row the aiohttp front and the service can produce today is triggered: 400s,
-401, 402, 403, 404s, 405, 413, 502 from a failing fake upstream, 503 from a front
-whose service is down, 504 from a front with a short deadline, and successes.
+401, 402, 403, 404s, 405, 409, 413, 429, 502 from a failing fake upstream, 503 from a
+front whose service is down, 504 from a front with a short deadline, and successes.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from gateway.config import GatewayConfig
 from gateway.server import bound_port, start_gateway
 from service import keys
 from service.logs import JsonFormatter, TextFormatter
+from service.store.base import KeyLimits
 from tests.conftest import Stack, make_tenant
 from tests.fakes.base import Fault, image_bytes
 from tests.fakes.openai import FakeOpenAI
@@ -128,6 +129,12 @@ async def test_one_json_line_per_request_per_process_over_the_error_table(
     rich = await make_tenant(service, "1")
     poor = await make_tenant(service, "0.000001")
     limited = await make_tenant(service, "1", models=("other",))
+    # A key allowed one request a minute (the 429 row).
+    once = keys.new_key()
+    await service.store.create_key(
+        rich.account, keys.hash_key(once), keys.display_prefix(once), "once", None,
+        limits=KeyLimits(rpm=1),
+    )  # fmt: skip
     front = lstack.fronts["aiohttp"]
     # A front whose service is down (503), and one with a short deadline (504).
     down = await start_gateway(GatewayConfig(grpc_target=f"127.0.0.1:{_free_port()}"), port=0)
@@ -141,10 +148,16 @@ async def test_one_json_line_per_request_per_process_over_the_error_table(
     sent: dict[str, tuple[Row, Reply]] = {}
 
     async def request(
-        row: Row, method: str, url: str, key: str | None = rich.key, **kw: Any
+        row: Row,
+        method: str,
+        url: str,
+        key: str | None = rich.key,
+        headers: dict[str, str] | None = None,
+        **kw: Any,
     ) -> Reply:
         rid = f"log-{row.name}"
-        reply = await call(method, url, key=key, headers={"x-request-id": rid}, **kw)
+        headers = {"x-request-id": rid, **(headers or {})}
+        reply = await call(method, url, key=key, headers=headers, **kw)
         assert reply.status == row.status, (row.name, reply.status, reply.body[:300])
         sent[rid] = (row, reply)
         return reply
@@ -224,6 +237,30 @@ async def test_one_json_line_per_request_per_process_over_the_error_table(
                 "POST",
                 front + gen,
                 key=limited.key,
+                json_body=body,
+            )
+            idem = {"Idempotency-Key": "idem-1"}
+            ok_idem = Row("idem-first", 200, None, ("OK", None))
+            await request(ok_idem, "POST", front + gen, json_body=body, headers=idem)
+            await request(
+                Row(
+                    "idem-conflict",
+                    409,
+                    "idempotency_key_conflict",
+                    ("ALREADY_EXISTS", "IDEMPOTENCY_CONFLICT"),
+                ),
+                "POST",
+                front + gen,
+                json_body={**body, "n": 2},
+                headers=idem,
+            )
+            ok_once = Row("rpm-first", 200, None, ("OK", None))
+            await request(ok_once, "POST", front + gen, key=once, json_body=body)
+            await request(
+                Row("rpm", 429, "rate_limit_exceeded", ("RESOURCE_EXHAUSTED", "RATE_LIMITED")),
+                "POST",
+                front + gen,
+                key=once,
                 json_body=body,
             )
             await request(
@@ -313,7 +350,7 @@ async def test_one_json_line_per_request_per_process_over_the_error_table(
 
     # Nothing secret, anywhere, at any level; the prompt only at debug.
     everything = "\n".join(line for _, line in capture.lines)
-    for secret in (rich.key, poor.key, limited.key, unknown_key, UPSTREAM_KEY):
+    for secret in (rich.key, poor.key, limited.key, once, unknown_key, UPSTREAM_KEY):
         assert secret not in everything
     image = base64.b64encode(image_bytes(seed=0)).decode()
     assert image[:60] not in everything

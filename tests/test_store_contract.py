@@ -14,12 +14,16 @@ from service import keys
 from service.errors import InsufficientBalance
 from service.money import MAX_BALANCE_MICROS, MAX_CREDIT_MICROS
 from service.store.base import (
+    AccountBalance,
     AccountExists,
     Charge,
+    Claim,
     Instance,
+    KeyLimits,
     Served,
     Store,
     UnknownAccount,
+    UnknownCursor,
     new_reservation_id,
 )
 from tests import pg
@@ -359,3 +363,154 @@ async def test_orphans_are_released_once_whichever_replica_finds_them(
     assert sum(r.status == "released" for r in rows) == 60
     assert sum(r.status == "held" for r in rows) == 40  # the live owner's and the unowned
     assert await _balance(one, "acme") == 60 * 1_000
+
+
+# Key limits, balance, usage pages and Idempotency-Key claims (migration 0004).
+
+
+async def test_key_limits(make_store: MakeStore) -> None:
+    store = await make_store()
+    await store.create_account("acme")
+    plain = await store.create_key("acme", keys.hash_key(keys.new_key()), "p", "", None)
+    assert plain.limits == KeyLimits()
+    limited = await store.create_key(
+        "acme", keys.hash_key(keys.new_key()), "p", "", None, KeyLimits(rpm=5, max_n=0)
+    )
+    assert limited.limits == KeyLimits(rpm=5, max_n=0)
+    changed = await store.set_key_limits(limited.id, {"rpm": None, "ipm": 7, "concurrency": 2})
+    assert changed is not None and changed.limits == KeyLimits(None, 7, 2, 0)
+    assert (await store.find_key(limited.key_hash)) == changed
+    assert [k.limits for k in await store.list_keys("acme")] == [KeyLimits(), changed.limits]
+    assert await store.set_key_limits("key_missing", {"rpm": 1}) is None
+    for bad in ({"rpm": -1}, {"rpm": 1.5}, {"name": 1}):
+        with pytest.raises(ValueError):
+            await store.set_key_limits(limited.id, bad)  # type: ignore[arg-type]
+
+
+async def test_balance_counts_what_is_held(make_store: MakeStore) -> None:
+    store = await make_store()
+    acme = await store.create_account("acme", 1_000_000)
+    held = await store.reserve(acme.id, 300_000, CHARGE, LATER)
+    await store.reserve(acme.id, 200_000, CHARGE, LATER)
+    assert await store.balance(acme.id) == AccountBalance(500_000, 500_000)
+    await store.settle(held, 100_000)
+    assert await store.balance(acme.id) == AccountBalance(700_000, 200_000)
+    with pytest.raises(UnknownAccount):
+        await store.balance(acme.id + 1000)
+
+
+async def test_usage_pages_latency_and_key(make_store: MakeStore) -> None:
+    # A fixed clock: every row has one timestamp, so insertion order alone sorts them.
+    store = await make_store(clock=lambda: 5000.0)
+    acme = await store.create_account("acme", 1_000_000)
+    other = await store.create_account("other", 1_000_000)
+    ids = [await store.reserve(acme.id, 1000, CHARGE, LATER) for _ in range(5)]
+    theirs = await store.reserve(other.id, 1000, CHARGE, LATER)
+    newest_first = ids[::-1]
+    assert [r.id for r in await store.usage("acme", 10)] == newest_first
+    page, after = [], None
+    while rows := await store.usage("acme", 2, after):
+        page += [r.id for r in rows]
+        after = rows[-1].id
+    assert page == newest_first
+    with pytest.raises(UnknownCursor):
+        await store.usage("acme", 2, theirs)
+    row = (await store.usage("acme", 1))[0]
+    assert (row.key_id, row.latency_ms, row.status) == (CHARGE.key_id, None, "held")
+
+    ticking = await make_store(clock=Ticks(9000.0))
+    timed = await ticking.reserve(acme.id, 1000, CHARGE, LATER)
+    await ticking.settle(timed, 1000)  # one tick (1 s) later
+    assert (await ticking.usage("acme", 1))[0].latency_ms == 1000
+
+
+async def test_idempotency_claims(make_store: MakeStore) -> None:
+    store = await make_store()
+    acme = await store.create_account("acme")
+    other = await store.create_account("other")
+    assert await store.claim_idempotency(acme.id, "k", b"h1", LATER, "t1") is None
+    running = await store.claim_idempotency(acme.id, "k", b"h1", LATER, "t2")
+    assert running is not None and (running.status, running.request_hash) == ("running", b"h1")
+    # Per account: another account's same key is its own.
+    assert await store.claim_idempotency(other.id, "k", b"h1", LATER, "t3") is None
+    # Only the claim's own token finishes or abandons it.
+    await store.finish_idempotency(Claim(acme.id, "k", "t2"), b"stale", None)
+    await store.abandon_idempotency(Claim(acme.id, "k", "t2"))
+    assert (await store.get_idempotency(acme.id, "k")) == running
+    await store.finish_idempotency(Claim(acme.id, "k", "t1"), b"response", None)
+    done = await store.claim_idempotency(acme.id, "k", b"h1", LATER, "t4")
+    assert done is not None and (done.status, done.response, done.error) == (
+        "done",
+        b"response",
+        None,
+    )
+    # A done key is never taken over or abandoned; a different request sees the row.
+    await store.abandon_idempotency(Claim(acme.id, "k", "t1"))
+    other_request = await store.claim_idempotency(acme.id, "k", b"h2", LATER, "t5")
+    assert other_request is not None and other_request.request_hash == b"h1"
+    # An abandoned claim frees the key.
+    assert await store.claim_idempotency(acme.id, "gone", b"h", LATER, "t6") is None
+    await store.abandon_idempotency(Claim(acme.id, "gone", "t6"))
+    assert await store.get_idempotency(acme.id, "gone") is None
+    assert await store.claim_idempotency(acme.id, "gone", b"h", LATER, "t7") is None
+    await store.finish_idempotency(Claim(acme.id, "gone", "t7"), None, '{"reason": "X"}')
+    failed = await store.get_idempotency(acme.id, "gone")
+    assert failed is not None and (failed.response, failed.error) == (None, '{"reason": "X"}')
+
+
+async def test_idempotency_takeover_of_a_lapsed_or_orphaned_claim(make_store: MakeStore) -> None:
+    store = await make_store()  # Ticks: "now" passes 1000 at once
+    acme = await store.create_account("acme")
+    assert await store.claim_idempotency(acme.id, "lapsed", b"h", 1000.0, "t1") is None
+    # Another request under the key never takes over, lapsed or not.
+    assert await store.claim_idempotency(acme.id, "lapsed", b"x", LATER, "t2") is not None
+    assert await store.claim_idempotency(acme.id, "lapsed", b"h", LATER, "t3") is None
+    await store.finish_idempotency(Claim(acme.id, "lapsed", "t1"), b"too late", None)
+    found = await store.get_idempotency(acme.id, "lapsed")
+    assert found is not None and found.status == "running"  # t1 lost its claim
+
+    live = Instance("inst_live", "h", 1, "", 1.0, 1.0)
+    await store.beat(live)
+    assert await store.claim_idempotency(acme.id, "owned", b"h", LATER, "t1", "inst_live") is None
+    assert await store.claim_idempotency(acme.id, "owned", b"h", LATER, "t2") is not None
+    assert await store.claim_idempotency(acme.id, "dead", b"h", LATER, "t1", "inst_gone") is None
+    assert await store.claim_idempotency(acme.id, "dead", b"h", LATER, "t2", "inst_live") is None
+
+
+async def test_one_claim_wins_across_replicas(make_store: MakeStore) -> None:
+    replicas = [await make_store(), await make_store()]
+    acme = await replicas[0].create_account("acme")
+    results = await asyncio.gather(
+        *(
+            replicas[i % 2].claim_idempotency(acme.id, "race", b"h", LATER, f"t{i}")
+            for i in range(20)
+        )
+    )
+    assert sum(r is None for r in results) == 1
+
+
+async def test_settle_stores_the_response_with_the_charge(make_store: MakeStore) -> None:
+    store = await make_store()
+    acme = await store.create_account("acme", 1_000_000)
+    assert await store.claim_idempotency(acme.id, "k", b"h", LATER, "t") is None
+    held = await store.reserve(acme.id, 5000, CHARGE, LATER)
+    with pytest.raises(ValueError):  # a bad cost: neither the charge nor the response
+        await store.settle(held, 9999, done=(Claim(acme.id, "k", "t"), b"reply"))
+    found = await store.get_idempotency(acme.id, "k")
+    assert found is not None and found.status == "running"
+    await store.settle(held, 4000, done=(Claim(acme.id, "k", "t"), b"reply"))
+    found = await store.get_idempotency(acme.id, "k")
+    assert found is not None and (found.status, found.response) == ("done", b"reply")
+    assert await _balance(store, "acme") == 996_000
+
+
+async def test_sweep_idempotency(make_store: MakeStore) -> None:
+    clock = Ticks(100.0)
+    store = await make_store(clock=clock)
+    acme = await store.create_account("acme")
+    await store.claim_idempotency(acme.id, "old", b"h", LATER, "t")
+    cut = clock.now + 0.5
+    await store.claim_idempotency(acme.id, "new", b"h", LATER, "t")
+    assert await store.sweep_idempotency(cut) == 1
+    assert await store.get_idempotency(acme.id, "old") is None
+    assert await store.get_idempotency(acme.id, "new") is not None

@@ -16,6 +16,19 @@ class Account:
 
 
 @dataclass(frozen=True)
+class KeyLimits:
+    """A key's own limits; None: the configured default, 0: no limit."""
+
+    rpm: int | None = None  # requests per minute
+    ipm: int | None = None  # images per minute
+    concurrency: int | None = None  # requests in flight at once
+    max_n: int | None = None  # images per request (the model's own bound still applies)
+
+
+LIMIT_FIELDS = ("rpm", "ipm", "concurrency", "max_n")
+
+
+@dataclass(frozen=True)
 class KeyRecord:
     id: str
     account_id: int
@@ -27,6 +40,7 @@ class KeyRecord:
     models: tuple[str, ...] | None
     created_at: float
     revoked_at: float | None
+    limits: KeyLimits = KeyLimits()
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,42 @@ class UsageRow:
     provider: str = ""
     upstream_model: str = ""
     upstream_cost_micros: int = 0
+    # The reservation's id (the usage record's id and paging cursor) and the key used.
+    id: str = ""
+    key_id: str = ""
+    # From reserve to settle or release; None while held.
+    latency_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class AccountBalance:
+    # What can be spent now (held amounts are already taken out of it).
+    balance_micros: int
+    # Reserved by requests in flight; given back or charged when they end.
+    held_micros: int
+
+
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    """The stored outcome of an Idempotency-Key, or its claim while the request runs."""
+
+    request_hash: bytes
+    # running (claimed by a request in flight) or done
+    status: str
+    # done: the serialized response, or the domain error (JSON) it ended with.
+    response: bytes | None
+    error: str | None
+    # A running claim past this time was left by a stopped process: it can be taken over.
+    locked_until: float
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A won Idempotency-Key claim; `token` tells this claim from a later takeover."""
+
+    account_id: int
+    key: str
+    token: str
 
 
 class Store(Protocol):
@@ -113,6 +163,7 @@ class Store(Protocol):
         prefix: str,
         name: str,
         models: tuple[str, ...] | None,
+        limits: KeyLimits | None = None,
     ) -> KeyRecord: ...
 
     async def find_key(self, key_hash: bytes) -> KeyRecord | None: ...
@@ -120,6 +171,10 @@ class Store(Protocol):
     async def list_keys(self, account_name: str) -> list[KeyRecord]: ...
 
     async def revoke_key(self, key_id: str) -> bool: ...
+
+    async def set_key_limits(self, key_id: str, changes: dict[str, int | None]) -> KeyRecord | None:
+        """Set some of a key's LIMIT_FIELDS (None: back to the default); None if no such key."""
+        ...
 
     async def reserve(
         self,
@@ -138,9 +193,18 @@ class Store(Protocol):
         """
         ...
 
-    async def settle(self, reservation_id: str, cost: int, served: Served | None = None) -> None:
+    async def settle(
+        self,
+        reservation_id: str,
+        cost: int,
+        served: Served | None = None,
+        *,
+        done: tuple[Claim, bytes] | None = None,
+    ) -> None:
         """Charge `cost` (<= the held amount) and give back the rest; once only.
-        `served` records the route(s) and the upstream list cost with the usage row."""
+        `served` records the route(s) and the upstream list cost with the usage row;
+        `done` stores the response of an Idempotency-Key claim in the same transaction,
+        so a charge is never without its stored response."""
         ...
 
     async def release(self, reservation_id: str) -> None:
@@ -172,11 +236,64 @@ class Store(Protocol):
         created_at (None when there is none). For the metrics gauges."""
         ...
 
-    async def usage(self, account_name: str, limit: int = 20) -> list[UsageRow]: ...
+    async def usage(
+        self, account_name: str, limit: int = 20, after: str | None = None
+    ) -> list[UsageRow]:
+        """The account's usage records, newest first; `after`: only those older than that
+        record (a cursor, the id of one of this account's records). UnknownCursor if it is
+        not one."""
+        ...
+
+    async def balance(self, account_id: int) -> AccountBalance: ...
+
+    # Idempotency-Key claims: (account, key) is unique, so one process wins a claim.
+
+    async def claim_idempotency(
+        self,
+        account_id: int,
+        key: str,
+        request_hash: bytes,
+        locked_until: float,
+        token: str,
+        owner: str | None = None,
+    ) -> IdempotencyRecord | None:
+        """Claim the key for this request: None if won (a new row, or a running claim of
+        the same request taken over: past its locked_until, or whose owner Instance is no
+        longer recorded), else the row as it is."""
+        ...
+
+    async def get_idempotency(self, account_id: int, key: str) -> IdempotencyRecord | None: ...
+
+    async def finish_idempotency(
+        self, claim: Claim, response: bytes | None, error: str | None
+    ) -> None:
+        """Store the outcome of a claim that is still this one's."""
+        ...
+
+    async def abandon_idempotency(self, claim: Claim) -> None:
+        """Delete a claim that is still this one's and running: the next try runs anew."""
+        ...
+
+    async def sweep_idempotency(self, created_before: float) -> int:
+        """Forget keys created before `created_before`; how many."""
+        ...
+
+
+def check_limit_changes(changes: dict[str, int | None]) -> None:
+    """The stores' guard: known limit names, each None or a non-negative int."""
+    for name, value in changes.items():
+        if name not in LIMIT_FIELDS:
+            raise ValueError(f"unknown key limit {name!r}")
+        if value is not None and (type(value) is not int or value < 0):
+            raise ValueError(f"limit {name} must be a non-negative integer, not {value!r}")
 
 
 def new_reservation_id() -> str:
     return "res_" + secrets.token_hex(12)
+
+
+class UnknownCursor(LookupError):
+    """A usage cursor that is not one of the account's records."""
 
 
 class StoreError(RuntimeError):

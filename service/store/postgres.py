@@ -26,16 +26,23 @@ from service.errors import InsufficientBalance
 from service.money import MAX_BALANCE_MICROS, check_credit, format_usd
 from service.store import migrations
 from service.store.base import (
+    LIMIT_FIELDS,
     Account,
+    AccountBalance,
     AccountExists,
     Charge,
+    Claim,
     DatabaseUnavailable,
+    IdempotencyRecord,
     Instance,
+    KeyLimits,
     KeyRecord,
     Served,
     StoreError,
     UnknownAccount,
+    UnknownCursor,
     UsageRow,
+    check_limit_changes,
     new_reservation_id,
 )
 
@@ -52,7 +59,38 @@ _MIGRATE_LOCK_CLASS = 0x1A6E  # an arbitrary constant naming imagegate's lock sp
 
 _KEY_SELECT = (
     "SELECT k.id, k.account_id, a.name, k.name, k.prefix, k.key_hash, k.models, k.created_at, "
-    "k.revoked_at FROM api_keys k JOIN accounts a ON a.id = k.account_id "
+    "k.revoked_at, k.rpm, k.ipm, k.concurrency, k.max_n "
+    "FROM api_keys k JOIN accounts a ON a.id = k.account_id "
+)
+_USAGE_SELECT = (
+    "SELECT r.created_at, r.request_id, r.model, r.n, r.size, r.quality, "
+    "r.amount_micros, r.cost_micros, r.status, r.provider, r.upstream_model, "
+    "r.upstream_cost_micros, r.id, r.key_id, "
+    "ROUND((r.resolved_at - r.created_at) * 1000)::bigint FROM reservations r "
+)
+_IDEMPOTENCY_SELECT = (
+    "SELECT request_hash, status, response, error, locked_until FROM idempotency_keys "
+    "WHERE account_id = $1 AND key = $2"
+)
+# The claim: a new row, or a takeover of a running claim of the same request whose
+# lock has passed or whose owner Instance is gone. The row lock ON CONFLICT takes
+# makes one of several replicas the winner; the others see the winner's row.
+_CLAIM = """
+INSERT INTO idempotency_keys (account_id, key, request_hash, status, token, owner,
+                              created_at, locked_until)
+VALUES ($1, $2, $3, 'running', $4, $5, $6, $7)
+ON CONFLICT (account_id, key) DO UPDATE
+SET token = excluded.token, owner = excluded.owner, locked_until = excluded.locked_until
+WHERE idempotency_keys.status = 'running'
+  AND idempotency_keys.request_hash = excluded.request_hash
+  AND (idempotency_keys.locked_until < $6
+       OR (idempotency_keys.owner IS NOT NULL AND NOT EXISTS
+           (SELECT 1 FROM instances i WHERE i.id = idempotency_keys.owner)))
+RETURNING token
+"""
+_FINISH = (
+    "UPDATE idempotency_keys SET status = 'done', response = $4, error = $5 "
+    "WHERE account_id = $1 AND key = $2 AND token = $3"
 )
 
 # Debit only if the balance covers it; the reservation and its ledger row come
@@ -91,6 +129,18 @@ WITH resolved AS (
 )
 SELECT model, amount_micros FROM resolved
 """
+
+
+# A reservation a statement resolved: (model, amount held, cost charged).
+Resolved = tuple[str, int, int]
+
+
+def _counted(resolved: list[Resolved | None]) -> int:
+    """Count committed resolutions in the money metrics; how many there were."""
+    done = [r for r in resolved if r is not None]
+    for model, amount, cost in done:
+        metrics.resolved(model, amount, cost)
+    return len(done)
 
 
 class PostgresStore:
@@ -205,11 +255,15 @@ class PostgresStore:
         prefix: str,
         name: str,
         models: tuple[str, ...] | None,
+        limits: KeyLimits | None = None,
     ) -> KeyRecord:
         key_id = "key_" + secrets.token_hex(8)
+        limits = limits or KeyLimits()
         inserted = await self._db.fetchval(
-            "INSERT INTO api_keys (id, account_id, name, prefix, key_hash, models, created_at) "
-            "SELECT $1, id, $3, $4, $5, $6, $7 FROM accounts WHERE name = $2 RETURNING id",
+            "INSERT INTO api_keys (id, account_id, name, prefix, key_hash, models, created_at, "
+            "rpm, ipm, concurrency, max_n) "
+            "SELECT $1, id, $3, $4, $5, $6, $7, $8, $9, $10, $11 FROM accounts WHERE name = $2 "
+            "RETURNING id",
             key_id,
             account_name,
             name,
@@ -217,6 +271,7 @@ class PostgresStore:
             key_hash,
             None if models is None else json.dumps(list(models)),
             self._clock(),
+            *(getattr(limits, f) for f in LIMIT_FIELDS),
         )
         if inserted is None:
             raise UnknownAccount(f"no account named {account_name!r}")
@@ -240,6 +295,17 @@ class PostgresStore:
             self._clock(),
         )
         return revoked is not None
+
+    async def set_key_limits(self, key_id: str, changes: dict[str, int | None]) -> KeyRecord | None:
+        check_limit_changes(changes)
+        if changes:
+            # Column names come from LIMIT_FIELDS only (checked above), never from input.
+            assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(changes, 2))
+            await self._db.execute(
+                f"UPDATE api_keys SET {assignments} WHERE id = $1", key_id, *changes.values()
+            )
+        records = await self._keys("WHERE k.id = $1", key_id)
+        return records[0] if records else None
 
     # Money
 
@@ -280,11 +346,28 @@ class PostgresStore:
         metrics.reserved(charge.model, amount)
         return reservation_id
 
-    async def settle(self, reservation_id: str, cost: int, served: Served | None = None) -> None:
-        await self._resolve(reservation_id, "settled", cost, self._clock(), served)
+    async def settle(
+        self,
+        reservation_id: str,
+        cost: int,
+        served: Served | None = None,
+        *,
+        done: tuple[Claim, bytes] | None = None,
+    ) -> None:
+        if done is None:
+            _counted([await self._resolve(reservation_id, "settled", cost, self._clock(), served)])
+            return
+        # The charge and the stored response commit together.
+        claim, response = done
+        async with self._db.acquire() as conn, conn.transaction():
+            resolved = await self._resolve(
+                reservation_id, "settled", cost, self._clock(), served, conn
+            )
+            await conn.execute(_FINISH, claim.account_id, claim.key, claim.token, response, None)
+        _counted([resolved])  # once committed
 
     async def release(self, reservation_id: str) -> None:
-        await self._resolve(reservation_id, "released", 0, self._clock())
+        _counted([await self._resolve(reservation_id, "released", 0, self._clock())])
 
     async def _resolve(
         self,
@@ -293,10 +376,13 @@ class PostgresStore:
         cost: int,
         now: float,
         served: Served | None = None,
-    ) -> int:
-        """1 if this call resolved the reservation, 0 if it was resolved already."""
+        conn: Any = None,
+    ) -> Resolved | None:
+        """What this call resolved (model, amount held, cost); None if it was resolved
+        already. Counted in the money metrics by the caller, once committed."""
         served = served or Served()
-        row = await self._db.fetchrow(
+        db = self._db if conn is None else conn
+        row = await db.fetchrow(
             _RESOLVE,
             reservation_id,
             status,
@@ -307,15 +393,14 @@ class PostgresStore:
             served.upstream_cost_micros,
         )
         if row is not None:
-            metrics.resolved(row["model"], row["amount_micros"], cost)
-            return 1
-        amount = await self._db.fetchval(
+            return str(row["model"]), int(row["amount_micros"]), cost
+        amount = await db.fetchval(
             "SELECT amount_micros FROM reservations WHERE id = $1 AND status = 'held'",
             reservation_id,
         )
         if amount is not None:  # still held: the cost was out of range
             raise ValueError(f"cost {cost} outside reservation of {amount}")
-        return 0
+        return None
 
     async def release_expired(self, now: float) -> int:
         # One reservation per statement: each is resolved exactly once even when
@@ -327,10 +412,12 @@ class PostgresStore:
         return await self._release_each([row["id"] for row in due], now)
 
     async def _release_each(self, reservation_ids: list[str], now: float) -> int:
-        released = 0
-        for reservation_id in reservation_ids:
-            released += await self._resolve(reservation_id, "released", 0, now)
-        return released
+        return _counted(
+            [
+                await self._resolve(reservation_id, "released", 0, now)
+                for reservation_id in reservation_ids
+            ]
+        )
 
     # Instances
 
@@ -387,17 +474,96 @@ class PostgresStore:
         )
         return int(row["n"]), row["oldest"]
 
-    async def usage(self, account_name: str, limit: int = 20) -> list[UsageRow]:
+    async def usage(
+        self, account_name: str, limit: int = 20, after: str | None = None
+    ) -> list[UsageRow]:
+        where = "WHERE r.account_id = (SELECT id FROM accounts WHERE name = $1)"
+        args: list[Any] = [account_name]
+        if after is not None:
+            cursor = await self._db.fetchrow(
+                "SELECT r.created_at, r.seq FROM reservations r JOIN accounts a "
+                "ON a.id = r.account_id WHERE a.name = $1 AND r.id = $2",
+                account_name,
+                after,
+            )
+            if cursor is None:
+                raise UnknownCursor(f"no usage record {after!r} in account {account_name!r}")
+            where += " AND (r.created_at, r.seq) < ($2, $3)"
+            args += [cursor["created_at"], cursor["seq"]]
         rows = await self._db.fetch(
-            "SELECT r.created_at, r.request_id, r.model, r.n, r.size, r.quality, "
-            "r.amount_micros, r.cost_micros, r.status, r.provider, r.upstream_model, "
-            "r.upstream_cost_micros FROM reservations r "
-            "JOIN accounts a ON a.id = r.account_id WHERE a.name = $1 "
-            "ORDER BY r.created_at DESC, r.seq DESC LIMIT $2",
-            account_name,
+            f"{_USAGE_SELECT}{where} ORDER BY r.created_at DESC, r.seq DESC LIMIT ${len(args) + 1}",
+            *args,
             limit,
         )
-        return [UsageRow(*row) for row in rows]
+        return [_usage_row(row) for row in rows]
+
+    async def balance(self, account_id: int) -> AccountBalance:
+        row = await self._db.fetchrow(
+            "SELECT a.balance_micros, (SELECT COALESCE(SUM(amount_micros), 0)::bigint "
+            "FROM reservations WHERE account_id = a.id AND status = 'held') AS held "
+            "FROM accounts a WHERE a.id = $1",
+            account_id,
+        )
+        if row is None:
+            raise UnknownAccount(f"no account with id {account_id}")
+        return AccountBalance(int(row["balance_micros"]), int(row["held"]))
+
+    # Idempotency keys
+
+    async def claim_idempotency(
+        self,
+        account_id: int,
+        key: str,
+        request_hash: bytes,
+        locked_until: float,
+        token: str,
+        owner: str | None = None,
+    ) -> IdempotencyRecord | None:
+        won = await self._db.fetchval(
+            _CLAIM, account_id, key, request_hash, token, owner, self._clock(), locked_until
+        )
+        if won is not None:
+            return None
+        found = await self.get_idempotency(account_id, key)
+        if found is None:
+            # The winner abandoned it between the two statements: try again.
+            return await self.claim_idempotency(
+                account_id, key, request_hash, locked_until, token, owner
+            )
+        return found
+
+    async def get_idempotency(self, account_id: int, key: str) -> IdempotencyRecord | None:
+        row = await self._db.fetchrow(_IDEMPOTENCY_SELECT, account_id, key)
+        if row is None:
+            return None
+        response = row["response"]
+        return IdempotencyRecord(
+            bytes(row["request_hash"]),
+            row["status"],
+            None if response is None else bytes(response),
+            row["error"],
+            float(row["locked_until"]),
+        )
+
+    async def finish_idempotency(
+        self, claim: Claim, response: bytes | None, error: str | None
+    ) -> None:
+        await self._db.execute(_FINISH, claim.account_id, claim.key, claim.token, response, error)
+
+    async def abandon_idempotency(self, claim: Claim) -> None:
+        await self._db.execute(
+            "DELETE FROM idempotency_keys WHERE account_id = $1 AND key = $2 AND token = $3 "
+            "AND status = 'running'",
+            claim.account_id,
+            claim.key,
+            claim.token,
+        )
+
+    async def sweep_idempotency(self, created_before: float) -> int:
+        deleted = await self._db.fetch(
+            "DELETE FROM idempotency_keys WHERE created_at < $1 RETURNING 1", created_before
+        )
+        return len(deleted)
 
 
 async def _migrate(pool: Any, now: float) -> list[str]:
@@ -456,8 +622,15 @@ def _account(row: Any) -> Account:
     )
 
 
+def _usage_row(row: Any) -> UsageRow:
+    # ROUND(...)::bigint comes back as int already; only NULL needs care.
+    values = list(row)
+    values[-1] = None if values[-1] is None else int(values[-1])
+    return UsageRow(*values)
+
+
 def _key_record(row: Any) -> KeyRecord:
-    key_id, account_id, account_name, name, prefix, key_hash, models, created, revoked = row
+    key_id, account_id, account_name, name, prefix, key_hash, models, created, revoked = row[:9]
     return KeyRecord(
         id=key_id,
         account_id=int(account_id),
@@ -468,4 +641,5 @@ def _key_record(row: Any) -> KeyRecord:
         models=None if models is None else tuple(json.loads(models)),
         created_at=created,
         revoked_at=revoked,
+        limits=KeyLimits(*row[9:13]),
     )

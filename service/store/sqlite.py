@@ -26,14 +26,21 @@ from service.money import MAX_BALANCE_MICROS, check_credit, format_usd
 from service.private import private_dir, touch_private
 from service.store import migrations
 from service.store.base import (
+    LIMIT_FIELDS,
     Account,
+    AccountBalance,
     AccountExists,
     Charge,
+    Claim,
+    IdempotencyRecord,
     Instance,
+    KeyLimits,
     KeyRecord,
     Served,
     UnknownAccount,
+    UnknownCursor,
     UsageRow,
+    check_limit_changes,
     new_reservation_id,
 )
 
@@ -45,7 +52,18 @@ _ADDED_BEFORE_VERSIONS = 3
 
 _KEY_SELECT = (
     "SELECT k.id, k.account_id, a.name, k.name, k.prefix, k.key_hash, k.models, k.created_at, "
-    "k.revoked_at FROM api_keys k JOIN accounts a ON a.id = k.account_id "
+    "k.revoked_at, k.rpm, k.ipm, k.concurrency, k.max_n "
+    "FROM api_keys k JOIN accounts a ON a.id = k.account_id "
+)
+_USAGE_SELECT = (
+    "SELECT r.created_at, r.request_id, r.model, r.n, r.size, r.quality, "
+    "r.amount_micros, r.cost_micros, r.status, r.provider, r.upstream_model, "
+    "r.upstream_cost_micros, r.id, r.key_id, "
+    "CAST(ROUND((r.resolved_at - r.created_at) * 1000) AS INTEGER) FROM reservations r "
+)
+_IDEMPOTENCY_SELECT = (
+    "SELECT request_hash, status, response, error, locked_until FROM idempotency_keys "
+    "WHERE account_id = ? AND key = ?"
 )
 
 
@@ -155,14 +173,17 @@ class SqliteStore:
         prefix: str,
         name: str,
         models: tuple[str, ...] | None,
+        limits: KeyLimits | None = None,
     ) -> KeyRecord:
         key_id = "key_" + secrets.token_hex(8)
+        limits = limits or KeyLimits()
         models_json = None if models is None else json.dumps(list(models))
 
         def insert(db: sqlite3.Connection) -> None:
             db.execute(
                 "INSERT INTO api_keys (id, account_id, name, prefix, key_hash, models, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "created_at, rpm, ipm, concurrency, max_n) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     key_id,
                     _account_id(db, account_name),
@@ -171,6 +192,7 @@ class SqliteStore:
                     key_hash,
                     models_json,
                     self._clock(),
+                    *(getattr(limits, f) for f in LIMIT_FIELDS),
                 ),
             )
 
@@ -197,6 +219,21 @@ class SqliteStore:
             return cur.rowcount == 1
 
         return await self._tx(revoke)
+
+    async def set_key_limits(self, key_id: str, changes: dict[str, int | None]) -> KeyRecord | None:
+        check_limit_changes(changes)
+        if changes:
+            # Column names come from LIMIT_FIELDS only (checked above), never from input.
+            assignments = ", ".join(f"{name} = ?" for name in changes)
+
+            def update(db: sqlite3.Connection) -> None:
+                db.execute(
+                    f"UPDATE api_keys SET {assignments} WHERE id = ?", (*changes.values(), key_id)
+                )
+
+            await self._tx(update)
+        records = await self._keys("WHERE k.id = ?", (key_id,))
+        return records[0] if records else None
 
     # Money
 
@@ -257,8 +294,21 @@ class SqliteStore:
         metrics.reserved(charge.model, amount)
         return reservation_id
 
-    async def settle(self, reservation_id: str, cost: int, served: Served | None = None) -> None:
-        _counted([await self._tx(_resolve, reservation_id, "settled", cost, self._clock(), served)])
+    async def settle(
+        self,
+        reservation_id: str,
+        cost: int,
+        served: Served | None = None,
+        *,
+        done: tuple[Claim, bytes] | None = None,
+    ) -> None:
+        def settle(db: sqlite3.Connection) -> Resolved | None:
+            resolved = _resolve(db, reservation_id, "settled", cost, self._clock(), served)
+            if done is not None:
+                _finish(db, done[0], done[1], None)
+            return resolved
+
+        _counted([await self._tx(settle)])
 
     async def release(self, reservation_id: str) -> None:
         _counted([await self._tx(_resolve, reservation_id, "released", 0, self._clock())])
@@ -337,16 +387,95 @@ class SqliteStore:
         count, oldest = rows[0]
         return int(count), oldest
 
-    async def usage(self, account_name: str, limit: int = 20) -> list[UsageRow]:
+    async def usage(
+        self, account_name: str, limit: int = 20, after: str | None = None
+    ) -> list[UsageRow]:
+        where = "WHERE r.account_id = (SELECT id FROM accounts WHERE name = ?)"
+        args: list[Any] = [account_name]
+        if after is not None:
+            cursor = await self._read(
+                "SELECT r.created_at, r.rowid FROM reservations r JOIN accounts a "
+                "ON a.id = r.account_id WHERE a.name = ? AND r.id = ?",
+                (account_name, after),
+            )
+            if not cursor:
+                raise UnknownCursor(f"no usage record {after!r} in account {account_name!r}")
+            where += " AND (r.created_at, r.rowid) < (?, ?)"
+            args += cursor[0]
         rows = await self._read(
-            "SELECT r.created_at, r.request_id, r.model, r.n, r.size, r.quality, "
-            "r.amount_micros, r.cost_micros, r.status, r.provider, r.upstream_model, "
-            "r.upstream_cost_micros FROM reservations r "
-            "JOIN accounts a ON a.id = r.account_id WHERE a.name = ? "
-            "ORDER BY r.created_at DESC, r.rowid DESC LIMIT ?",
-            (account_name, limit),
+            f"{_USAGE_SELECT}{where} ORDER BY r.created_at DESC, r.rowid DESC LIMIT ?",
+            (*args, limit),
         )
         return [UsageRow(*row) for row in rows]
+
+    async def balance(self, account_id: int) -> AccountBalance:
+        rows = await self._read(
+            "SELECT a.balance_micros, (SELECT COALESCE(SUM(amount_micros), 0) FROM reservations "
+            "WHERE account_id = a.id AND status = 'held') FROM accounts a WHERE a.id = ?",
+            (account_id,),
+        )
+        if not rows:
+            raise UnknownAccount(f"no account with id {account_id}")
+        return AccountBalance(int(rows[0][0]), int(rows[0][1]))
+
+    # Idempotency keys
+
+    async def claim_idempotency(
+        self,
+        account_id: int,
+        key: str,
+        request_hash: bytes,
+        locked_until: float,
+        token: str,
+        owner: str | None = None,
+    ) -> IdempotencyRecord | None:
+        now = self._clock()
+
+        def claim(db: sqlite3.Connection) -> IdempotencyRecord | None:
+            cur = db.execute(
+                "INSERT INTO idempotency_keys (account_id, key, request_hash, status, token, "
+                "owner, created_at, locked_until) VALUES (?, ?, ?, 'running', ?, ?, ?, ?) "
+                "ON CONFLICT (account_id, key) DO UPDATE SET token = excluded.token, "
+                "owner = excluded.owner, locked_until = excluded.locked_until "
+                "WHERE status = 'running' AND request_hash = excluded.request_hash AND "
+                "(locked_until < ? OR (owner IS NOT NULL AND owner NOT IN "
+                "(SELECT id FROM instances)))",
+                (account_id, key, request_hash, token, owner, now, locked_until, now),
+            )
+            if cur.rowcount == 1:
+                return None
+            return _idempotency_record(db.execute(_IDEMPOTENCY_SELECT, (account_id, key)))
+
+        return await self._tx(claim)
+
+    async def get_idempotency(self, account_id: int, key: str) -> IdempotencyRecord | None:
+        def get() -> IdempotencyRecord | None:
+            assert self._db is not None, "store not opened"
+            return _idempotency_record(self._db.execute(_IDEMPOTENCY_SELECT, (account_id, key)))
+
+        return await self._run(get)
+
+    async def finish_idempotency(
+        self, claim: Claim, response: bytes | None, error: str | None
+    ) -> None:
+        await self._tx(_finish, claim, response, error)
+
+    async def abandon_idempotency(self, claim: Claim) -> None:
+        def delete(db: sqlite3.Connection) -> None:
+            db.execute(
+                "DELETE FROM idempotency_keys WHERE account_id = ? AND key = ? AND token = ? "
+                "AND status = 'running'",
+                (claim.account_id, claim.key, claim.token),
+            )
+
+        await self._tx(delete)
+
+    async def sweep_idempotency(self, created_before: float) -> int:
+        def delete(db: sqlite3.Connection) -> int:
+            cur = db.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (created_before,))
+            return cur.rowcount
+
+        return await self._tx(delete)
 
 
 def _transaction(db: sqlite3.Connection, fn: Callable[..., T], *args: Any) -> T:
@@ -514,8 +643,32 @@ def _resolve(
     return str(model), int(amount), cost
 
 
+def _finish(
+    db: sqlite3.Connection, claim: Claim, response: bytes | None, error: str | None
+) -> None:
+    db.execute(
+        "UPDATE idempotency_keys SET status = 'done', response = ?, error = ? "
+        "WHERE account_id = ? AND key = ? AND token = ?",
+        (response, error, claim.account_id, claim.key, claim.token),
+    )
+
+
+def _idempotency_record(cur: sqlite3.Cursor) -> IdempotencyRecord | None:
+    row = cur.fetchone()
+    if row is None:
+        return None
+    request_hash, status, response, error, locked_until = row
+    return IdempotencyRecord(
+        bytes(request_hash),
+        status,
+        None if response is None else bytes(response),
+        error,
+        locked_until,
+    )
+
+
 def _key_record(row: Any) -> KeyRecord:
-    key_id, account_id, account_name, name, prefix, key_hash, models, created, revoked = row
+    key_id, account_id, account_name, name, prefix, key_hash, models, created, revoked = row[:9]
     return KeyRecord(
         id=key_id,
         account_id=account_id,
@@ -526,4 +679,5 @@ def _key_record(row: Any) -> KeyRecord:
         models=None if models is None else tuple(json.loads(models)),
         created_at=created,
         revoked_at=revoked,
+        limits=KeyLimits(*row[9:13]),
     )

@@ -156,3 +156,77 @@ class ImageEvent(_message.Message):
     usage: Usage
     error: _status_pb2.Status
     def __init__(self, type: _Optional[str] = ..., b64_json: _Optional[bytes] = ..., partial_image_index: _Optional[int] = ..., background: _Optional[str] = ..., created_at: _Optional[int] = ..., output_format: _Optional[str] = ..., quality: _Optional[str] = ..., size: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+
+class GetBalanceRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Balance(_message.Message):
+    __slots__ = ("object", "currency", "balance_micros", "held_micros", "balance_usd", "held_usd")
+    OBJECT_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_MICROS_FIELD_NUMBER: _ClassVar[int]
+    HELD_MICROS_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_USD_FIELD_NUMBER: _ClassVar[int]
+    HELD_USD_FIELD_NUMBER: _ClassVar[int]
+    object: str
+    currency: str
+    balance_micros: int
+    held_micros: int
+    balance_usd: str
+    held_usd: str
+    def __init__(self, object: _Optional[str] = ..., currency: _Optional[str] = ..., balance_micros: _Optional[int] = ..., held_micros: _Optional[int] = ..., balance_usd: _Optional[str] = ..., held_usd: _Optional[str] = ...) -> None: ...
+
+class ListUsageRequest(_message.Message):
+    __slots__ = ("limit", "after")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    limit: str
+    after: str
+    def __init__(self, limit: _Optional[str] = ..., after: _Optional[str] = ...) -> None: ...
+
+class UsageRecord(_message.Message):
+    __slots__ = ("id", "object", "created", "request_id", "key_id", "model", "route", "n", "size", "quality", "cost_micros", "quoted_micros", "latency_ms", "status")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    COST_MICROS_FIELD_NUMBER: _ClassVar[int]
+    QUOTED_MICROS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    object: str
+    created: int
+    request_id: str
+    key_id: str
+    model: str
+    route: str
+    n: int
+    size: str
+    quality: str
+    cost_micros: int
+    quoted_micros: int
+    latency_ms: int
+    status: str
+    def __init__(self, id: _Optional[str] = ..., object: _Optional[str] = ..., created: _Optional[int] = ..., request_id: _Optional[str] = ..., key_id: _Optional[str] = ..., model: _Optional[str] = ..., route: _Optional[str] = ..., n: _Optional[int] = ..., size: _Optional[str] = ..., quality: _Optional[str] = ..., cost_micros: _Optional[int] = ..., quoted_micros: _Optional[int] = ..., latency_ms: _Optional[int] = ..., status: _Optional[str] = ...) -> None: ...
+
+class UsageList(_message.Message):
+    __slots__ = ("object", "data", "has_more", "first_id", "last_id")
+    OBJECT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    HAS_MORE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_ID_FIELD_NUMBER: _ClassVar[int]
+    object: str
+    data: _containers.RepeatedCompositeFieldContainer[UsageRecord]
+    has_more: bool
+    first_id: str
+    last_id: str
+    def __init__(self, object: _Optional[str] = ..., data: _Optional[_Iterable[_Union[UsageRecord, _Mapping]]] = ..., has_more: _Optional[bool] = ..., first_id: _Optional[str] = ..., last_id: _Optional[str] = ...) -> None: ...

@@ -60,6 +60,16 @@ class ImageServiceStub:
                 request_serializer=imagegate_dot_v1_dot_images__pb2.GetImageRequest.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
+        self.GetBalance = channel.unary_unary(
+                '/imagegate.v1.ImageService/GetBalance',
+                request_serializer=imagegate_dot_v1_dot_images__pb2.GetBalanceRequest.SerializeToString,
+                response_deserializer=imagegate_dot_v1_dot_images__pb2.Balance.FromString,
+                _registered_method=True)
+        self.ListUsage = channel.unary_unary(
+                '/imagegate.v1.ImageService/ListUsage',
+                request_serializer=imagegate_dot_v1_dot_images__pb2.ListUsageRequest.SerializeToString,
+                response_deserializer=imagegate_dot_v1_dot_images__pb2.UsageList.FromString,
+                _registered_method=True)
 
 
 class ImageServiceServicer:
@@ -106,6 +116,22 @@ class ImageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetBalance(self, request, context):
+        """GET /v1/balance: the balance of the caller's own account.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUsage(self, request, context):
+        """GET /v1/usage?limit=&after=: the caller's own account's usage records, newest
+        first, in OpenAI's list shape (has_more, first_id, last_id; `after` = last_id
+        of the previous page).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -133,6 +159,16 @@ def add_ImageServiceServicer_to_server(servicer, server):
                     servicer.GetImage,
                     request_deserializer=imagegate_dot_v1_dot_images__pb2.GetImageRequest.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'GetBalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBalance,
+                    request_deserializer=imagegate_dot_v1_dot_images__pb2.GetBalanceRequest.FromString,
+                    response_serializer=imagegate_dot_v1_dot_images__pb2.Balance.SerializeToString,
+            ),
+            'ListUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsage,
+                    request_deserializer=imagegate_dot_v1_dot_images__pb2.ListUsageRequest.FromString,
+                    response_serializer=imagegate_dot_v1_dot_images__pb2.UsageList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +306,60 @@ class ImageService:
             '/imagegate.v1.ImageService/GetImage',
             imagegate_dot_v1_dot_images__pb2.GetImageRequest.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegate.v1.ImageService/GetBalance',
+            imagegate_dot_v1_dot_images__pb2.GetBalanceRequest.SerializeToString,
+            imagegate_dot_v1_dot_images__pb2.Balance.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegate.v1.ImageService/ListUsage',
+            imagegate_dot_v1_dot_images__pb2.ListUsageRequest.SerializeToString,
+            imagegate_dot_v1_dot_images__pb2.UsageList.FromString,
             options,
             channel_credentials,
             insecure,
