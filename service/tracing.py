@@ -16,6 +16,7 @@ read their own variables, as the SDK documents them.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -81,15 +82,14 @@ def _exporter(name: str, env: Mapping[str, str]) -> Any:
         or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
         or "http/protobuf"
     ).strip()
+    modules = {
+        "grpc": "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+        "http/protobuf": "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    }
+    if protocol not in modules:
+        raise ValueError(f"OTLP protocol {protocol!r}: use http/protobuf or grpc")
     try:
-        if protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        elif protocol == "http/protobuf":
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
-                OTLPSpanExporter,
-            )
-        else:
-            raise ValueError(f"OTLP protocol {protocol!r}: use http/protobuf or grpc")
+        module = importlib.import_module(modules[protocol])
     except ImportError:
         raise ValueError(f"the OTLP {protocol} exporter is not installed: {INSTALL_HINT}") from None
-    return OTLPSpanExporter()
+    return module.OTLPSpanExporter()
