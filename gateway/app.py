@@ -11,10 +11,11 @@ from aiohttp import web
 from google.api import httpbody_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2_grpc
 from grpc_status import rpc_status
 from imagegate.v1 import images_pb2, images_pb2_grpc
 
-from gateway import errors, json_text, sse, uploads
+from gateway import errors, health, json_text, sse, telemetry, uploads
 from gateway.config import GatewayConfig
 from gateway.request_json import InvalidJson, parse_request
 
@@ -32,10 +33,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def create_app(config: GatewayConfig) -> web.Application:
     app = web.Application(
-        client_max_size=config.max_body_bytes, middlewares=[request_id_and_errors]
+        client_max_size=config.max_body_bytes,
+        middlewares=[telemetry.middleware, request_id_and_errors],
     )
     app[CONFIG] = config
+    app[telemetry.LIFECYCLE] = telemetry.Lifecycle()
     app.cleanup_ctx.append(_channel)
+    health.add_routes(app)
     app.router.add_post("/v1/images/generations", generate_images)
     app.router.add_post("/v1/images/edits", edit_images)
     app.router.add_post("/v1/images/variations", create_image_variation)
@@ -55,6 +59,7 @@ async def _channel(app: web.Application) -> AsyncIterator[None]:
         options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
     )
     app[STUB] = images_pb2_grpc.ImageServiceStub(channel)
+    app[health.STUB] = health_pb2_grpc.HealthStub(channel)
     app[UPLOADS] = uploads.UploadCalls(channel)
     yield
     await channel.close()
@@ -159,6 +164,10 @@ def _call_options(request: web.Request) -> dict[str, object]:
         ("x-forwarded-host", request.host),
         ("x-forwarded-proto", request.scheme),
     ]
+    if telemetry.tracing_active():
+        metadata += telemetry.trace_metadata()
+    else:
+        metadata += telemetry.passed_through(request)
     return {"metadata": metadata, "timeout": request.app[CONFIG].timeout_s}
 
 
@@ -195,14 +204,6 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
         response = _json_bytes(errors.INTERNAL.status, errors.error_body(errors.INTERNAL))
     if not response.prepared:  # a stream has sent its headers (x-request-id among them)
         response.headers[REQUEST_ID] = request[REQUEST_ID_KEY]
-    # The path only: a query may carry an image URL's signature.
-    log.info(
-        "%s %s %d request_id=%s",
-        request.method,
-        request.rel_url.raw_path,
-        response.status,
-        request[REQUEST_ID_KEY],
-    )
     return response
 
 

@@ -26,6 +26,11 @@ class GatewayConfig:
     # Deadline for one call to the service when the client sets none; Envoy's
     # route timeout is the same, and slow models need minutes.
     timeout_s: float = 300.0
+    # Prometheus /metrics of `serve-rest` (HOST:PORT, or "off"); `serve` uses the
+    # service's metrics_address for both. Beside the service's 9464 on one host.
+    rest_metrics_address: str = "127.0.0.1:9465"
+    # After SIGTERM: how long requests in flight may take before they are cancelled.
+    drain_grace_s: float = 25.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> GatewayConfig:

@@ -64,6 +64,13 @@ class Config:
     redis_prefix: str = "imagegate"
     # How long an Idempotency-Key and its stored response are kept (at least 24 hours).
     idempotency_ttl_s: float = 86400.0
+    # Prometheus /metrics (HOST:PORT, or "off"); `serve` serves the front's there too.
+    metrics_address: str = "127.0.0.1:9464"
+    # After SIGTERM: how long calls in flight may take to finish before they are
+    # cancelled and released. Below Kubernetes' default 30 s before SIGKILL.
+    drain_grace_s: float = 25.0
+    # Log lines as JSON objects, or "text" for a terminal.
+    log_format: str = "json"
 
     @property
     def uses_postgres(self) -> bool:

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from service import costs, keys, uploads
+from service import costs, keys, metrics, observe, uploads
 from service.aio import uninterrupted
 from service.catalog import Catalog, ModelSpec
 from service.errors import InvalidApiKey, InvalidParameter, ModelNotAllowed, ModelNotFound
@@ -134,7 +134,8 @@ class ImageCore:
     async def authenticate(self, authorization: str | None) -> Caller:
         key = keys.key_from_authorization(authorization)
         digest = keys.hash_key(key)
-        record = await self._store.find_key(digest)
+        with observe.stage("auth"):
+            record = await self._store.find_key(digest)
         # The lookup is by hash; the constant-time compare keeps the final check
         # free of timing differences whatever the index did.
         if (
@@ -143,6 +144,8 @@ class ImageCore:
             or record.revoked_at is not None
         ):
             raise InvalidApiKey(keys.INVALID)
+        noted = observe.current()
+        noted.key_id, noted.account = record.id, record.account_name
         return Caller(
             record.id, record.account_id, record.account_name, record.models, record.limits
         )
@@ -302,29 +305,15 @@ class ImageCore:
                 # Stored with the charge, in one transaction: never one without the other.
                 claim, encode = keep
                 done = (claim, await asyncio.to_thread(encode, rendered))
-            await uninterrupted(self._store.settle(reservation, cost, served, done=done))
+            with observe.stage("settle"):
+                await uninterrupted(self._store.settle(reservation, cost, served, done=done))
         except BaseException:
             # Failed, timed out, unsendable or cancelled (client gone): charge nothing.
             # A settle that did commit makes this release a no-op (resolved once).
-            await uninterrupted(self._store.release(reservation))
+            with observe.stage("settle"):
+                await uninterrupted(self._store.release(reservation))
             raise
-        log.info(
-            "request %s %s account=%s model=%s route=%s/%s n=%d/%d size=%s quality=%s cost=%d "
-            "upstream_cost=%d latency_ms=%d",
-            ctx.request_id,
-            request.operation,
-            caller.account_name,
-            request.model.id,
-            served.provider,
-            served.upstream_model,
-            len(images),
-            request.n,
-            request.size,
-            request.quality,
-            cost,
-            served.upstream_cost_micros,
-            (self._clock() - started) * 1000,
-        )
+        _note_served(request, served, len(images), cost)
         return rendered
 
     async def stream(
@@ -374,25 +363,13 @@ class ImageCore:
             finally:
                 await items.aclose()
         except BaseException:
-            await uninterrupted(self._settle_delivered(reservation, request, delivered))
+            with observe.stage("settle"):
+                await uninterrupted(self._settle_delivered(reservation, request, delivered))
             raise
-        served, cost = await uninterrupted(self._settle_delivered(reservation, request, delivered))
-        log.info(
-            "request %s account=%s model=%s route=%s/%s streamed n=%d/%d size=%s quality=%s "
-            "cost=%d upstream_cost=%d latency_ms=%d",
-            ctx.request_id,
-            caller.account_name,
-            request.model.id,
-            served.provider,
-            served.upstream_model,
-            delivered.images,
-            request.n,
-            request.size,
-            request.quality,
-            cost,
-            served.upstream_cost_micros,
-            (self._clock() - started) * 1000,
-        )
+        with observe.stage("settle"):
+            settled = self._settle_delivered(reservation, request, delivered)
+            served, cost = await uninterrupted(settled)
+        _note_served(request, served, delivered.images, cost)
 
     async def _settle_delivered(
         self, reservation: str, request: ImageRequest, delivered: Delivered
@@ -424,6 +401,7 @@ class ImageCore:
             operation=operation,
             streaming=streaming,
         )
+        _note(request)
         if caller.models is not None and request.model.id not in caller.models:
             raise ModelNotAllowed(
                 f"This API key is not allowed to use the model '{request.model.id}'."
@@ -462,7 +440,8 @@ class ImageCore:
             )
         )
         try:
-            await asyncio.shield(held)
+            with observe.stage("reserve"):
+                await asyncio.shield(held)
         except asyncio.CancelledError:
             await uninterrupted(self._undo_reserve(held, reservation))
             raise
@@ -479,16 +458,23 @@ class ImageCore:
         """Split, retry and fail over across the model's routes (providers/dispatch.py).
         Each call's images are cut to what it asked for: extra ones are neither
         returned nor charged."""
-        return await self.dispatcher.dispatch(
-            request, request_id=ctx.request_id, deadline=ctx.deadline
-        )
+        try:
+            with observe.stage("upstream"):
+                return await self.dispatcher.dispatch(
+                    request, request_id=ctx.request_id, deadline=ctx.deadline
+                )
+        finally:
+            metrics.breakers(
+                (h.provider, h.upstream_model, h.state) for h in self.dispatcher.health()
+            )
 
     async def _deliver(
         self, generated: list[GeneratedImage], request: ImageRequest, ctx: RequestContext
     ) -> list[ResultImage]:
         if request.response_format == "b64_json":
             return [ResultImage(data=g.data, revised_prompt=g.revised_prompt) for g in generated]
-        ids = await self._images.put_all([(g.data, g.content_type) for g in generated])
+        with observe.stage("store"):
+            ids = await self._images.put_all([(g.data, g.content_type) for g in generated])
         return [
             ResultImage(
                 url=ctx.base_url + self._images.signed_path(i), revised_prompt=g.revised_prompt
@@ -555,6 +541,22 @@ def _page_size(limit: str) -> int:
             param="limit",
         )
     return int(limit)
+
+
+def _note(request: ImageRequest) -> None:
+    """What the request asks for, in its record (its log line and metrics labels)."""
+    record = observe.current()
+    record.model, record.n = request.model.id, request.n
+    record.size, record.quality = request.size, request.quality
+
+
+def _note_served(request: ImageRequest, served: Served, images: int, cost: int) -> None:
+    record = observe.current()
+    routes = zip(served.provider.split(","), served.upstream_model.split(","), strict=False)
+    record.route = ",".join(f"{p}/{m}" for p, m in routes if p)
+    record.images, record.cost_micros = images, cost
+    record.upstream_cost_micros = served.upstream_cost_micros
+    metrics.IMAGES.labels(request.model.id).inc(images)
 
 
 def _generation(

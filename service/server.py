@@ -6,21 +6,25 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from imagegate.v1 import images_pb2, images_pb2_grpc
+from imagegate.v1 import images_pb2_grpc
 
+from service import metrics
 from service.catalog import Catalog, InputRules, load_catalog
 from service.config import Config
-from service.core import ImageCore
+from service.core import Caller, ImageCore
+from service.grpc_observe import Observer
 from service.images import ImageStore, load_or_create_secret
 from service.imagestore import is_s3, open_backend
 from service.inputs import InputLoader
 from service.instances import Liveness
+from service.lifecycle import SERVICE_NAME, InFlight, Readiness
 from service.limits import Limiter, Limits
 from service.links import DEFAULT_REST_URL, LinkBase, bind_address, parse_networks
 from service.providers.download import SafeDownloader
@@ -30,7 +34,6 @@ from service.store.base import Store
 from service.store.sqlite import SqliteStore
 
 log = logging.getLogger("imagegate.server")
-SERVICE_NAME = images_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
 
 
 def message_size_options(limit: int) -> list[tuple[str, int]]:
@@ -71,7 +74,28 @@ class Service:
     links: LinkBase
     liveness: Liveness
     limiter: Limiter
+    # The health service's answer, and the ImageService calls in flight (for a drain).
+    readiness: Readiness
+    calls: InFlight
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def drain(self, grace_s: float, force: asyncio.Event) -> None:
+        """Report NOT_SERVING and refuse new calls at once; let those in flight end within
+        `grace_s` (or until `force` is set), then cancel the rest, each releasing its
+        reservation. stop() afterwards."""
+        self.calls.draining = True
+        await self.readiness.drain()
+        log.info("draining: %d calls in flight, grace %.0f s", self.calls.in_flight, grace_s)
+        if not await self.calls.wait(grace_s, force):
+            await self.calls.cancel_all()
+
+    async def refresh_gauges(self) -> None:
+        """The store's held reservations and every breaker, into the metrics gauges."""
+        count, oldest = await self.store.held()
+        metrics.open_reservations(count, 0.0 if oldest is None else max(0.0, time.time() - oldest))
+        metrics.breakers(
+            (h.provider, h.upstream_model, h.state) for h in self.core.dispatcher.health()
+        )
 
     async def stop(self, grace: float | None = 5.0) -> None:
         for task in self._tasks:
@@ -157,13 +181,15 @@ async def start_service(
         idempotency_ttl_s=config.idempotency_ttl_s,
     )
     servicer = ImageServicer(core, links, config.max_message_bytes)
+    readiness, calls = Readiness(), InFlight()
     try:
         # Recorded before serving, then what stopped processes left held is released
         # (at once for those of this machine), and what expired.
         await liveness.beat()
         await core.sweep()
+        await readiness.update(catalog=bool(core.list_models(_EVERY_MODEL)))
         server, bound = await create_server(
-            config, servicer, config.grpc_port if port is None else port
+            config, servicer, config.grpc_port if port is None else port, readiness, calls
         )
         await server.start()
     except BaseException:
@@ -174,9 +200,11 @@ async def start_service(
         await core.aclose()  # the image store and the input loader
         await store.close()
         raise
-    service = Service(config, store, core, server, bound, registry, links, liveness, limiter)
+    service = Service(
+        config, store, core, server, bound, registry, links, liveness, limiter, readiness, calls
+    )
     service._tasks.append(asyncio.create_task(_sweep_forever(core, config.sweep_interval_s)))
-    service._tasks.append(asyncio.create_task(_beat_forever(liveness, config.heartbeat_interval_s)))
+    service._tasks.append(asyncio.create_task(_beat_forever(service, config.heartbeat_interval_s)))
     log.info("ImageService listening on %s:%d", config.host, bound)
     return service
 
@@ -197,14 +225,20 @@ def url_secret(config: Config) -> bytes:
 
 
 async def create_server(
-    config: Config, servicer: ImageServicer, port: int
+    config: Config,
+    servicer: ImageServicer,
+    port: int,
+    readiness: Readiness | None = None,
+    calls: InFlight | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(options=message_size_options(config.max_message_bytes))
+    readiness = readiness or Readiness()
+    server = grpc.aio.server(
+        options=message_size_options(config.max_message_bytes),
+        interceptors=[Observer(calls or InFlight())],
+    )
     images_pb2_grpc.add_ImageServiceServicer_to_server(servicer, _RawUploads(server))
-    health_servicer = health.aio.HealthServicer()
-    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await readiness.update()
+    health_pb2_grpc.add_HealthServicer_to_server(readiness.servicer, server)
     reflection.enable_server_reflection(
         (
             SERVICE_NAME,
@@ -252,6 +286,10 @@ def _raw(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     )
 
 
+# A caller allowed every model: does the catalog serve any?
+_EVERY_MODEL = Caller(key_id="", account_id=0, account_name="", models=None)
+
+
 async def _sweep_forever(core: ImageCore, interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s)
@@ -261,10 +299,16 @@ async def _sweep_forever(core: ImageCore, interval_s: float) -> None:
             log.exception("sweep failed; retrying next interval")
 
 
-async def _beat_forever(liveness: Liveness, interval_s: float) -> None:
+async def _beat_forever(service: Service, interval_s: float) -> None:
+    """The heartbeat, which also tells readiness whether the database answers, and the
+    gauges read from the store (between scrapes, and for every worker of `--workers`)."""
     while True:
         await asyncio.sleep(interval_s)
         try:
-            await liveness.beat()
+            await service.liveness.beat()
+            await service.refresh_gauges()
         except Exception:
             log.exception("heartbeat failed; retrying next interval")
+            await service.readiness.update(database=False)
+        else:
+            await service.readiness.update(database=True)

@@ -16,6 +16,7 @@ from google.api import httpbody_pb2
 from google.protobuf.message import DecodeError, Message
 from imagegate.v1 import images_pb2, images_pb2_grpc
 
+from service import observe
 from service.catalog import ModelSpec
 from service.core import Caller, Generation, ImageCore, RequestContext
 from service.errors import ImagegateError, InvalidParameter
@@ -249,14 +250,16 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         except ImagegateError as err:
             await abort(context, to_status(err))
         except Exception:
-            log.exception("request %s failed", _metadata(context, "x-request-id"))
+            log.exception("request %s failed", self._request_id(context))
             await abort(context, internal_status())
 
     async def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
         return await self._core.authenticate(_metadata(context, "authorization"))
 
     def _request_id(self, context: grpc.aio.ServicerContext) -> str:
-        return _metadata(context, "x-request-id") or uuid.uuid4().hex
+        # The interceptor's (grpc_observe.py), so the log line and the upstream agree.
+        sent = observe.current().request_id or _metadata(context, "x-request-id")
+        return sent or uuid.uuid4().hex
 
     def _base_url(self, context: grpc.aio.ServicerContext) -> str:
         return self._links.base_url(

@@ -300,10 +300,11 @@ def transcoder(config: dict[str, Any]) -> dict[str, Any]:
     filters = hcm["typed_config"]["http_filters"]
     assert [f["name"].rsplit(".", 1)[-1] for f in filters] == [
         "lua",
+        "health_check",
         "grpc_json_transcoder",
         "router",
     ]
-    typed: dict[str, Any] = filters[1]["typed_config"]
+    typed: dict[str, Any] = filters[2]["typed_config"]
     return typed
 
 

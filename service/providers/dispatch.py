@@ -58,6 +58,7 @@ from service.providers.base import (
     generated_events,
     operation,
 )
+from service.providers.observed import upstream_observed
 from service.requests import EDIT, GENERATE, ImageRequest
 
 log = logging.getLogger("imagegate.dispatch")
@@ -410,27 +411,32 @@ class Dispatcher:
         self, provider: Provider, call: UpstreamCall, limit: float, job: _Job, route: Route
     ) -> ProviderResult:
         relay = None if job.sink is None else _Relay(job.sink, next(job.attempts), route)
-        try:
+        with upstream_observed(provider.id, call, timed_out=_TimedOut) as seen:
             try:
-                async with asyncio.timeout(max(limit, 0.0)):
-                    if relay is None:
-                        run = operation(provider, call.request.operation)
-                        assert run is not None, "_serve skips routes that cannot serve it"
-                        result = await run(call)
-                    else:
-                        result = await relay.run(provider, call)
-            except TimeoutError:
-                raise _TimedOut(
-                    f"The upstream provider '{provider.id}' did not answer within {limit:.3g} s.",
-                    retryable=True,
-                ) from None
-            if not result.images:
-                raise UpstreamError(f"The upstream provider '{provider.id}' returned no images.")
-        except (UpstreamError, *FINAL) as exc:
-            if relay is not None and relay.sent:
-                raise _AfterEvents(exc, relay.result()) from exc
-            raise
-        return result
+                try:
+                    async with asyncio.timeout(max(limit, 0.0)):
+                        if relay is None:
+                            run = operation(provider, call.request.operation)
+                            assert run is not None, "_serve skips routes that cannot serve it"
+                            result = await run(call)
+                        else:
+                            result = await relay.run(provider, call)
+                except TimeoutError:
+                    raise _TimedOut(
+                        f"The upstream provider '{provider.id}' did not answer within "
+                        f"{limit:.3g} s.",
+                        retryable=True,
+                    ) from None
+                if not result.images:
+                    raise UpstreamError(
+                        f"The upstream provider '{provider.id}' returned no images."
+                    )
+            except (UpstreamError, *FINAL) as exc:
+                if relay is not None and relay.sent:
+                    raise _AfterEvents(exc, relay.result()) from exc
+                raise
+            seen.images = len(result.images[: call.n])
+            return result
 
     def _route_timeout(self, route: Route) -> float:
         settings = self._provider_settings.get(route.provider)
