@@ -13,16 +13,18 @@ from aiohttp import HttpVersion11, web
 from google.api import httpbody_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2_grpc
 from grpc_status import rpc_status
 from imagegate.v1 import images_pb2, images_pb2_grpc
 
-from gateway import errors, http_input, json_text, response_json, sse
+from gateway import errors, health, http_input, json_text, response_json, sse, telemetry, uploads
 from gateway.config import GatewayConfig
 from gateway.request_json import InvalidJson, parse_request
 
 log = logging.getLogger("imagegate.gateway")
 
 STUB: web.AppKey[images_pb2_grpc.ImageServiceStub] = web.AppKey("stub")
+UPLOADS: web.AppKey[uploads.UploadCalls] = web.AppKey("uploads")
 # GenerateImages returning the raw reply, which response_json parses off the loop.
 GENERATE: web.AppKey[grpc.aio.UnaryUnaryMultiCallable] = web.AppKey("generate")
 CONFIG: web.AppKey[GatewayConfig] = web.AppKey("config")
@@ -35,11 +37,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # matches it (its ROUTES table; tests/test_envoy_config.py keeps the two equal).
 ROUTES: tuple[tuple[str, str], ...] = (
     (r"^/v1/images/generations$", "POST"),
+    (r"^/v1/images/edits$", "POST"),
+    (r"^/v1/images/variations$", "POST"),
     (r"^/v1/models$", "GET"),
     (r"^/v1/models/[^/]+$", "GET"),
     (r"^/v1/images/files/[^/]+$", "GET"),
     (r"^/v1/balance$", "GET"),
     (r"^/v1/usage$", "GET"),
+    (r"^/healthz$", "GET"),
+    (r"^/readyz$", "GET"),
     (r"^/openapi\.json$", "GET"),
 )
 _ROUTES = [(re.compile(pattern), method) for pattern, method in ROUTES]
@@ -49,12 +55,18 @@ OPENAPI = importlib.resources.files("gateway").joinpath("openapi.json").read_byt
 
 def create_app(config: GatewayConfig) -> web.Application:
     app = web.Application(
-        client_max_size=config.max_body_bytes, middlewares=[request_id_and_errors]
+        client_max_size=config.max_body_bytes,
+        middlewares=[telemetry.middleware, request_id_and_errors],
     )
     app[CONFIG] = config
+    app[telemetry.LIFECYCLE] = telemetry.Lifecycle()
     app.cleanup_ctx.append(_channel)
     route = app.router.add_route
+    route("GET", "/healthz", health.healthz, expect_handler=_expect)
+    route("GET", "/readyz", health.readyz, expect_handler=_expect)
     route("POST", "/v1/images/generations", generate_images, expect_handler=_expect)
+    route("POST", "/v1/images/edits", edit_images, expect_handler=_expect)
+    route("POST", "/v1/images/variations", create_image_variation, expect_handler=_expect)
     route("GET", "/v1/models", list_models, expect_handler=_expect)
     route("GET", "/v1/models/{model}", get_model, expect_handler=_expect)
     route("GET", "/v1/images/files/{image_id}", get_image, expect_handler=_expect)
@@ -75,6 +87,8 @@ async def _channel(app: web.Application) -> AsyncIterator[None]:
         options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
     )
     app[STUB] = images_pb2_grpc.ImageServiceStub(channel)
+    app[health.STUB] = health_pb2_grpc.HealthStub(channel)
+    app[UPLOADS] = uploads.UploadCalls(channel)
     app[GENERATE] = channel.unary_unary(
         f"/{images_pb2.DESCRIPTOR.services_by_name['ImageService'].full_name}/GenerateImages",
         request_serializer=images_pb2.GenerateImagesRequest.SerializeToString,
@@ -104,6 +118,41 @@ async def generate_images(request: web.Request) -> web.StreamResponse:
     return _parts(await response_json.images_parts(reply))
 
 
+async def edit_images(request: web.Request) -> web.StreamResponse:
+    message, stream = await _upload(request, "EditImages", streamable=True)
+    if stream:
+        # As a streamed generation: its own RPC, written as server-sent events.
+        call = request.app[UPLOADS].stream_edit(message, **_call_options(request))
+        return await sse.relay(request, call, {REQUEST_ID: request[REQUEST_ID_KEY]})
+    reply = await request.app[UPLOADS].call("EditImages", message, **_call_options(request))
+    return _json(reply)
+
+
+async def create_image_variation(request: web.Request) -> web.Response:
+    message, _ = await _upload(request, "CreateImageVariation")
+    reply = await request.app[UPLOADS].call(
+        "CreateImageVariation", message, **_call_options(request)
+    )
+    return _json(reply)
+
+
+async def _upload(
+    request: web.Request, method: str, *, streamable: bool = False
+) -> tuple[bytes, bool]:
+    """The raw body under the upload limit (gateway/uploads.py); the service parses it."""
+    try:
+        async with asyncio.timeout(request.app[CONFIG].body_timeout_s):
+            return await uploads.read_upload(
+                request, request.app[CONFIG].max_upload_bytes, method, streamable=streamable
+            )
+    except TimeoutError:
+        raise _Failure(errors.REQUEST_TIMEOUT, close=True) from None
+    except uploads.TooLarge:
+        raise _Failure(errors.TOO_LARGE) from None
+    except uploads.Encoded:
+        raise _Failure(errors.ENCODED_UPLOAD) from None
+
+
 async def list_models(request: web.Request) -> web.Response:
     reply = await request.app[STUB].ListModels(
         images_pb2.ListModelsRequest(), **_call_options(request)
@@ -120,7 +169,6 @@ async def get_model(request: web.Request) -> web.Response:
 async def get_image(request: web.Request) -> web.Response:
     message = images_pb2.GetImageRequest(
         image_id=_path_param(request),
-        # The last of repeated parameters, as Envoy's transcoder binds them.
         expires=_query(request, "expires"),
         signature=_query(request, "signature"),
     )
@@ -145,11 +193,6 @@ async def list_usage(request: web.Request) -> web.Response:
     return _json(reply)
 
 
-def _query(request: web.Request, name: str) -> str:
-    """The last of repeated parameters, decoded as Envoy's transcoder binds them."""
-    return http_input.query_value(request.rel_url.raw_query_string, name)
-
-
 async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=OPENAPI, headers={"Content-Type": "application/json"})
 
@@ -168,6 +211,11 @@ async def _expect(request: web.Request) -> None:
         request.writer.output_size = 0  # the response proper has not started
 
 
+def _query(request: web.Request, name: str) -> str:
+    """The last of repeated parameters, decoded as Envoy's transcoder binds them."""
+    return http_input.query_value(request.rel_url.raw_query_string, name)
+
+
 def _call_options(request: web.Request) -> dict[str, object]:
     metadata = [
         (name.decode(), value)
@@ -181,6 +229,10 @@ def _call_options(request: web.Request) -> dict[str, object]:
         ("x-forwarded-host", request.host),
         ("x-forwarded-proto", request.scheme),
     ]
+    if telemetry.tracing_active():
+        metadata += telemetry.trace_metadata()
+    else:
+        metadata += telemetry.passed_through(request)
     return {"metadata": metadata, "timeout": request.app[CONFIG].timeout_s}
 
 
@@ -254,14 +306,6 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
         response = _json_bytes(errors.INTERNAL.status, errors.error_body(errors.INTERNAL))
     if not response.prepared:  # a stream has sent its headers (x-request-id among them)
         response.headers[REQUEST_ID] = request[REQUEST_ID_KEY]
-    # The path only: a query may carry an image URL's signature.
-    log.info(
-        "%s %s %d request_id=%s",
-        request.method,
-        _path(request),
-        response.status,
-        request[REQUEST_ID_KEY],
-    )
     return response
 
 

@@ -17,6 +17,10 @@ class GatewayConfig:
     rest_port: int = 8080
     # Generation requests are small JSON; Envoy's front enforces the same limit.
     max_body_bytes: int = 1 * MiB
+    # Edit and variation uploads (the whole body: up to 16 images and a mask); Envoy's
+    # upload routes have the same limit. It must stay below max_message_bytes, since
+    # the body travels to the service in one gRPC message.
+    max_upload_bytes: int = 60 * MiB
     # Must match the service's limit: responses carry whole images.
     max_message_bytes: int = 64 * MiB
     # Deadline for one call to the service when the client sets none; Envoy's
@@ -30,6 +34,11 @@ class GatewayConfig:
     # Request line plus headers, all together (431 above); Envoy's
     # max_request_headers_kb is the same 8 KiB.
     max_header_bytes: int = 8192
+    # Prometheus /metrics of `serve-rest` (HOST:PORT, or "off"); `serve` uses the
+    # service's metrics_address for both. Beside the service's 9464 on one host.
+    rest_metrics_address: str = "127.0.0.1:9465"
+    # After SIGTERM: how long requests in flight may take before they are cancelled.
+    drain_grace_s: float = 25.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> GatewayConfig:

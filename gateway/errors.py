@@ -27,6 +27,11 @@ class Row:
 BY_REASON: dict[str, Row] = {
     "INVALID_PARAMETER": Row(400, "invalid_request_error", "invalid_value"),
     "MODEL_NOT_SUPPORTED": Row(400, "invalid_request_error", "model_not_found"),
+    # An upload body the service could not read; the service names the code
+    # (invalid_multipart or invalid_json).
+    "INVALID_BODY": Row(400, "invalid_request_error", "invalid_multipart"),
+    # An input image over its size cap (the front's own 413 covers the whole body).
+    "UPLOAD_TOO_LARGE": Row(413, "invalid_request_error", "request_too_large"),
     "CONTENT_POLICY": Row(400, "invalid_request_error", "content_policy_violation"),
     "INVALID_API_KEY": Row(401, "invalid_request_error", "invalid_api_key"),
     "MODEL_NOT_ALLOWED": Row(403, "invalid_request_error", "model_not_allowed"),
@@ -63,6 +68,13 @@ INVALID_JSON = Row(
     "endpoint's parameters and the header Content-Type: application/json.",
 )
 TOO_LARGE = Row(413, "invalid_request_error", "request_too_large", "The request body is too large.")
+# An upload (edits, variations) with a Content-Encoding: read by neither front.
+ENCODED_UPLOAD = Row(
+    400,
+    "invalid_request_error",
+    "invalid_multipart",
+    "We could not read the body of your request: send it without a Content-Encoding.",
+)
 UNKNOWN_URL = Row(404, "invalid_request_error", "unknown_url")
 WRONG_METHOD = Row(405, "invalid_request_error", "method_not_allowed")
 # Requests the HTTP layer refuses before any route: a bad request line, header

@@ -20,6 +20,7 @@ LOGGERS = (
     "aiohttp.web",
     "aiohttp.websocket",
     "asyncio",
+    "imagegate.access",
     "imagegate.gateway",
 )
 
@@ -39,6 +40,10 @@ class RedactSecrets(logging.Filter):
             text += "\n" + record.stack_info
         record.msg, record.args = redact(text), None
         record.exc_info, record.exc_text, record.stack_info = None, None, None
+        # Structured fields (the JSON log lines' extra={"fields": ...}), a path among them.
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            record.fields = {k: redact(v) if isinstance(v, str) else v for k, v in fields.items()}
         return True
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from gateway import log_redaction
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.protocol import make_runner
+from gateway.telemetry import LIFECYCLE
 
 
 async def start_gateway(config: GatewayConfig, port: int | None = None) -> web.AppRunner:
@@ -24,3 +27,9 @@ def bound_port(runner: web.AppRunner) -> int:
     for address in runner.addresses:
         return int(address[1])
     raise RuntimeError("gateway is not listening")
+
+
+async def drain_gateway(runner: web.AppRunner, grace_s: float, force: asyncio.Event) -> None:
+    """Refuse new requests (503, /readyz unready) and let those in flight end within
+    `grace_s` or until `force`; cancel the rest. runner.cleanup() afterwards."""
+    await runner.app[LIFECYCLE].drain(grace_s, force)

@@ -23,6 +23,7 @@ __all__ = [
     "Catalog",
     "CatalogError",
     "DispatchSettings",
+    "InputRules",
     "ModelSpec",
     "ProviderSettings",
     "Route",
@@ -74,6 +75,27 @@ class TokenPrices:
         return -(-tokens * self.text_input // TOKENS_PER_PRICE_UNIT)
 
 
+MiB = 1024 * 1024
+# OpenAI's input formats for edits and variations.
+INPUT_FORMATS = ("png", "jpeg", "webp")
+
+
+@dataclass(frozen=True)
+class InputRules:
+    """What a model takes as input images (edits, variations): the catalog's `inputs` table.
+    The defaults are OpenAI's gpt-image rules; dall-e-2 takes one square PNG under 4 MiB."""
+
+    max_images: int = 16
+    # Per file; a larger one is a 413.
+    max_bytes: int = 50 * MiB
+    formats: tuple[str, ...] = INPUT_FORMATS
+    square: bool = False
+    # Token-priced models: the most input tokens one image can count for in one
+    # upstream call (the reservation's bound; gpt-image counts ~3,000 for a
+    # 1024x1024 image at input_fidelity high).
+    image_tokens_max: int = 6500
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     id: str
@@ -103,6 +125,12 @@ class ModelSpec:
     family: str = ""
     # Set for token-priced models: charged from the usage the upstream reports.
     token_prices: TokenPrices | None = None
+    # POST /v1/images/edits and /v1/images/variations: whether the model takes them.
+    edits: bool = False
+    variations: bool = False
+    # Empty tuple: `input_fidelity` is not accepted.
+    input_fidelities: tuple[str, ...] = ()
+    inputs: InputRules = field(default_factory=InputRules)
 
     def __post_init__(self) -> None:
         if not self.routes:
@@ -224,6 +252,10 @@ def _model(model_id: str, entry: Mapping[str, Any]) -> ModelSpec:
             routes=routes,
             family=str(entry.get("family", "")),
             token_prices=_token_prices(model_id, entry.get("token_prices")),
+            edits=_flag(model_id, entry, "edits"),
+            variations=_flag(model_id, entry, "variations"),
+            input_fidelities=tuple(entry.get("input_fidelities", ())),
+            inputs=_inputs(model_id, entry.get("inputs")),
         )
     except CatalogError:
         raise
@@ -287,6 +319,40 @@ def _token_prices(model_id: str, table: object) -> TokenPrices | None:
             f"model {model_id!r}: token_prices takes text_input, image_input and output"
         )
     return TokenPrices(**{k: _micros(model_id, v) for k, v in table.items()})
+
+
+def _flag(model_id: str, entry: Mapping[str, Any], key: str) -> bool:
+    value = entry.get(key, False)
+    if not isinstance(value, bool):
+        raise CatalogError(f"model {model_id!r}: {key} must be true or false")
+    return value
+
+
+def _inputs(model_id: str, table: object) -> InputRules:
+    if table is None:
+        return InputRules()
+    known = {"max_images", "max_bytes", "formats", "square", "image_tokens_max"}
+    if not isinstance(table, Mapping) or set(table) - known:
+        raise CatalogError(f"model {model_id!r}: inputs takes {', '.join(sorted(known))}")
+    rules = InputRules(
+        max_images=table.get("max_images", InputRules.max_images),
+        max_bytes=table.get("max_bytes", InputRules.max_bytes),
+        formats=tuple(table.get("formats", INPUT_FORMATS)),
+        square=table.get("square", False),
+        image_tokens_max=table.get("image_tokens_max", InputRules.image_tokens_max),
+    )
+    counts = (rules.max_images, rules.max_bytes, rules.image_tokens_max)
+    if (
+        any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts)
+        or not 1 <= rules.max_images <= 16
+        or not set(rules.formats) <= set(INPUT_FORMATS)
+        or not isinstance(rules.square, bool)
+    ):
+        raise CatalogError(
+            f"model {model_id!r}: inputs: max_images 1-16, max_bytes and image_tokens_max "
+            f"non-negative integers, formats among {', '.join(INPUT_FORMATS)}, square true/false"
+        )
+    return rules
 
 
 def _micros(model_id: str, price: object) -> int:

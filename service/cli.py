@@ -12,15 +12,16 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 # The CLI is the one place the two halves meet: `serve` runs both in one process.
 from gateway.config import GatewayConfig
-from gateway.server import bound_port, start_gateway
-from service import keys
+from gateway.server import bound_port, drain_gateway, start_gateway
+from service import keys, logs, tracing
+from service.admin_http import Refresh, start_admin
 from service.catalog import Catalog, ModelSpec, load_catalog
 from service.config import Config
 from service.links import url_host
@@ -36,17 +37,15 @@ from service.store.base import (
     UnknownCursor,
 )
 
+log = logging.getLogger("imagegate.cli")
 DEMO_ACCOUNT = "demo"
 DEMO_CREDIT = "5.00"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
     try:
+        logs.setup(args.log_level, Config.from_env(log_format=args.log_format).log_format)
         return int(asyncio.run(args.func(args)) or 0)
     except (UnknownAccount, UnknownCursor, AccountExists, StoreError, ValueError) as exc:
         print(f"imagegate: {exc}", file=sys.stderr)
@@ -81,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="imagegate", description="OpenAI-compatible image-generation gateway."
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    parser.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        help="log lines as JSON objects, or text for a terminal [IMAGEGATE_LOG_FORMAT, json]",
+    )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = _command(sub, "serve", _serve, "Run gRPC and the REST front in one process.")
@@ -98,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
     rest.add_argument("--host", help="address to bind [IMAGEGATE_HOST, 127.0.0.1]")
     _rest_flags(rest)
     rest.add_argument("--grpc-target", help="HOST:PORT of ImageService [IMAGEGATE_GRPC_TARGET]")
+    rest.add_argument(
+        "--metrics-address",
+        help="HOST:PORT of /metrics, or off [IMAGEGATE_REST_METRICS_ADDRESS, 127.0.0.1:9465]",
+    )
+    _drain_flag(rest)
 
     accounts = _group(sub, "accounts", "Create and show accounts.")
     p = _command(accounts, "create", _accounts_create, "Create an account.", store=True)
@@ -226,6 +235,20 @@ def _service_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--public-url", help="base of image URLs when no front says [IMAGEGATE_PUBLIC_URL]"
     )
+    p.add_argument(
+        "--metrics-address",
+        help="HOST:PORT of /metrics, or off [IMAGEGATE_METRICS_ADDRESS, 127.0.0.1:9464]",
+    )
+    _drain_flag(p)
+
+
+def _drain_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--drain-grace",
+        dest="drain_grace_s",
+        type=float,
+        help="seconds calls in flight may take to end after SIGTERM [IMAGEGATE_DRAIN_GRACE_S, 25]",
+    )
 
 
 def _rest_flags(p: argparse.ArgumentParser) -> None:
@@ -233,7 +256,16 @@ def _rest_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> Config:
-    fields = ("host", "grpc_port", "data_dir", "database_url", "catalog", "public_url")
+    fields = (
+        "host",
+        "grpc_port",
+        "data_dir",
+        "database_url",
+        "catalog",
+        "public_url",
+        "metrics_address",
+        "drain_grace_s",
+    )
     return Config.from_env(**{f: getattr(args, f, None) for f in fields})
 
 
@@ -254,15 +286,18 @@ async def _serve(args: argparse.Namespace) -> int:
     config = _config(args)
     gateway_config = _gateway_config(args, grpc_target=None)
     rest_url = f"http://{url_host(gateway_config.host)}:{gateway_config.rest_port}"
-    service = await start_service(config, rest_url=rest_url)
-    # The front dials the address the service is bound to, not a guess.
-    gateway_config = replace(gateway_config, grpc_target=f"{url_host(config.host)}:{service.port}")
-    try:
+    stop, force = _signals()
+    async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(_tracing())
+        service = await start_service(config, rest_url=rest_url)
+        stack.push_async_callback(service.stop)
+        # The front dials the address the service is bound to, not a guess.
+        target = f"{url_host(config.host)}:{service.port}"
+        gateway_config = replace(gateway_config, grpc_target=target)
         runner = await start_gateway(gateway_config)
-    except BaseException:
-        await service.stop()
-        raise
-    try:
+        stack.push_async_callback(runner.cleanup)
+        # One listener for both halves: they share this process's registry.
+        await _admin(stack, config.metrics_address, service.refresh_gauges)
         # The port really bound (--rest-port 0 picks one): image URLs for gRPC callers.
         rest_url = f"http://{url_host(gateway_config.host)}:{bound_port(runner)}"
         service.links.fallback_url = rest_url
@@ -272,51 +307,95 @@ async def _serve(args: argparse.Namespace) -> int:
             f"imagegate: REST on {rest_url}, gRPC on {config.host}:{service.port}. Ctrl-C stops.",
             flush=True,
         )
-        await _until_signal()
-    finally:
-        await runner.cleanup()
-        await service.stop()
+        await stop.wait()
+        grace = config.drain_grace_s
+        await asyncio.gather(service.drain(grace, force), drain_gateway(runner, grace, force))
     return 0
 
 
 async def _serve_grpc(args: argparse.Namespace) -> int:
     config = _config(args)
-    # No front in this process: image URLs for gRPC callers point at the default
-    # REST address on this host, unless --public-url says otherwise.
-    service = await start_service(config, rest_url=f"http://{url_host(config.host)}:8080")
-    try:
+    stop, force = _signals()
+    async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(_tracing())
+        # No front in this process: image URLs for gRPC callers point at the default
+        # REST address on this host, unless --public-url says otherwise.
+        service = await start_service(config, rest_url=f"http://{url_host(config.host)}:8080")
+        stack.push_async_callback(service.stop)
+        await _admin(stack, config.metrics_address, service.refresh_gauges)
         print(f"imagegate: gRPC on {service.config.host}:{service.port}. Ctrl-C stops.", flush=True)
-        await _until_signal()
-    finally:
-        await service.stop()
+        await stop.wait()
+        await service.drain(config.drain_grace_s, force)
     return 0
 
 
 async def _serve_rest(args: argparse.Namespace) -> int:
-    config = _gateway_config(args, grpc_target=args.grpc_target)
-    runner = await start_gateway(config)
-    try:
+    config = _gateway_config(
+        args,
+        grpc_target=args.grpc_target,
+        rest_metrics_address=args.metrics_address,
+        drain_grace_s=args.drain_grace_s,
+    )
+    stop, force = _signals()
+    async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(_tracing())
+        runner = await start_gateway(config)
+        stack.push_async_callback(runner.cleanup)
+        await _admin(stack, config.rest_metrics_address)
         print(
             f"imagegate: REST on {config.host}:{config.rest_port} -> gRPC {config.grpc_target}. "
             "Ctrl-C stops.",
             flush=True,
         )
-        await _until_signal()
-    finally:
-        await runner.cleanup()
+        await stop.wait()
+        await drain_gateway(runner, config.drain_grace_s, force)
     return 0
 
 
-def _gateway_config(args: argparse.Namespace, grpc_target: str | None) -> GatewayConfig:
-    return GatewayConfig.from_env(host=args.host, rest_port=args.rest_port, grpc_target=grpc_target)
+def _gateway_config(
+    args: argparse.Namespace, grpc_target: str | None, **overrides: Any
+) -> GatewayConfig:
+    return GatewayConfig.from_env(
+        host=args.host, rest_port=args.rest_port, grpc_target=grpc_target, **overrides
+    )
 
 
-async def _until_signal() -> None:
-    stop = asyncio.Event()
+def _signals() -> tuple[asyncio.Event, asyncio.Event]:
+    """(stop, force): the first SIGTERM or SIGINT starts the drain, the next one ends it."""
+    stop, force = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def received(name: str) -> None:
+        if stop.is_set():
+            log.warning("%s again: cancelling what is still in flight", name)
+            force.set()
+        else:
+            log.info("%s: draining", name)
+            stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        loop.add_signal_handler(sig, received, sig.name)
+    return stop, force
+
+
+@contextlib.contextmanager
+def _tracing() -> Iterator[None]:
+    """OpenTelemetry tracing when the OTEL_* variables ask for it; flushed at the end."""
+    shutdown = tracing.configure()
+    try:
+        yield
+    finally:
+        if shutdown is not None:
+            shutdown()
+
+
+async def _admin(
+    stack: contextlib.AsyncExitStack, address: str, refresh: Refresh | None = None
+) -> None:
+    """The /metrics listener on `address` (none for "off"), stopped with the rest."""
+    runner = await start_admin(address, refresh)
+    if runner is not None:
+        stack.push_async_callback(runner.cleanup)
 
 
 async def _demo(service: Service, rest_url: str) -> None:

@@ -37,7 +37,14 @@ class Config:
     # bucket every replica shares (endpoint and credentials from the AWS_* variables).
     image_store: str = ""
     # gRPC messages carry whole images: n=10 large PNGs need far more than 4 MB.
+    # An edit's whole upload travels in one too (the REST fronts' max_upload_bytes).
     max_message_bytes: int = 64 * MiB
+    # Input images of edits and variations: most pixels one may have (decompression
+    # bombs are refused by their header, before decoding).
+    max_upload_pixels: int = 40_000_000
+    # Hosts (comma-separated; exact, or *.suffix) that edits' images[].image_url may be
+    # fetched from. Empty: remote image URLs are refused (data: URLs always work).
+    image_url_hosts: str = ""
     # Longest an upstream call may take; slow models need minutes.
     upstream_timeout_s: float = 300.0
     # How often held reservations past their expiry are released and old images deleted.
@@ -57,6 +64,13 @@ class Config:
     redis_prefix: str = "imagegate"
     # How long an Idempotency-Key and its stored response are kept (at least 24 hours).
     idempotency_ttl_s: float = 86400.0
+    # Prometheus /metrics (HOST:PORT, or "off"); `serve` serves the front's there too.
+    metrics_address: str = "127.0.0.1:9464"
+    # After SIGTERM: how long calls in flight may take to finish before they are
+    # cancelled and released. Below Kubernetes' default 30 s before SIGKILL.
+    drain_grace_s: float = 25.0
+    # Log lines as JSON objects, or "text" for a terminal.
+    log_format: str = "json"
 
     @property
     def uses_postgres(self) -> bool:

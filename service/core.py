@@ -7,20 +7,29 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from service import costs, keys
+from service import costs, keys, metrics, observe, uploads
 from service.aio import uninterrupted
 from service.catalog import Catalog, ModelSpec
 from service.errors import InvalidApiKey, InvalidParameter, ModelNotAllowed, ModelNotFound
 from service.idempotency import HEADER as IDEMPOTENCY_HEADER
 from service.idempotency import Idempotency, Keeper, check_key
 from service.images import ImageStore
+from service.inputs import InputLoader
 from service.limits import Limiter, Limits, check_n, in_force
 from service.providers.base import GeneratedImage, Provider, TokenUsage
 from service.providers.dispatch import Dispatched, Dispatcher
-from service.requests import GenerationParams, ImageRequest, validate
+from service.requests import (
+    EDIT,
+    GENERATE,
+    OPERATION_NAMES,
+    VARIATION,
+    GenerationParams,
+    ImageRequest,
+    validate,
+)
 from service.store.base import (
     AccountBalance,
     Charge,
@@ -96,11 +105,14 @@ class ImageCore:
         owner: str | None = None,
         clock: Callable[[], float] = time.time,
         dispatcher: Dispatcher | None = None,
+        inputs: InputLoader | None = None,
         limiter: Limiter | None = None,
         limit_defaults: Limits | None = None,
         idempotency_ttl_s: float = 86400.0,
     ) -> None:
         self._catalog = catalog
+        # Edits' and variations' input images: pixel cap, remote URL policy.
+        self._inputs = inputs or InputLoader()
         self._store = store
         self._images = images
         self._default_model = default_model
@@ -122,7 +134,8 @@ class ImageCore:
     async def authenticate(self, authorization: str | None) -> Caller:
         key = keys.key_from_authorization(authorization)
         digest = keys.hash_key(key)
-        record = await self._store.find_key(digest)
+        with observe.stage("auth"):
+            record = await self._store.find_key(digest)
         # The lookup is by hash; the constant-time compare keeps the final check
         # free of timing differences whatever the index did.
         if (
@@ -131,6 +144,8 @@ class ImageCore:
             or record.revoked_at is not None
         ):
             raise InvalidApiKey(keys.INVALID)
+        noted = observe.current()
+        noted.key_id, noted.account = record.id, record.account_name
         return Caller(
             record.id, record.account_id, record.account_name, record.models, record.limits
         )
@@ -169,7 +184,74 @@ class ImageCore:
         """
         if idempotency is not None:
             check_key(idempotency.key)
-        request = self._validated(caller, params, streaming=False)
+        request = self._validated(caller, params, GENERATE, streaming=False)
+        return await self._once(caller, request, ctx, render, idempotency)
+
+    async def edit(
+        self,
+        caller: Caller,
+        content_type: str,
+        body: bytes,
+        ctx: RequestContext,
+        render: Render[T],
+        idempotency: Idempotency[T] | None = None,
+    ) -> T:
+        """POST /v1/images/edits: the body as the client sent it (multipart or JSON),
+        parsed and checked here before anything is reserved; then as generate()."""
+        if idempotency is not None:
+            check_key(idempotency.key)
+        request = await self._uploaded(caller, content_type, body, EDIT, streaming=False)
+        return await self._once(caller, request, ctx, render, idempotency)
+
+    async def stream_edit(
+        self,
+        caller: Caller,
+        content_type: str,
+        body: bytes,
+        ctx: RequestContext,
+        send: Send,
+        idempotency_key: str | None = None,
+    ) -> None:
+        """A streamed edit (`stream` true in the body): as edit(), then as stream()."""
+        _no_idempotent_stream(idempotency_key)
+        request = await self._uploaded(caller, content_type, body, EDIT, streaming=True)
+        await self.stream_request(caller, request, ctx, send)
+
+    async def variation(
+        self,
+        caller: Caller,
+        content_type: str,
+        body: bytes,
+        ctx: RequestContext,
+        render: Render[T],
+        idempotency: Idempotency[T] | None = None,
+    ) -> T:
+        """POST /v1/images/variations (multipart), as edit()."""
+        if idempotency is not None:
+            check_key(idempotency.key)
+        request = await self._uploaded(caller, content_type, body, VARIATION, streaming=False)
+        return await self._once(caller, request, ctx, render, idempotency)
+
+    async def _uploaded(
+        self, caller: Caller, content_type: str, body: bytes, operation: str, *, streaming: bool
+    ) -> ImageRequest:
+        """The upload parsed, validated, and its input images checked: nothing reserved yet."""
+        parse = uploads.parse_edit if operation == EDIT else uploads.parse_variation
+        # Tens of MB of multipart or JSON (base64) are parsed off the event loop.
+        upload = await asyncio.to_thread(parse, content_type, body)
+        request = self._validated(caller, upload.params, operation, streaming=streaming)
+        inputs = await self._inputs.load(upload, request.model, variation=operation == VARIATION)
+        return replace(request, inputs=inputs.images, mask=inputs.mask)
+
+    async def _once(
+        self,
+        caller: Caller,
+        request: ImageRequest,
+        ctx: RequestContext,
+        render: Render[T],
+        idempotency: Idempotency[T] | None,
+    ) -> T:
+        """Every unary operation's way in: within the key's limits, once per key."""
         limits = self._limits(caller, request)
         if idempotency is None:
             return await self._admitted(caller, request, limits, ctx, render, None)
@@ -223,28 +305,15 @@ class ImageCore:
                 # Stored with the charge, in one transaction: never one without the other.
                 claim, encode = keep
                 done = (claim, await asyncio.to_thread(encode, rendered))
-            await uninterrupted(self._store.settle(reservation, cost, served, done=done))
+            with observe.stage("settle"):
+                await uninterrupted(self._store.settle(reservation, cost, served, done=done))
         except BaseException:
             # Failed, timed out, unsendable or cancelled (client gone): charge nothing.
             # A settle that did commit makes this release a no-op (resolved once).
-            await uninterrupted(self._store.release(reservation))
+            with observe.stage("settle"):
+                await uninterrupted(self._store.release(reservation))
             raise
-        log.info(
-            "request %s account=%s model=%s route=%s/%s n=%d/%d size=%s quality=%s cost=%d "
-            "upstream_cost=%d latency_ms=%d",
-            ctx.request_id,
-            caller.account_name,
-            request.model.id,
-            served.provider,
-            served.upstream_model,
-            len(images),
-            request.n,
-            request.size,
-            request.quality,
-            cost,
-            served.upstream_cost_micros,
-            (self._clock() - started) * 1000,
-        )
+        _note_served(request, served, len(images), cost)
         return rendered
 
     async def stream(
@@ -262,15 +331,9 @@ class ImageCore:
         gone), the images handed over are settled and the rest of the reservation
         released before this returns or raises.
         """
-        if idempotency_key is not None:
-            # A stream is not replayable: refused, rather than run twice for a retry.
-            raise InvalidParameter(
-                f"{IDEMPOTENCY_HEADER} is not supported with stream: true. Send the request "
-                "without it, or without streaming.",
-                param=IDEMPOTENCY_HEADER,
-            )
+        _no_idempotent_stream(idempotency_key)
         await self.stream_request(
-            caller, self._validated(caller, params, streaming=True), ctx, send
+            caller, self._validated(caller, params, GENERATE, streaming=True), ctx, send
         )
 
     async def stream_request(
@@ -300,25 +363,13 @@ class ImageCore:
             finally:
                 await items.aclose()
         except BaseException:
-            await uninterrupted(self._settle_delivered(reservation, request, delivered))
+            with observe.stage("settle"):
+                await uninterrupted(self._settle_delivered(reservation, request, delivered))
             raise
-        served, cost = await uninterrupted(self._settle_delivered(reservation, request, delivered))
-        log.info(
-            "request %s account=%s model=%s route=%s/%s streamed n=%d/%d size=%s quality=%s "
-            "cost=%d upstream_cost=%d latency_ms=%d",
-            ctx.request_id,
-            caller.account_name,
-            request.model.id,
-            served.provider,
-            served.upstream_model,
-            delivered.images,
-            request.n,
-            request.size,
-            request.quality,
-            cost,
-            served.upstream_cost_micros,
-            (self._clock() - started) * 1000,
-        )
+        with observe.stage("settle"):
+            settled = self._settle_delivered(reservation, request, delivered)
+            served, cost = await uninterrupted(settled)
+        _note_served(request, served, delivered.images, cost)
 
     async def _settle_delivered(
         self, reservation: str, request: ImageRequest, delivered: Delivered
@@ -338,16 +389,29 @@ class ImageCore:
         return served, bill.cost_micros
 
     def _validated(
-        self, caller: Caller, params: GenerationParams, *, streaming: bool
+        self, caller: Caller, params: GenerationParams, operation: str, *, streaming: bool
     ) -> ImageRequest:
         # An unknown model's message names only the models this key may use.
         visible = [m.id for m in self.list_models(caller)]
         request = validate(
-            params, self._catalog, self._default_model, available=visible, streaming=streaming
+            params,
+            self._catalog,
+            self._default_model,
+            available=visible,
+            operation=operation,
+            streaming=streaming,
         )
+        _note(request)
         if caller.models is not None and request.model.id not in caller.models:
             raise ModelNotAllowed(
                 f"This API key is not allowed to use the model '{request.model.id}'."
+            )
+        if operation != GENERATE and not self.dispatcher.serves(request.model.routes, operation):
+            # The catalog says it can, but no live provider of its routes does.
+            raise InvalidParameter(
+                f"Model '{request.model.id}' does not support {OPERATION_NAMES[operation]} "
+                "on this gateway.",
+                param="model",
             )
         return request
 
@@ -376,7 +440,8 @@ class ImageCore:
             )
         )
         try:
-            await asyncio.shield(held)
+            with observe.stage("reserve"):
+                await asyncio.shield(held)
         except asyncio.CancelledError:
             await uninterrupted(self._undo_reserve(held, reservation))
             raise
@@ -393,16 +458,23 @@ class ImageCore:
         """Split, retry and fail over across the model's routes (providers/dispatch.py).
         Each call's images are cut to what it asked for: extra ones are neither
         returned nor charged."""
-        return await self.dispatcher.dispatch(
-            request, request_id=ctx.request_id, deadline=ctx.deadline
-        )
+        try:
+            with observe.stage("upstream"):
+                return await self.dispatcher.dispatch(
+                    request, request_id=ctx.request_id, deadline=ctx.deadline
+                )
+        finally:
+            metrics.breakers(
+                (h.provider, h.upstream_model, h.state) for h in self.dispatcher.health()
+            )
 
     async def _deliver(
         self, generated: list[GeneratedImage], request: ImageRequest, ctx: RequestContext
     ) -> list[ResultImage]:
         if request.response_format == "b64_json":
             return [ResultImage(data=g.data, revised_prompt=g.revised_prompt) for g in generated]
-        ids = await self._images.put_all([(g.data, g.content_type) for g in generated])
+        with observe.stage("store"):
+            ids = await self._images.put_all([(g.data, g.content_type) for g in generated])
         return [
             ResultImage(
                 url=ctx.base_url + self._images.signed_path(i), revised_prompt=g.revised_prompt
@@ -432,6 +504,7 @@ class ImageCore:
     async def aclose(self) -> None:
         """Close what the core owns: the image store's connections."""
         await self._images.aclose()
+        await self._inputs.aclose()
 
     async def sweep(self) -> None:
         """Release reservations a crash left behind, delete images past their links, and
@@ -449,6 +522,16 @@ class ImageCore:
             )
 
 
+def _no_idempotent_stream(key: str | None) -> None:
+    if key is not None:
+        # A stream is not replayable: refused, rather than run twice for a retry.
+        raise InvalidParameter(
+            f"{IDEMPOTENCY_HEADER} is not supported with stream: true. Send the request "
+            "without it, or without streaming.",
+            param=IDEMPOTENCY_HEADER,
+        )
+
+
 def _page_size(limit: str) -> int:
     if not limit:
         return DEFAULT_PAGE
@@ -458,6 +541,22 @@ def _page_size(limit: str) -> int:
             param="limit",
         )
     return int(limit)
+
+
+def _note(request: ImageRequest) -> None:
+    """What the request asks for, in its record (its log line and metrics labels)."""
+    record = observe.current()
+    record.model, record.n = request.model.id, request.n
+    record.size, record.quality = request.size, request.quality
+
+
+def _note_served(request: ImageRequest, served: Served, images: int, cost: int) -> None:
+    record = observe.current()
+    routes = zip(served.provider.split(","), served.upstream_model.split(","), strict=False)
+    record.route = ",".join(f"{p}/{m}" for p, m in routes if p)
+    record.images, record.cost_micros = images, cost
+    record.upstream_cost_micros = served.upstream_cost_micros
+    metrics.IMAGES.labels(request.model.id).inc(images)
 
 
 def _generation(

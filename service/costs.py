@@ -3,7 +3,7 @@
 Per-image models cost `images * unit price`. Token-priced models (gpt-image)
 cost what the upstream's reported usage comes to at the model's token prices,
 rounded up to the micro-USD, never more than the reservation and never more
-than the delivered images' list price plus the prompt's bound; usage that makes
+than the delivered images' list price plus the input's bound; usage that makes
 no sense (negative, or far above the list price) is refused, never credited,
 and the call is charged at the per-image price instead.
 """
@@ -68,7 +68,7 @@ def bill(request: ImageRequest, calls: Sequence[CallResult], reserved: int) -> B
             token_value += _token_value(believed, prices)
     token_cost = ceil_div(token_value, TOKENS_PER_PRICE_UNIT)
     delivered = sum(len(c.images) for c in calls)
-    cap = min(reserved, delivered * unit + request.prompt_bound_micros(len(calls)))
+    cap = min(reserved, delivered * unit + request.input_bound_micros(len(calls)))
     routes = list(dict.fromkeys(c.route.key for c in calls))
     return Bill(
         cost_micros=min(charged + token_cost, cap),
@@ -101,7 +101,7 @@ def _believed(
         isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= MAX_TOKENS for c in counts
     )
     if sane and prices is not None:
-        ceiling = images * request.unit_price + request.prompt_bound_micros(1)
+        ceiling = images * request.unit_price + request.input_bound_micros(1)
         sane = _token_value(usage, prices) <= ABSURD_FACTOR * ceiling * TOKENS_PER_PRICE_UNIT
     if sane:
         return usage

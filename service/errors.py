@@ -24,6 +24,26 @@ class InvalidParameter(ImagegateError):
         self.missing = missing
 
 
+class InvalidBody(ImagegateError):
+    """An upload body (edits, variations) that cannot be read at all; `code` says how
+    it was sent: "invalid_multipart" or "invalid_json"."""
+
+    reason = "INVALID_BODY"
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class UploadTooLarge(ImagegateError):
+    """An input image over its model's size cap (a 413 naming the field)."""
+
+    reason = "UPLOAD_TOO_LARGE"
+
+    def __init__(self, message: str, *, param: str) -> None:
+        super().__init__(message, param=param)
+
+
 class ModelNotSupported(ImagegateError):
     reason = "MODEL_NOT_SUPPORTED"
 

@@ -15,6 +15,8 @@ DOMAIN = "imagegate"
 
 CODES: dict[type[errors.ImagegateError], grpc.StatusCode] = {
     errors.InvalidParameter: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.InvalidBody: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.UploadTooLarge: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ModelNotSupported: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ContentPolicy: grpc.StatusCode.INVALID_ARGUMENT,
     errors.InvalidApiKey: grpc.StatusCode.UNAUTHENTICATED,
@@ -73,6 +75,8 @@ def _metadata(err: errors.ImagegateError) -> dict[str, str]:
         metadata["param"] = err.param
     if isinstance(err, errors.InvalidParameter):
         metadata["code"] = "missing_required_parameter" if err.missing else "invalid_value"
+    if isinstance(err, errors.InvalidBody):
+        metadata["code"] = err.code
     return metadata
 
 

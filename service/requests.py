@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from service.catalog import Catalog, ModelSpec
+from service.catalog import TOKENS_PER_PRICE_UNIT, Catalog, ModelSpec
 from service.errors import InvalidParameter, ModelNotSupported
+
+if TYPE_CHECKING:
+    from service.inputs import InputImage
 
 RESPONSE_FORMATS = ("url", "b64_json")
 DEFAULT_OUTPUT_FORMAT = "png"
@@ -14,6 +18,9 @@ DEFAULT_OUTPUT_FORMAT = "png"
 ALPHA_FORMATS = ("png", "webp")
 # OpenAI's default quality, which clients send explicitly: the model's own default.
 AUTO_QUALITY = "auto"
+# What a request asks of the model (and which provider method serves it).
+GENERATE, EDIT, VARIATION = "generate", "edit", "variation"
+OPERATION_NAMES = {EDIT: "image edits", VARIATION: "image variations"}
 # OpenAI's bound on preview images before a streamed image.
 MAX_PARTIAL_IMAGES = 3
 
@@ -36,6 +43,8 @@ class GenerationParams:
     moderation: str = ""
     stream: bool = False
     partial_images: int | None = None
+    # Edits only.
+    input_fidelity: str = ""
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,11 @@ class ImageRequest:
     output_compression: int | None = None
     moderation: str | None = None
     user: str = ""
+    operation: str = GENERATE
+    # Edits and variations: the checked input images (and the edit's mask).
+    inputs: tuple[InputImage, ...] = ()
+    mask: InputImage | None = None
+    input_fidelity: str | None = None
     # Streamed: the images are sent as events (always as image bytes, b64_json).
     stream: bool = False
     # Preview images a streamed single image gets first (0 when not streaming or n > 1).
@@ -78,11 +92,22 @@ class ImageRequest:
         prices = self.model.token_prices
         return 0 if prices is None else prices.prompt_bound_micros(self.prompt, calls)
 
+    def input_bound_micros(self, calls: int) -> int:
+        """Token-priced models: the most the input (prompt and input images) costs over
+        `calls` calls; each input image counts at most inputs.image_tokens_max tokens."""
+        prices = self.model.token_prices
+        if prices is None:
+            return 0
+        pictures = len(self.inputs) + (self.mask is not None)
+        tokens = pictures * self.model.inputs.image_tokens_max * calls
+        images = -(-tokens * prices.image_input // TOKENS_PER_PRICE_UNIT)
+        return self.prompt_bound_micros(calls) + images
+
     @property
     def quote(self) -> int:
         """What is reserved: n * the per-image list price, plus for token-priced models
-        the prompt's bound over the most upstream calls a request makes (one per image)."""
-        return self.n * self.unit_price + self.prompt_bound_micros(self.n)
+        the input's bound over the most upstream calls a request makes (one per image)."""
+        return self.n * self.unit_price + self.input_bound_micros(self.n)
 
 
 def validate(
@@ -91,18 +116,23 @@ def validate(
     default_model: str,
     *,
     available: Sequence[str] = (),
+    operation: str = GENERATE,
     streaming: bool = False,
 ) -> ImageRequest:
     """Apply the model's rules and defaults; raise InvalidParameter naming the field.
 
     `available` is what an unknown model's message may list: the caller's models
     only, never the whole catalog (a limited key must not learn the others).
+    `operation` is edit or variation for those endpoints (the input images are
+    checked afterwards, by service/inputs.py).
     `streaming`: the request is answered as a stream of events (the StreamImages
     RPC), whatever its `stream` field says; a unary call refuses `stream: true`.
     """
     model = _model(params.model or default_model, catalog, available)
-    prompt = params.prompt
-    if not prompt.strip():
+    _operation(operation, model)
+    # A variation has no prompt (the input image is all it follows).
+    prompt = "" if operation == VARIATION else params.prompt
+    if operation != VARIATION and not prompt.strip():
         raise InvalidParameter(
             "Missing required parameter: 'prompt'.", param="prompt", missing=True
         )
@@ -115,8 +145,8 @@ def validate(
         )
     if params.stream and not streaming:
         raise InvalidParameter(
-            "'stream': true is answered by the StreamImages RPC (the REST fronts route it "
-            "there); GenerateImages returns one response.",
+            "'stream': true is answered by the streaming RPC (StreamImages, StreamEditImages; "
+            "the REST fronts route it there); this RPC returns one response.",
             param="stream",
         )
     partial_images = _partial_images(params.partial_images, streaming)
@@ -148,6 +178,9 @@ def validate(
             param="background",
         )
     compression = _compression(params.output_compression, output_format, model)
+    fidelity = None
+    if operation == EDIT:
+        fidelity = _optional("input_fidelity", params.input_fidelity, model.input_fidelities, model)
     if model.unit_price(size, quality) is None:
         raise InvalidParameter(
             f"Model '{model.id}' has no price for size '{size}' at quality '{quality}'; "
@@ -167,11 +200,21 @@ def validate(
         output_compression=compression,
         moderation=moderation,
         user=params.user,
+        operation=operation,
+        input_fidelity=fidelity,
         stream=streaming,
         # Previews only for a single image: an event does not say which image it
         # previews, so n > 1 streams one completed event per image and no partials.
         partial_images=partial_images if n == 1 else 0,
     )
+
+
+def _operation(operation: str, model: ModelSpec) -> None:
+    able = {GENERATE: True, EDIT: model.edits, VARIATION: model.variations}[operation]
+    if not able:
+        raise InvalidParameter(
+            f"Model '{model.id}' does not support {OPERATION_NAMES[operation]}.", param="model"
+        )
 
 
 def _partial_images(value: int | None, streaming: bool) -> int:

@@ -7,32 +7,37 @@ import contextlib
 import inspect
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from imagegate.v1 import images_pb2, images_pb2_grpc
+from imagegate.v1 import images_pb2_grpc
 
-from service.catalog import Catalog, load_catalog
+from service import metrics
+from service.catalog import Catalog, InputRules, load_catalog
 from service.config import Config
-from service.core import ImageCore
+from service.core import Caller, ImageCore
 from service.errors import InvalidParameter
 from service.grpc_errors import abort, to_status
+from service.grpc_observe import Observer
 from service.images import ImageStore, load_or_create_secret
 from service.imagestore import is_s3, open_backend
+from service.inputs import InputLoader
 from service.instances import Liveness
+from service.lifecycle import SERVICE_NAME, InFlight, Readiness
 from service.limits import Limiter, Limits
 from service.links import DEFAULT_REST_URL, LinkBase, bind_address, parse_networks
-from service.providers.registry import KIND_MODULES, Registry, build_registry
-from service.servicer import ImageServicer
+from service.providers.download import SafeDownloader
+from service.providers.registry import DOWNLOAD_TIMEOUT_S, KIND_MODULES, Registry, build_registry
+from service.servicer import UPLOAD_METHODS, ImageServicer
 from service.store.base import Store
 from service.store.sqlite import SqliteStore
 
 log = logging.getLogger("imagegate.server")
-SERVICE_NAME = images_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
 
 
 def message_size_options(limit: int) -> list[tuple[str, int]]:
@@ -73,7 +78,28 @@ class Service:
     links: LinkBase
     liveness: Liveness
     limiter: Limiter
+    # The health service's answer, and the ImageService calls in flight (for a drain).
+    readiness: Readiness
+    calls: InFlight
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def drain(self, grace_s: float, force: asyncio.Event) -> None:
+        """Report NOT_SERVING and refuse new calls at once; let those in flight end within
+        `grace_s` (or until `force` is set), then cancel the rest, each releasing its
+        reservation. stop() afterwards."""
+        self.calls.draining = True
+        await self.readiness.drain()
+        log.info("draining: %d calls in flight, grace %.0f s", self.calls.in_flight, grace_s)
+        if not await self.calls.wait(grace_s, force):
+            await self.calls.cancel_all()
+
+    async def refresh_gauges(self) -> None:
+        """The store's held reservations and every breaker, into the metrics gauges."""
+        count, oldest = await self.store.held()
+        metrics.open_reservations(count, 0.0 if oldest is None else max(0.0, time.time() - oldest))
+        metrics.breakers(
+            (h.provider, h.upstream_model, h.state) for h in self.core.dispatcher.health()
+        )
 
     async def stop(self, grace: float | None = 5.0) -> None:
         for task in self._tasks:
@@ -88,6 +114,19 @@ class Service:
         await self.registry.aclose()
         await self.core.aclose()
         await self.store.close()
+
+
+def input_loader(config: Config) -> InputLoader:
+    """Edits' input images: the pixel cap, and remote image URLs only from listed hosts."""
+    hosts = [h.strip() for h in config.image_url_hosts.split(",") if h.strip()]
+    fetcher = (
+        SafeDownloader(
+            "image_url", hosts, max_bytes=InputRules.max_bytes, timeout_s=DOWNLOAD_TIMEOUT_S
+        )
+        if hosts
+        else None
+    )
+    return InputLoader(max_pixels=config.max_upload_pixels, fetcher=fetcher)
 
 
 async def start_service(
@@ -135,6 +174,7 @@ async def start_service(
         upstream_timeout_s=config.upstream_timeout_s,
         reservation_ttl_s=config.reservation_ttl_s,
         owner=liveness.owner,
+        inputs=input_loader(config),
         limiter=limiter,
         limit_defaults=Limits(
             rpm=config.limit_rpm,
@@ -145,13 +185,15 @@ async def start_service(
         idempotency_ttl_s=config.idempotency_ttl_s,
     )
     servicer = ImageServicer(core, links, config.max_message_bytes)
+    readiness, calls = Readiness(), InFlight()
     try:
         # Recorded before serving, then what stopped processes left held is released
         # (at once for those of this machine), and what expired.
         await liveness.beat()
         await core.sweep()
+        await readiness.update(catalog=bool(core.list_models(_EVERY_MODEL)))
         server, bound = await create_server(
-            config, servicer, config.grpc_port if port is None else port
+            config, servicer, config.grpc_port if port is None else port, readiness, calls
         )
         await server.start()
     except BaseException:
@@ -159,12 +201,14 @@ async def start_service(
             await liveness.retire()
         await limiter.close()
         await registry.aclose()
-        await images.aclose()
+        await core.aclose()  # the image store and the input loader
         await store.close()
         raise
-    service = Service(config, store, core, server, bound, registry, links, liveness, limiter)
+    service = Service(
+        config, store, core, server, bound, registry, links, liveness, limiter, readiness, calls
+    )
     service._tasks.append(asyncio.create_task(_sweep_forever(core, config.sweep_interval_s)))
-    service._tasks.append(asyncio.create_task(_beat_forever(liveness, config.heartbeat_interval_s)))
+    service._tasks.append(asyncio.create_task(_beat_forever(service, config.heartbeat_interval_s)))
     log.info("ImageService listening on %s:%d", config.host, bound)
     return service
 
@@ -261,16 +305,21 @@ _KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 
 async def create_server(
-    config: Config, servicer: ImageServicer, port: int
+    config: Config,
+    servicer: ImageServicer,
+    port: int,
+    readiness: Readiness | None = None,
+    calls: InFlight | None = None,
 ) -> tuple[grpc.aio.Server, int]:
+    readiness = readiness or Readiness()
     server = grpc.aio.server(
-        options=message_size_options(config.max_message_bytes), interceptors=[MessageCodec()]
+        options=message_size_options(config.max_message_bytes),
+        # The observer outermost: it also records calls the codec refuses.
+        interceptors=[Observer(calls or InFlight()), MessageCodec()],
     )
-    images_pb2_grpc.add_ImageServiceServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    images_pb2_grpc.add_ImageServiceServicer_to_server(servicer, _RawUploads(server))
+    await readiness.update()
+    health_pb2_grpc.add_HealthServicer_to_server(readiness.servicer, server)
     reflection.enable_server_reflection(
         (
             SERVICE_NAME,
@@ -285,6 +334,43 @@ async def create_server(
     return server, bound
 
 
+class _RawUploads:
+    """The server as the generated registration sees it, handing the upload RPCs their
+    request as raw bytes: the servicer parses those (up to the message limit, tens of MB)
+    on a thread, where grpc would parse them on the event loop."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        # Registered handlers are what grpc looks up first for these exact paths.
+        raw = {
+            name: _raw(handler) if name in UPLOAD_METHODS else handler
+            for name, handler in handlers.items()
+        }
+        self._server.add_registered_method_handlers(service, raw)
+
+
+def _raw(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The same handler, without a request deserializer: it gets the message's bytes."""
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            handler.unary_stream, response_serializer=handler.response_serializer
+        )
+    return grpc.unary_unary_rpc_method_handler(
+        handler.unary_unary, response_serializer=handler.response_serializer
+    )
+
+
+# A caller allowed every model: does the catalog serve any?
+_EVERY_MODEL = Caller(key_id="", account_id=0, account_name="", models=None)
+
+
 async def _sweep_forever(core: ImageCore, interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s)
@@ -294,10 +380,16 @@ async def _sweep_forever(core: ImageCore, interval_s: float) -> None:
             log.exception("sweep failed; retrying next interval")
 
 
-async def _beat_forever(liveness: Liveness, interval_s: float) -> None:
+async def _beat_forever(service: Service, interval_s: float) -> None:
+    """The heartbeat, which also tells readiness whether the database answers, and the
+    gauges read from the store (between scrapes, and for every worker of `--workers`)."""
     while True:
         await asyncio.sleep(interval_s)
         try:
-            await liveness.beat()
+            await service.liveness.beat()
+            await service.refresh_gauges()
         except Exception:
             log.exception("heartbeat failed; retrying next interval")
+            await service.readiness.update(database=False)
+        else:
+            await service.readiness.update(database=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -14,9 +13,10 @@ from urllib.parse import unquote
 
 import grpc
 from google.api import httpbody_pb2
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from imagegate.v1 import images_pb2, images_pb2_grpc
 
+from service import observe
 from service.catalog import ModelSpec
 from service.core import Caller, Generation, ImageCore, RequestContext
 from service.errors import ImagegateError, InvalidParameter
@@ -40,9 +40,8 @@ T = TypeVar("T")
 M = TypeVar("M", bound=Message)
 # The event type prefix of streamed generations (edits stream as "image_edit").
 GENERATION = "image_generation"
+EDIT_EVENTS = "image_edit"
 MiB = 1024 * 1024
-# Request ids kept as sent (the fronts apply the same rule).
-_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # The values OpenAI's ImagesResponse may hold in these top-level fields. Typed
 # clients validate them (the Python SDK's strict mode, older SDKs whose `size`
 # is this Literal too), so any other value (the local model's "standard"/"hd",
@@ -66,22 +65,72 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
     ) -> images_pb2.ImagesResponse:
         async def call() -> images_pb2.ImagesResponse:
             caller = await self._caller(context)
-            ctx = RequestContext(_request_id(context), self._base_url(context), _deadline(context))
             idempotency = _idempotency(
                 context, "GenerateImages", request, images_pb2.ImagesResponse
             )
             return await self._core.generate(
-                caller, _params(request), ctx, self._render, idempotency
+                caller, _params(request), self._context(context), self._render, idempotency
             )
 
         return await self._run(context, call)
+
+    async def EditImages(
+        self, request: bytes, context: grpc.aio.ServicerContext
+    ) -> images_pb2.ImagesResponse:
+        """`request` is a serialized EditImagesRequest (service/server.py registers the
+        upload RPCs raw), parsed here on a thread."""
+
+        async def call() -> images_pb2.ImagesResponse:
+            caller = await self._caller(context)
+            content_type, data = await _upload_body(images_pb2.EditImagesRequest, request)
+            idempotency = await _upload_idempotency(context, "EditImages", request)
+            return await self._core.edit(
+                caller, content_type, data, self._context(context), self._render, idempotency
+            )
+
+        return await self._run(context, call)
+
+    async def StreamEditImages(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
+        """A streamed edit: `request` as EditImages's, the events as StreamImages's."""
+
+        async def call(send: Send) -> None:
+            caller = await self._caller(context)
+            content_type, data = await _upload_body(images_pb2.EditImagesRequest, request)
+            idempotency_key = _metadata(context, "idempotency-key")
+            await self._core.stream_edit(
+                caller, content_type, data, self._context(context), send, idempotency_key
+            )
+
+        await self._stream(context, call, EDIT_EVENTS)
+
+    async def CreateImageVariation(
+        self, request: bytes, context: grpc.aio.ServicerContext
+    ) -> images_pb2.ImagesResponse:
+        """`request` is a serialized CreateImageVariationRequest, as for EditImages."""
+
+        async def call() -> images_pb2.ImagesResponse:
+            caller = await self._caller(context)
+            content_type, data = await _upload_body(images_pb2.CreateImageVariationRequest, request)
+            idempotency = await _upload_idempotency(context, "CreateImageVariation", request)
+            return await self._core.variation(
+                caller, content_type, data, self._context(context), self._render, idempotency
+            )
+
+        return await self._run(context, call)
+
+    def _context(self, context: grpc.aio.ServicerContext) -> RequestContext:
+        return RequestContext(
+            self._request_id(context), self._base_url(context), _deadline(context)
+        )
 
     async def StreamImages(
         self, request: images_pb2.GenerateImagesRequest, context: grpc.aio.ServicerContext
     ) -> None:
         async def call(send: Send) -> None:
             caller = await self._caller(context)
-            ctx = RequestContext(_request_id(context), self._base_url(context), _deadline(context))
+            ctx = RequestContext(
+                self._request_id(context), self._base_url(context), _deadline(context)
+            )
             idempotency_key = _metadata(context, "idempotency-key")
             await self._core.stream(caller, _params(request), ctx, send, idempotency_key)
 
@@ -111,7 +160,7 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
                 await context.write(images_pb2.ImageEvent(type="error", error=status_message(err)))
             await abort(context, to_status(err))
         except Exception:
-            log.exception("request %s failed", _request_id(context))
+            log.exception("request %s failed", _metadata(context, "x-request-id"))
             if sent:
                 error = internal_status_message()
                 await context.write(images_pb2.ImageEvent(type="error", error=error))
@@ -202,11 +251,16 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         except ImagegateError as err:
             await abort(context, to_status(err))
         except Exception:
-            log.exception("request %s failed", _request_id(context))
+            log.exception("request %s failed", self._request_id(context))
             await abort(context, internal_status())
 
     async def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
         return await self._core.authenticate(_metadata(context, "authorization"))
+
+    def _request_id(self, context: grpc.aio.ServicerContext) -> str:
+        # The interceptor's (grpc_observe.py), so the log line and the upstream agree.
+        sent = observe.current().request_id or _metadata(context, "x-request-id")
+        return sent or uuid.uuid4().hex
 
     def _base_url(self, context: grpc.aio.ServicerContext) -> str:
         return self._links.base_url(
@@ -214,6 +268,29 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
             _metadata(context, "x-forwarded-host"),
             _metadata(context, "x-forwarded-proto"),
         )
+
+
+# The upload RPCs and their request messages (service/server.py registers them raw).
+UPLOAD_METHODS: dict[str, type[Message]] = {
+    "EditImages": images_pb2.EditImagesRequest,
+    "StreamEditImages": images_pb2.EditImagesRequest,
+    "CreateImageVariation": images_pb2.CreateImageVariationRequest,
+}
+
+
+async def _upload_body(message: type[Message], raw: bytes) -> tuple[str, bytes]:
+    """The request's HttpBody (content type, data), parsed off the event loop: tens of MB."""
+
+    def parse() -> tuple[str, bytes]:
+        try:
+            body = message.FromString(raw).body
+        except DecodeError:
+            raise InvalidParameter(
+                "The request message could not be parsed as a protobuf.", param="body"
+            ) from None
+        return body.content_type, body.data
+
+    return await asyncio.to_thread(parse)
 
 
 def _peer_ip(peer: str | None) -> str | None:
@@ -228,12 +305,6 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     """The caller's gRPC deadline on the monotonic clock the dispatcher uses."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
-
-
-def _request_id(context: grpc.aio.ServicerContext) -> str:
-    """The caller's x-request-id if it is safe to log, store and echo, else a new one."""
-    sent = _metadata(context, "x-request-id")
-    return sent if sent is not None and _REQUEST_ID_RE.fullmatch(sent) else uuid.uuid4().hex
 
 
 def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
@@ -257,6 +328,23 @@ def _idempotency(
         request_hash=digest.digest(),
         encode=lambda message: message.SerializeToString(deterministic=True),
         decode=reply.FromString,
+    )
+
+
+async def _upload_idempotency(
+    context: grpc.aio.ServicerContext, rpc: str, raw: bytes
+) -> Idempotency[images_pb2.ImagesResponse] | None:
+    """As _idempotency, for the upload RPCs: their request arrives as bytes (both fronts
+    build the same message for the same body), hashed as it came, on a thread (tens of MB)."""
+    key = _metadata(context, "idempotency-key")
+    if key is None:
+        return None
+    digest = await asyncio.to_thread(lambda: hashlib.sha256(rpc.encode() + b"\0" + raw).digest())
+    return Idempotency(
+        key=key,
+        request_hash=digest,
+        encode=lambda message: message.SerializeToString(deterministic=True),
+        decode=images_pb2.ImagesResponse.FromString,
     )
 
 

@@ -27,6 +27,10 @@ from service.store.sqlite import SqliteStore
 from tests.s3_server import MotoServer, S3Bucket
 
 _names = itertools.count()
+# Servers that tests start as subprocesses (they inherit this) serve /metrics on a free
+# port: several run at once, and the machine's 9464/9465 may be taken.
+os.environ.setdefault("IMAGEGATE_METRICS_ADDRESS", "127.0.0.1:0")
+os.environ.setdefault("IMAGEGATE_REST_METRICS_ADDRESS", "127.0.0.1:0")
 
 
 def service_config(data_dir: Path, **overrides: object) -> Config:

@@ -63,6 +63,8 @@ Code = grpc.StatusCode
 REASON_CODES: dict[str, Code] = {
     "INVALID_PARAMETER": Code.INVALID_ARGUMENT,
     "MODEL_NOT_SUPPORTED": Code.INVALID_ARGUMENT,
+    "INVALID_BODY": Code.INVALID_ARGUMENT,
+    "UPLOAD_TOO_LARGE": Code.INVALID_ARGUMENT,
     "CONTENT_POLICY": Code.INVALID_ARGUMENT,
     "INVALID_API_KEY": Code.UNAUTHENTICATED,
     "MODEL_NOT_ALLOWED": Code.PERMISSION_DENIED,
@@ -309,10 +311,11 @@ def transcoder(config: dict[str, Any]) -> dict[str, Any]:
     filters = hcm["typed_config"]["http_filters"]
     assert [f["name"].rsplit(".", 1)[-1] for f in filters] == [
         "lua",
+        "health_check",
         "grpc_json_transcoder",
         "router",
     ]
-    typed: dict[str, Any] = filters[1]["typed_config"]
+    typed: dict[str, Any] = filters[2]["typed_config"]
     return typed
 
 
@@ -355,18 +358,10 @@ def _hcm(config: dict[str, Any]) -> dict[str, Any]:
     return typed
 
 
+# Every row of the table: the module's named rows and the reasons'.
 ROWS = [
+    *(row for row in vars(errors).values() if isinstance(row, errors.Row)),
     *errors.BY_REASON.values(),
-    errors.DEADLINE,
-    errors.UNAVAILABLE,
-    errors.INTERNAL,
-    errors.INVALID_JSON,
-    errors.TOO_LARGE,
-    errors.UNKNOWN_URL,
-    errors.WRONG_METHOD,
-    errors.MALFORMED,
-    errors.HEADERS_TOO_LARGE,
-    errors.REQUEST_TIMEOUT,
 ]
 
 
@@ -376,6 +371,8 @@ def test_local_replies_are_rows_of_the_table() -> None:
     seen = set()
     for mapper in mappers:
         body = mapper["body_format_override"]["text_format_source"]["inline_string"].encode()
+        if body.startswith(b'{"status":'):
+            continue  # /readyz's answers (gateway/health.py), not errors
         row = bodies.get(body)
         assert row is not None, body
         assert mapper.get("status_code", row.status) == row.status, body
@@ -869,7 +866,7 @@ async def test_unknown_reason_and_crash_are_internal(front: Front) -> None:
     ("method", "target", "path"),
     [
         ("GET", "/v1/nothing?key=secret", "/v1/nothing"),
-        ("POST", "/v1/images/edits", "/v1/images/edits"),
+        ("POST", "/v1/images/edit", "/v1/images/edit"),
         ("GET", "/v1/models/", "/v1/models/"),
         ("GET", "/v1/models/a/b", "/v1/models/a/b"),
         ("GET", "/v1/images/files/", "/v1/images/files/"),

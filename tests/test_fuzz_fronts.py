@@ -41,20 +41,11 @@ QUERY_NAMES = sorted(
         if p["in"] == "query"
     }
 )
+# Every row of the table (gateway/errors.py), and the code a parameter error may name.
 ROWS = {
     (row.status, row.type, row.code)
-    for row in (
-        *errors.BY_REASON.values(),
-        errors.DEADLINE,
-        errors.UNAVAILABLE,
-        errors.INVALID_JSON,
-        errors.TOO_LARGE,
-        errors.UNKNOWN_URL,
-        errors.WRONG_METHOD,
-        errors.MALFORMED,
-        errors.HEADERS_TOO_LARGE,
-        errors.REQUEST_TIMEOUT,
-    )
+    for row in (*vars(errors).values(), *errors.BY_REASON.values())
+    if isinstance(row, errors.Row) and row is not errors.INTERNAL
 } | {(400, "invalid_request_error", "missing_required_parameter")}
 # Sizes the local model renders quickly, plus ones it refuses.
 SIZES = ["256x256", "512x512", "1024x1024", "auto", "999x999", "", "256X256"]

@@ -450,6 +450,7 @@ async def test_no_key_in_any_log(
     assert caplog.records
     for record in caplog.records:
         text = record.getMessage() + (record.exc_text or "") + str(record.exc_info or "")
+        text += str(getattr(record, "fields", ""))
         assert key not in text, (record.name, text[:300])
         assert key[3:20] not in text, (record.name, text[:300])
     assert key not in caplog.text

@@ -7,7 +7,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # The domain core: everything in service/ but the gRPC edge and the process wiring.
-GRPC_EDGE = {"servicer.py", "grpc_errors.py", "server.py", "cli.py"}
+GRPC_EDGE = {
+    "servicer.py",
+    "grpc_errors.py",
+    "server.py",
+    "cli.py",
+    # The interceptor, the health service and the /metrics listener (aiohttp).
+    "grpc_observe.py",
+    "lifecycle.py",
+    "admin_http.py",
+}
 GRPC = ("grpc", "grpc_status", "grpc_health", "grpc_reflection", "imagegate", "gateway")
 # Provider adapters and image backends may use HTTP and vendor libraries (aiohttp,
 # botocore, google-auth)...

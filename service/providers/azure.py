@@ -31,6 +31,8 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import quote
 
+import aiohttp
+
 from service.providers import openai_wire as wire
 from service.providers.base import (
     AdapterDeps,
@@ -96,6 +98,29 @@ class AzureOpenAIProvider:
         deployment = quote(call.upstream_model, safe="")
         url = f"{self._endpoint}/openai/deployments/{deployment}/images/generations"
         return url, wire.request_body(call, fam, model=None), {"api-version": self._api_version}
+
+    async def edit(self, call: UpstreamCall) -> ProviderResult:
+        """The deployment's images/edits, multipart as OpenAI's (no variations on Azure)."""
+        url, form, params = self._edit_request(call, wire.family(call), stream=False)
+        return await self._upstream.upload(url, self._headers(call), form, call.n, params)
+
+    def stream_edit(self, call: UpstreamCall) -> AsyncIterator[StreamEvent]:
+        fam = wire.family(call)
+        if not wire.streams(fam, call):
+            return generated_events(self, call)
+        url, form, params = self._edit_request(call, fam, stream=True)
+        return self._upstream.stream(url, self._headers(call), form, call.n, params)
+
+    def _edit_request(
+        self, call: UpstreamCall, fam: str, *, stream: bool
+    ) -> tuple[str, aiohttp.FormData, Mapping[str, str] | None]:
+        if self._api_version == V1:
+            url = f"{self._endpoint}/openai/v1/images/edits"
+            return url, wire.edit_form(call, fam, call.upstream_model, stream=stream), None
+        deployment = quote(call.upstream_model, safe="")
+        url = f"{self._endpoint}/openai/deployments/{deployment}/images/edits"
+        form = wire.edit_form(call, fam, None, stream=stream)
+        return url, form, {"api-version": self._api_version}
 
     async def aclose(self) -> None:
         # The session and downloader belong to the registry.

@@ -4,10 +4,12 @@ One adapter per provider *kind* (openai, azure_openai, google, vertex, bedrock,
 stability, bfl, replicate, openai_compatible, local). A `[providers.ID]` table of
 the catalog becomes one ProviderSettings and one adapter instance; the
 dispatcher (dispatch.py) calls `generate` once per upstream call, after it has
-split `n` into calls of at most `max_n(upstream_model)` images. For a streamed
-request it calls `stream` instead where the adapter has one (StreamingProvider:
-upstreams that stream, and the local renderer's previews); for the others it
-wraps `generate`, so every model can be streamed.
+split `n` into calls of at most `max_n(upstream_model)` images. Adapters that
+can also edit or make variations add `edit(call)` / `variation(call)` (the
+Editor and VariationMaker protocols); the call then carries the input images.
+For a streamed request it calls `stream` instead where the adapter has one
+(StreamingProvider: upstreams that stream, and the local renderer's previews);
+for the others it wraps the operation's method, so every model can be streamed.
 
 Adapters may import HTTP and vendor libraries (aiohttp, botocore, google-auth),
 never grpc. They raise only service.errors: ContentPolicy for a safety refusal,
@@ -17,12 +19,13 @@ rest (retryable or not).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 # Defined with the rest of the catalog's tables; re-exported for adapters.
 from service.catalog_settings import ProviderSettings as ProviderSettings
+from service.inputs import InputImage as InputImage
 from service.requests import ImageRequest
 
 if TYPE_CHECKING:
@@ -79,6 +82,16 @@ class UpstreamCall:
     # Sent to upstreams that accept a client request id.
     request_id: str = ""
 
+    @property
+    def images(self) -> tuple[InputImage, ...]:
+        """Edits and variations: the input images, checked and decoded (service/inputs.py)."""
+        return self.request.inputs
+
+    @property
+    def mask(self) -> InputImage | None:
+        """Edits: a PNG whose fully transparent areas are where the first image is edited."""
+        return self.request.mask
+
 
 class Provider(Protocol):
     """Build the upstream request, call it, turn the reply into image bytes.
@@ -98,6 +111,27 @@ class Provider(Protocol):
     async def generate(self, call: UpstreamCall) -> ProviderResult: ...
 
     async def aclose(self) -> None: ...
+
+
+class Editor(Protocol):
+    """An adapter that edits: `call.images` (and `call.mask`) with `call.request.prompt`."""
+
+    async def edit(self, call: UpstreamCall) -> ProviderResult: ...
+
+
+class VariationMaker(Protocol):
+    """An adapter that makes variations of `call.images[0]`."""
+
+    async def variation(self, call: UpstreamCall) -> ProviderResult: ...
+
+
+def operation(
+    provider: Provider, name: str
+) -> Callable[[UpstreamCall], Awaitable[ProviderResult]] | None:
+    """The adapter's method for a request's operation (generate, edit, variation), or None
+    if the adapter has none: a route whose provider cannot serve the operation is skipped."""
+    method = getattr(provider, name, None)
+    return method if callable(method) else None
 
 
 @dataclass(frozen=True)
@@ -133,9 +167,12 @@ class StreamingProvider(Provider, Protocol):
 
 
 async def generated_events(provider: Provider, call: UpstreamCall) -> AsyncIterator[StreamEvent]:
-    """`generate`'s one answer as completed events: the stream of a call whose upstream
-    does not stream (the dispatcher's default, and adapters' for such models)."""
-    result = await provider.generate(call)
+    """The operation's one answer (generate, edit, variation) as completed events: the
+    stream of a call whose upstream does not stream (the dispatcher's default, and
+    adapters' for such models)."""
+    run = operation(provider, call.request.operation)
+    assert run is not None, "the dispatcher skips routes that cannot serve the operation"
+    result = await run(call)
     for i, image in enumerate(result.images):
         # The call's usage rides on its first image, so the events add up to it.
         yield CompletedImage(image, result.usage if i == 0 else TokenUsage())

@@ -56,8 +56,10 @@ from service.providers.base import (
     TokenUsage,
     UpstreamCall,
     generated_events,
+    operation,
 )
-from service.requests import ImageRequest
+from service.providers.observed import upstream_observed
+from service.requests import EDIT, GENERATE, ImageRequest
 
 log = logging.getLogger("imagegate.dispatch")
 T = TypeVar("T")
@@ -290,6 +292,11 @@ class Dispatcher:
             for (provider, upstream_model), b in sorted(self._breakers.items())
         ]
 
+    def serves(self, routes: Sequence[Route], name: str) -> bool:
+        """Whether a live provider on one of `routes` has the operation (edit, variation)."""
+        providers = (self._providers.get(r.provider) for r in routes)
+        return any(p is not None and operation(p, name) is not None for p in providers)
+
     def breaker(self, route: Route) -> Breaker:
         key = route.key
         if key not in self._breakers:
@@ -305,7 +312,7 @@ class Dispatcher:
                 break
             route = job.routes[index]
             provider = self._providers.get(route.provider)
-            if provider is None:
+            if provider is None or operation(provider, job.request.operation) is None:
                 continue
             if self.breaker(route).paused(self._clock()):
                 errors.append(_paused(route))
@@ -404,25 +411,32 @@ class Dispatcher:
         self, provider: Provider, call: UpstreamCall, limit: float, job: _Job, route: Route
     ) -> ProviderResult:
         relay = None if job.sink is None else _Relay(job.sink, next(job.attempts), route)
-        try:
+        with upstream_observed(provider.id, call, timed_out=_TimedOut) as seen:
             try:
-                async with asyncio.timeout(max(limit, 0.0)):
-                    if relay is None:
-                        result = await provider.generate(call)
-                    else:
-                        result = await relay.run(provider, call)
-            except TimeoutError:
-                raise _TimedOut(
-                    f"The upstream provider '{provider.id}' did not answer within {limit:.3g} s.",
-                    retryable=True,
-                ) from None
-            if not result.images:
-                raise UpstreamError(f"The upstream provider '{provider.id}' returned no images.")
-        except (UpstreamError, *FINAL) as exc:
-            if relay is not None and relay.sent:
-                raise _AfterEvents(exc, relay.result()) from exc
-            raise
-        return result
+                try:
+                    async with asyncio.timeout(max(limit, 0.0)):
+                        if relay is None:
+                            run = operation(provider, call.request.operation)
+                            assert run is not None, "_serve skips routes that cannot serve it"
+                            result = await run(call)
+                        else:
+                            result = await relay.run(provider, call)
+                except TimeoutError:
+                    raise _TimedOut(
+                        f"The upstream provider '{provider.id}' did not answer within "
+                        f"{limit:.3g} s.",
+                        retryable=True,
+                    ) from None
+                if not result.images:
+                    raise UpstreamError(
+                        f"The upstream provider '{provider.id}' returned no images."
+                    )
+            except (UpstreamError, *FINAL) as exc:
+                if relay is not None and relay.sent:
+                    raise _AfterEvents(exc, relay.result()) from exc
+                raise
+            seen.images = len(result.images[: call.n])
+            return result
 
     def _route_timeout(self, route: Route) -> float:
         settings = self._provider_settings.get(route.provider)
@@ -483,9 +497,16 @@ class _Relay:
 
 
 def events(provider: Provider, call: UpstreamCall) -> AsyncIterator[StreamEvent]:
-    """The provider's own stream, or its one `generate` answer as completed events."""
-    if isinstance(provider, StreamingProvider):
+    """The provider's own stream for the operation (`stream` for generations, an optional
+    `stream_edit` for edits), or its one answer as completed events."""
+    kind = call.request.operation
+    if kind == GENERATE and isinstance(provider, StreamingProvider):
         return provider.stream(call)
+    if kind == EDIT:
+        stream_edit = getattr(provider, "stream_edit", None)
+        if callable(stream_edit):
+            streamed: AsyncIterator[StreamEvent] = stream_edit(call)
+            return streamed
     return generated_events(provider, call)
 
 

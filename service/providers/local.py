@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
+from service.providers import local_edit
 from service.providers.base import (
     AdapterDeps,
     CompletedImage,
@@ -18,6 +19,7 @@ from service.providers.base import (
     UpstreamCall,
 )
 from service.providers.local_render import CONTENT_TYPES, render, render_partial
+from service.requests import EDIT, VARIATION
 
 OFFLINE_NOTE = "(Rendered offline by imagegate's local renderer.)"
 
@@ -55,26 +57,54 @@ class LocalProvider:
         )
         return ProviderResult(images=[_image(call, data) for data in blobs])
 
+    async def edit(self, call: UpstreamCall) -> ProviderResult:
+        """The prompt drawn over the input images, in the mask's transparent areas."""
+        return await self.generate(call)
+
+    async def variation(self, call: UpstreamCall) -> ProviderResult:
+        """Deterministic variants of the input image."""
+        return await self.generate(call)
+
     async def stream(self, call: UpstreamCall) -> AsyncIterator[StreamEvent]:
         """Cheap previews first (the backdrop, coarse to fine), then each image as it is
         drawn; previews only for a single image, as the dispatcher asks."""
+        request = call.request
+        preview = partial(
+            render_partial,
+            request.prompt,
+            request.width,
+            request.height,
+            output_format=request.output_format,
+            background=request.background,
+            compression=request.output_compression,
+        )
+        async for event in self._stream(call, preview):
+            yield event
+
+    async def stream_edit(self, call: UpstreamCall) -> AsyncIterator[StreamEvent]:
+        """As stream(); the previews are the input, coarse to fine."""
+        request = call.request
+        preview = partial(
+            local_edit.preview,
+            call.images[0].data,
+            request.width,
+            request.height,
+            output_format=request.output_format,
+            compression=request.output_compression,
+        )
+        async for event in self._stream(call, preview):
+            yield event
+
+    async def _stream(
+        self, call: UpstreamCall, preview: partial[bytes]
+    ) -> AsyncIterator[StreamEvent]:
         request = call.request
         loop = asyncio.get_running_loop()
         content_type = CONTENT_TYPES[request.output_format]
         steps = request.partial_images if call.n == 1 else 0
         for step in range(steps):
-            preview = partial(
-                render_partial,
-                request.prompt,
-                request.width,
-                request.height,
-                output_format=request.output_format,
-                background=request.background,
-                compression=request.output_compression,
-                step=step,
-                steps=steps,
-            )
-            yield PartialImage(await loop.run_in_executor(self._pool, preview), content_type, step)
+            drawn = await loop.run_in_executor(self._pool, partial(preview, step=step, steps=steps))
+            yield PartialImage(drawn, content_type, step)
         draw = _drawing(call)
         renders = [loop.run_in_executor(self._pool, partial(draw, index=i)) for i in range(call.n)]
         try:
@@ -91,7 +121,31 @@ class LocalProvider:
 
 
 def _drawing(call: UpstreamCall) -> partial[bytes]:
+    """What draws one image of the call (given its index), by the request's operation."""
     request = call.request
+    if request.operation == EDIT:
+        return partial(
+            local_edit.edit,
+            request.prompt,
+            [image.data for image in call.images],
+            call.mask.data if call.mask is not None else None,
+            request.width,
+            request.height,
+            output_format=request.output_format,
+            quality=request.quality,
+            background=request.background,
+            compression=request.output_compression,
+            fidelity=request.input_fidelity,
+        )
+    if request.operation == VARIATION:
+        return partial(
+            local_edit.variation,
+            call.images[0].data,
+            request.width,
+            request.height,
+            output_format=request.output_format,
+            compression=request.output_compression,
+        )
     return partial(
         render,
         request.prompt,
@@ -106,9 +160,9 @@ def _drawing(call: UpstreamCall) -> partial[bytes]:
 
 def _image(call: UpstreamCall, data: bytes) -> GeneratedImage:
     request = call.request
-    return GeneratedImage(
-        data, CONTENT_TYPES[request.output_format], revised_prompt(request.prompt)
-    )
+    # A variation follows no prompt: nothing to report as revised.
+    revised = None if request.operation == VARIATION else revised_prompt(request.prompt)
+    return GeneratedImage(data, CONTENT_TYPES[request.output_format], revised)
 
 
 def revised_prompt(prompt: str) -> str:

@@ -53,15 +53,26 @@ def render(
     transparent = background == "transparent"
     if transparent and output_format == "jpeg":
         raise ValueError("a transparent background needs png or webp")
+    image = picture(prompt, width, height, transparent=transparent, index=index)
+    caption(image, prompt)
+    if quality == "hd":
+        image = grain(image, prompt, index)
+    return encode(image, output_format, compression)
+
+
+def picture(prompt: str, width: int, height: int, *, transparent: bool, index: int) -> Image.Image:
+    """The drawing for (prompt, size, index) without its caption (edits paint it in)."""
     # Colours depend on the prompt only, so the n images of a request form a set;
     # the layout also depends on index, so they differ.
     palette = _palette(_digest("palette", prompt))
     layout = random.Random(_digest("layout", prompt, index))
-    image = _backdrop(width, height, palette, layout, transparent)
-    _caption(image, prompt)
-    if quality == "hd":
-        image = _grain(image, _digest("grain", prompt, width, height, index))
-    return encode(image, output_format, compression)
+    return _backdrop(width, height, palette, layout, transparent)
+
+
+def grain(image: Image.Image, prompt: str, index: int) -> Image.Image:
+    """The hd texture, deterministic for (prompt, size, index)."""
+    width, height = image.size
+    return _grain(image, _digest("grain", prompt, width, height, index))
 
 
 def render_partial(
@@ -193,7 +204,8 @@ def _shape(
         draw.regular_polygon((cx, cy, r), sides, rotation=rotation, fill=fill)
 
 
-def _caption(image: Image.Image, prompt: str) -> None:
+def caption(image: Image.Image, prompt: str) -> None:
+    """The prompt on a translucent panel in the middle of `image` (drawn in place)."""
     width, height = image.size
     font_size = max(11, min(width, height) // 16)
     font = ImageFont.load_default(size=font_size)

@@ -57,6 +57,7 @@ class OpenAIProvider:
         self.id = settings.id
         self.kind = settings.kind
         base = (settings.base_url or DEFAULT_BASE_URL).rstrip("/")
+        self._base = base
         self._url = f"{base}/images/generations"
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._unknown_max_n = option_max_n(settings, 1 if settings.kind == COMPATIBLE else 10)
@@ -84,6 +85,28 @@ class OpenAIProvider:
 
     def _headers(self, call: UpstreamCall) -> dict[str, str]:
         return {**self._auth, **wire.request_id_header("X-Client-Request-Id", call.request_id)}
+
+    async def edit(self, call: UpstreamCall) -> ProviderResult:
+        """POST {base_url}/images/edits, multipart (openai_wire.edit_form)."""
+        form = wire.edit_form(call, wire.family(call), model=call.upstream_model)
+        return await self._upstream.upload(
+            f"{self._base}/images/edits", self._headers(call), form, call.n
+        )
+
+    def stream_edit(self, call: UpstreamCall) -> AsyncIterator[StreamEvent]:
+        """A gpt-image edit of one image streams upstream (image_edit.* events)."""
+        fam = wire.family(call)
+        if not wire.streams(fam, call):
+            return generated_events(self, call)
+        form = wire.edit_form(call, fam, model=call.upstream_model, stream=True)
+        url = f"{self._base}/images/edits"
+        return self._upstream.stream(url, self._headers(call), form, call.n)
+
+    async def variation(self, call: UpstreamCall) -> ProviderResult:
+        """POST {base_url}/images/variations (dall-e-2), multipart."""
+        form = wire.variation_form(call, model=call.upstream_model)
+        url = f"{self._base}/images/variations"
+        return await self._upstream.upload(url, self._headers(call), form, call.n)
 
     async def aclose(self) -> None:
         # The session and downloader belong to the registry.

@@ -4,12 +4,15 @@ One request body per model family, one reading of the reply (base64 images,
 URLs fetched through the safe downloader, `revised_prompt`, `usage`), and one
 mapping of OpenAI's and Azure's error bodies to domain errors. gpt-image calls
 of one image can stream (`stream: true`): the reply is server-sent events,
-`image_generation.partial_image` previews then `image_generation.completed`.
+`image_generation.partial_image` previews then `image_generation.completed`
+(edits: `image_edit.*`). Edits and variations are multipart forms (edit_form,
+variation_form), read back the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -137,6 +140,71 @@ def stream_body(body: Mapping[str, Any], call: UpstreamCall) -> dict[str, Any]:
     return {**body, "stream": True, "partial_images": call.request.partial_images}
 
 
+# Filenames of the uploaded parts (OpenAI reads the type from the bytes and this name).
+EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+
+
+def edit_form(
+    call: UpstreamCall, fam: str, model: str | None, *, stream: bool = False
+) -> aiohttp.FormData:
+    """POST /images/edits as OpenAI takes it: `image[]` files for gpt-image (up to 16),
+    one `image` for dall-e-2, the `mask`, then the family's fields (never
+    `response_format` for gpt-image; b64_json for the others); `stream` (gpt-image,
+    one image) asks for image_edit.* events with the request's partial_images."""
+    req = call.request
+    form = _form(model)
+    name = "image[]" if fam == GPT_IMAGE or len(call.images) > 1 else "image"
+    for index, image in enumerate(call.images):
+        _add_file(form, name, f"image_{index}", image.data, image.content_type)
+    if call.mask is not None:
+        _add_file(form, "mask", "mask", call.mask.data, call.mask.content_type)
+    fields: dict[str, object] = {"prompt": req.prompt, "n": call.n, "size": req.size}
+    if fam == GPT_IMAGE:
+        fields.update(
+            quality=req.quality,
+            output_format=req.output_format,
+            background=req.background,
+            output_compression=req.output_compression,
+            input_fidelity=req.input_fidelity,
+        )
+    else:
+        fields["response_format"] = "b64_json"
+    fields["user"] = req.user or None
+    if stream:
+        fields.update(stream="true", partial_images=req.partial_images)
+    for key, value in fields.items():
+        if value is not None:
+            form.add_field(key, str(value))
+    return form
+
+
+def variation_form(call: UpstreamCall, model: str | None) -> aiohttp.FormData:
+    """POST /images/variations (dall-e-2): one `image`, n, size, b64_json."""
+    req = call.request
+    form = _form(model)
+    image = call.images[0]
+    _add_file(form, "image", "image", image.data, image.content_type)
+    form.add_field("n", str(call.n))
+    form.add_field("size", req.size)
+    form.add_field("response_format", "b64_json")
+    if req.user:
+        form.add_field("user", req.user)
+    return form
+
+
+def _form(model: str | None) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    if model is not None:
+        form.add_field("model", model)
+    return form
+
+
+def _add_file(form: aiohttp.FormData, name: str, stem: str, data: bytes, ctype: str) -> None:
+    # A stream, not bytes: aiohttp would warn that a large raw body blocks the loop.
+    filename = f"{stem}.{EXTENSIONS.get(ctype, 'png')}"
+    form.add_field(name, io.BytesIO(data), filename=filename, content_type=ctype)
+
+
 def request_id_header(name: str, request_id: str) -> dict[str, str]:
     """`{name: request_id}` when the id is printable ASCII of an accepted length."""
     fits = 0 < len(request_id) <= MAX_REQUEST_ID
@@ -164,12 +232,33 @@ class Upstream:
         params: Mapping[str, str] | None = None,
     ) -> ProviderResult:
         """One POST; the images it produced (at most `n`) or the domain error it meant."""
+        return await self._post(url, headers, n, params, json=body)
+
+    async def upload(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        form: aiohttp.FormData,
+        n: int,
+        params: Mapping[str, str] | None = None,
+    ) -> ProviderResult:
+        """One multipart POST (edits, variations), its reply read as generate's."""
+        return await self._post(url, headers, n, params, data=form)
+
+    async def _post(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        n: int,
+        params: Mapping[str, str] | None,
+        **payload: Any,
+    ) -> ProviderResult:
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         async with (
             upstream_errors(self.provider_id),
             self.http.post(
                 url,
-                json=body,
+                **payload,
                 headers=headers,
                 params=params,
                 timeout=timeout,
@@ -196,18 +285,20 @@ class Upstream:
         self,
         url: str,
         headers: Mapping[str, str],
-        body: Mapping[str, Any],
+        body: Mapping[str, Any] | aiohttp.FormData,
         n: int,
         params: Mapping[str, str] | None = None,
     ) -> AsyncIterator[StreamEvent]:
-        """One streaming POST: previews and images as the upstream sends them. A server
-        that answers with plain JSON instead is read as `generate` reads it."""
+        """One streaming POST (JSON, or an edit's multipart form): previews and images as
+        the upstream sends them. A server that answers with plain JSON instead is read
+        as `generate` reads it."""
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        payload = {"data": body} if isinstance(body, aiohttp.FormData) else {"json": body}
         async with (
             upstream_errors(self.provider_id),
             self.http.post(
                 url,
-                json=body,
+                **payload,
                 headers=headers,
                 params=params,
                 timeout=timeout,

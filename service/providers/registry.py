@@ -19,6 +19,7 @@ from types import ModuleType
 import aiohttp
 
 from service.catalog_settings import ProviderSettings
+from service.providers import propagation
 from service.providers.base import AdapterDeps, MissingCredentials, Provider
 from service.providers.download import SafeDownloader
 from service.providers.http import scrub
@@ -106,7 +107,10 @@ async def _build(
         why = f"kind {settings.kind!r} is not available ({exc})"
         log.warning("provider %s is not live: %s", settings.id, why)
         return ProviderStatus(settings.id, settings.kind, False, why)
-    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.timeout_s))
+    http = aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=settings.timeout_s),
+        trace_configs=[propagation.trace_config()],
+    )
     download = SafeDownloader(
         settings.id, settings.download_hosts, timeout_s=min(settings.timeout_s, DOWNLOAD_TIMEOUT_S)
     )

@@ -231,6 +231,11 @@ class Store(Protocol):
 
     async def ledger_sum(self, account_id: int) -> int: ...
 
+    async def held(self) -> tuple[int, float | None]:
+        """Reservations held now, across every process: how many, and the oldest's
+        created_at (None when there is none). For the metrics gauges."""
+        ...
+
     async def usage(
         self, account_name: str, limit: int = 20, after: str | None = None
     ) -> list[UsageRow]:

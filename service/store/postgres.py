@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+from service import metrics
 from service.errors import InsufficientBalance
 from service.money import MAX_BALANCE_MICROS, check_credit, format_usd
 from service.store import migrations
@@ -118,7 +119,7 @@ WITH resolved AS (
     UPDATE reservations SET status = $2, cost_micros = $3, resolved_at = $4,
                             provider = $5, upstream_model = $6, upstream_cost_micros = $7
     WHERE id = $1 AND status = 'held' AND $3 BETWEEN 0 AND amount_micros
-    RETURNING account_id, amount_micros - $3 AS refund
+    RETURNING account_id, amount_micros - $3 AS refund, amount_micros, model
 ), refunded AS (
     UPDATE accounts SET balance_micros = balance_micros + resolved.refund
     FROM resolved WHERE accounts.id = resolved.account_id AND resolved.refund > 0
@@ -126,8 +127,20 @@ WITH resolved AS (
     INSERT INTO ledger (account_id, delta_micros, kind, reservation_id, created_at)
     SELECT account_id, refund, 'refund', $1, $4 FROM resolved WHERE refund > 0
 )
-SELECT count(*) FROM resolved
+SELECT model, amount_micros FROM resolved
 """
+
+
+# A reservation a statement resolved: (model, amount held, cost charged).
+Resolved = tuple[str, int, int]
+
+
+def _counted(resolved: list[Resolved | None]) -> int:
+    """Count committed resolutions in the money metrics; how many there were."""
+    done = [r for r in resolved if r is not None]
+    for model, amount, cost in done:
+        metrics.resolved(model, amount, cost)
+    return len(done)
 
 
 class PostgresStore:
@@ -330,6 +343,7 @@ class PostgresStore:
                 f"Your balance of {format_usd(balance or 0)} is too low for this "
                 f"request, quoted at {format_usd(amount)}. Add credit to continue."
             )
+        metrics.reserved(charge.model, amount)
         return reservation_id
 
     async def settle(
@@ -341,16 +355,19 @@ class PostgresStore:
         done: tuple[Claim, bytes] | None = None,
     ) -> None:
         if done is None:
-            await self._resolve(reservation_id, "settled", cost, self._clock(), served)
+            _counted([await self._resolve(reservation_id, "settled", cost, self._clock(), served)])
             return
         # The charge and the stored response commit together.
         claim, response = done
         async with self._db.acquire() as conn, conn.transaction():
-            await self._resolve(reservation_id, "settled", cost, self._clock(), served, conn)
+            resolved = await self._resolve(
+                reservation_id, "settled", cost, self._clock(), served, conn
+            )
             await conn.execute(_FINISH, claim.account_id, claim.key, claim.token, response, None)
+        _counted([resolved])  # once committed
 
     async def release(self, reservation_id: str) -> None:
-        await self._resolve(reservation_id, "released", 0, self._clock())
+        _counted([await self._resolve(reservation_id, "released", 0, self._clock())])
 
     async def _resolve(
         self,
@@ -360,30 +377,30 @@ class PostgresStore:
         now: float,
         served: Served | None = None,
         conn: Any = None,
-    ) -> int:
-        """1 if this call resolved the reservation, 0 if it was resolved already."""
+    ) -> Resolved | None:
+        """What this call resolved (model, amount held, cost); None if it was resolved
+        already. Counted in the money metrics by the caller, once committed."""
         served = served or Served()
         db = self._db if conn is None else conn
-        resolved = int(
-            await db.fetchval(
-                _RESOLVE,
-                reservation_id,
-                status,
-                cost,
-                now,
-                served.provider,
-                served.upstream_model,
-                served.upstream_cost_micros,
-            )
+        row = await db.fetchrow(
+            _RESOLVE,
+            reservation_id,
+            status,
+            cost,
+            now,
+            served.provider,
+            served.upstream_model,
+            served.upstream_cost_micros,
         )
-        if not resolved:
-            amount = await db.fetchval(
-                "SELECT amount_micros FROM reservations WHERE id = $1 AND status = 'held'",
-                reservation_id,
-            )
-            if amount is not None:  # still held: the cost was out of range
-                raise ValueError(f"cost {cost} outside reservation of {amount}")
-        return resolved
+        if row is not None:
+            return str(row["model"]), int(row["amount_micros"]), cost
+        amount = await db.fetchval(
+            "SELECT amount_micros FROM reservations WHERE id = $1 AND status = 'held'",
+            reservation_id,
+        )
+        if amount is not None:  # still held: the cost was out of range
+            raise ValueError(f"cost {cost} outside reservation of {amount}")
+        return None
 
     async def release_expired(self, now: float) -> int:
         # One reservation per statement: each is resolved exactly once even when
@@ -395,10 +412,12 @@ class PostgresStore:
         return await self._release_each([row["id"] for row in due], now)
 
     async def _release_each(self, reservation_ids: list[str], now: float) -> int:
-        released = 0
-        for reservation_id in reservation_ids:
-            released += await self._resolve(reservation_id, "released", 0, now)
-        return released
+        return _counted(
+            [
+                await self._resolve(reservation_id, "released", 0, now)
+                for reservation_id in reservation_ids
+            ]
+        )
 
     # Instances
 
@@ -447,6 +466,13 @@ class PostgresStore:
             account_id,
         )
         return int(total)
+
+    async def held(self) -> tuple[int, float | None]:
+        row = await self._db.fetchrow(
+            "SELECT count(*) AS n, min(created_at) AS oldest FROM reservations "
+            "WHERE status = 'held'"
+        )
+        return int(row["n"]), row["oldest"]
 
     async def usage(
         self, account_name: str, limit: int = 20, after: str | None = None

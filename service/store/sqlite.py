@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from service import metrics
 from service.errors import InsufficientBalance
 from service.money import MAX_BALANCE_MICROS, check_credit, format_usd
 from service.private import private_dir, touch_private
@@ -290,6 +291,7 @@ class SqliteStore:
             )
 
         await self._tx(reserve)
+        metrics.reserved(charge.model, amount)
         return reservation_id
 
     async def settle(
@@ -300,26 +302,27 @@ class SqliteStore:
         *,
         done: tuple[Claim, bytes] | None = None,
     ) -> None:
-        def settle(db: sqlite3.Connection) -> None:
-            _resolve(db, reservation_id, "settled", cost, self._clock(), served)
+        def settle(db: sqlite3.Connection) -> Resolved | None:
+            resolved = _resolve(db, reservation_id, "settled", cost, self._clock(), served)
             if done is not None:
                 _finish(db, done[0], done[1], None)
+            return resolved
 
-        await self._tx(settle)
+        _counted([await self._tx(settle)])
 
     async def release(self, reservation_id: str) -> None:
-        await self._tx(_resolve, reservation_id, "released", 0, self._clock())
+        _counted([await self._tx(_resolve, reservation_id, "released", 0, self._clock())])
 
     async def release_expired(self, now: float) -> int:
-        def release_all(db: sqlite3.Connection) -> int:
+        def release_all(db: sqlite3.Connection) -> list[Resolved | None]:
             expired = db.execute(
                 "SELECT id FROM reservations WHERE status = 'held' AND expires_at < ?", (now,)
             ).fetchall()
-            for (reservation_id,) in expired:
-                _resolve(db, reservation_id, "released", 0, now)
-            return len(expired)
+            return [
+                _resolve(db, reservation_id, "released", 0, now) for (reservation_id,) in expired
+            ]
 
-        return await self._tx(release_all)
+        return _counted(await self._tx(release_all))
 
     # Instances
 
@@ -348,7 +351,7 @@ class SqliteStore:
         return [Instance(*row) for row in rows]
 
     async def release_orphans(self, dead: list[str], stale_before: float, keep: str) -> int:
-        def release(db: sqlite3.Connection) -> int:
+        def release(db: sqlite3.Connection) -> list[Resolved | None]:
             db.executemany("DELETE FROM instances WHERE id = ?", [(i,) for i in dead if i != keep])
             db.execute(
                 "DELETE FROM instances WHERE heartbeat_at < ? AND id != ?", (stale_before, keep)
@@ -358,11 +361,11 @@ class SqliteStore:
                 "AND owner NOT IN (SELECT id FROM instances)"
             ).fetchall()
             now = self._clock()
-            for (reservation_id,) in orphans:
-                _resolve(db, reservation_id, "released", 0, now)
-            return len(orphans)
+            return [
+                _resolve(db, reservation_id, "released", 0, now) for (reservation_id,) in orphans
+            ]
 
-        return await self._tx(release)
+        return _counted(await self._tx(release))
 
     async def retire(self, instance_id: str) -> None:
         def delete(db: sqlite3.Connection) -> None:
@@ -375,6 +378,14 @@ class SqliteStore:
             "SELECT COALESCE(SUM(delta_micros), 0) FROM ledger WHERE account_id = ?", (account_id,)
         )
         return int(rows[0][0])
+
+    async def held(self) -> tuple[int, float | None]:
+        # The reservations_held index (status, expires_at) answers it without a table scan.
+        rows = await self._read(
+            "SELECT COUNT(*), MIN(created_at) FROM reservations WHERE status = 'held'"
+        )
+        count, oldest = rows[0]
+        return int(count), oldest
 
     async def usage(
         self, account_name: str, limit: int = 20, after: str | None = None
@@ -573,6 +584,18 @@ def _credit(
     )
 
 
+# A reservation this transaction resolved: (model, amount held, cost charged).
+Resolved = tuple[str, int, int]
+
+
+def _counted(resolved: list[Resolved | None]) -> int:
+    """Count committed resolutions in the money metrics; how many there were."""
+    done = [r for r in resolved if r is not None]
+    for model, amount, cost in done:
+        metrics.resolved(model, amount, cost)
+    return len(done)
+
+
 def _resolve(
     db: sqlite3.Connection,
     reservation_id: str,
@@ -580,15 +603,16 @@ def _resolve(
     cost: int,
     now: float,
     served: Served | None = None,
-) -> None:
+) -> Resolved | None:
     """Settle or release a held reservation; a resolved one is left as it is (exactly once)."""
     row = db.execute(
-        "SELECT account_id, amount_micros FROM reservations WHERE id = ? AND status = 'held'",
+        "SELECT account_id, amount_micros, model FROM reservations "
+        "WHERE id = ? AND status = 'held'",
         (reservation_id,),
     ).fetchone()
     if row is None:
-        return
-    account_id, amount = row
+        return None
+    account_id, amount, model = row
     if not 0 <= cost <= amount:
         raise ValueError(f"cost {cost} outside reservation of {amount}")
     served = served or Served()
@@ -616,6 +640,7 @@ def _resolve(
             "VALUES (?, ?, 'refund', ?, ?)",
             (account_id, refund, reservation_id, now),
         )
+    return str(model), int(amount), cost
 
 
 def _finish(

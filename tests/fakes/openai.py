@@ -6,7 +6,8 @@ One server answers three paths:
 - Azure, deployment form: `POST /openai/deployments/{deployment}/images/generations?api-version=`,
   header `api-key`;
 - Azure v1 form: `POST /openai/v1/images/generations`, the deployment as `model`.
-It also serves the images it hands out as URLs, under `/files/`. A gpt-image
+It also serves the images it hands out as URLs, under `/files/`, and the edit
+and variation endpoints of both (tests/fakes/openai_edits.py). A gpt-image
 request with `stream: true` is answered with OpenAI's server-sent events
 (`partial_images` previews, then `image_generation.completed` with usage).
 
@@ -32,6 +33,7 @@ from service.catalog import ModelSpec
 from service.providers.base import UpstreamCall
 from service.requests import ImageRequest
 from tests.fakes.base import FakeUpstream, Fault, image_bytes
+from tests.fakes.openai_edits import EditEndpoints
 
 OPENAI_KEY = "sk-fake-openai-7c1d2e3f4a5b6c7d8e9f0a1b"
 AZURE_KEY = "fake-azure-key-0f1e2d3c4b5a69788796a5b4"
@@ -116,7 +118,7 @@ def content_filter_results(filtered: str | None = None) -> dict[str, Any]:
     }
 
 
-class FakeOpenAI(FakeUpstream):
+class FakeOpenAI(EditEndpoints, FakeUpstream):
     """`openai_base` is the OpenAI SDK's base_url for it; `base_url` is Azure's endpoint."""
 
     def __init__(
@@ -172,6 +174,8 @@ class FakeOpenAI(FakeUpstream):
         app.router.add_post("/openai/deployments/{deployment}/images/generations", self._azure)
         app.router.add_post("/openai/v1/images/generations", self._azure_v1)
         app.router.add_get("/files/{name}", self._file)
+        # Edits and variations (multipart): tests/fakes/openai_edits.py.
+        self.edit_routes(app)
 
     # -- OpenAI ---------------------------------------------------------------------------
 

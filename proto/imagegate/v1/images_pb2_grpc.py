@@ -45,6 +45,21 @@ class ImageServiceStub:
                 request_serializer=imagegate_dot_v1_dot_images__pb2.GenerateImagesRequest.SerializeToString,
                 response_deserializer=imagegate_dot_v1_dot_images__pb2.ImageEvent.FromString,
                 _registered_method=True)
+        self.EditImages = channel.unary_unary(
+                '/imagegate.v1.ImageService/EditImages',
+                request_serializer=imagegate_dot_v1_dot_images__pb2.EditImagesRequest.SerializeToString,
+                response_deserializer=imagegate_dot_v1_dot_images__pb2.ImagesResponse.FromString,
+                _registered_method=True)
+        self.StreamEditImages = channel.unary_stream(
+                '/imagegate.v1.ImageService/StreamEditImages',
+                request_serializer=imagegate_dot_v1_dot_images__pb2.EditImagesRequest.SerializeToString,
+                response_deserializer=imagegate_dot_v1_dot_images__pb2.ImageEvent.FromString,
+                _registered_method=True)
+        self.CreateImageVariation = channel.unary_unary(
+                '/imagegate.v1.ImageService/CreateImageVariation',
+                request_serializer=imagegate_dot_v1_dot_images__pb2.CreateImageVariationRequest.SerializeToString,
+                response_deserializer=imagegate_dot_v1_dot_images__pb2.ImagesResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/imagegate.v1.ImageService/ListModels',
                 request_serializer=imagegate_dot_v1_dot_images__pb2.ListModelsRequest.SerializeToString,
@@ -88,6 +103,33 @@ class ImageServiceServicer:
         Both REST fronts serve it on the public path above, written as server-sent
         events; the path below is internal (Envoy's Lua filter rewrites a streaming
         request to it, and answers 404 to a client that calls it directly).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EditImages(self, request, context):
+        """POST /v1/images/edits: edit or extend input images from a prompt. The HTTP
+        body (multipart/form-data as OpenAI's API takes it, or JSON with
+        images[].image_url) reaches the service as it came, with its Content-Type,
+        and is parsed there: one parser for both REST fronts and gRPC clients.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamEditImages(self, request, context):
+        """POST /v1/images/edits with `stream` true in the body: as StreamImages, the
+        events typed image_edit.partial_image / image_edit.completed. The path below
+        is internal, as StreamImages's: both REST fronts route a streamed edit here
+        (they look at the `stream` field only; the service parses the body).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateImageVariation(self, request, context):
+        """POST /v1/images/variations: variants of one input image (multipart/form-data).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -144,6 +186,21 @@ def add_ImageServiceServicer_to_server(servicer, server):
                     servicer.StreamImages,
                     request_deserializer=imagegate_dot_v1_dot_images__pb2.GenerateImagesRequest.FromString,
                     response_serializer=imagegate_dot_v1_dot_images__pb2.ImageEvent.SerializeToString,
+            ),
+            'EditImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.EditImages,
+                    request_deserializer=imagegate_dot_v1_dot_images__pb2.EditImagesRequest.FromString,
+                    response_serializer=imagegate_dot_v1_dot_images__pb2.ImagesResponse.SerializeToString,
+            ),
+            'StreamEditImages': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamEditImages,
+                    request_deserializer=imagegate_dot_v1_dot_images__pb2.EditImagesRequest.FromString,
+                    response_serializer=imagegate_dot_v1_dot_images__pb2.ImageEvent.SerializeToString,
+            ),
+            'CreateImageVariation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateImageVariation,
+                    request_deserializer=imagegate_dot_v1_dot_images__pb2.CreateImageVariationRequest.FromString,
+                    response_serializer=imagegate_dot_v1_dot_images__pb2.ImagesResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -225,6 +282,87 @@ class ImageService:
             '/imagegate.v1.ImageService/StreamImages',
             imagegate_dot_v1_dot_images__pb2.GenerateImagesRequest.SerializeToString,
             imagegate_dot_v1_dot_images__pb2.ImageEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EditImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegate.v1.ImageService/EditImages',
+            imagegate_dot_v1_dot_images__pb2.EditImagesRequest.SerializeToString,
+            imagegate_dot_v1_dot_images__pb2.ImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamEditImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/imagegate.v1.ImageService/StreamEditImages',
+            imagegate_dot_v1_dot_images__pb2.EditImagesRequest.SerializeToString,
+            imagegate_dot_v1_dot_images__pb2.ImageEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateImageVariation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegate.v1.ImageService/CreateImageVariation',
+            imagegate_dot_v1_dot_images__pb2.CreateImageVariationRequest.SerializeToString,
+            imagegate_dot_v1_dot_images__pb2.ImagesResponse.FromString,
             options,
             channel_credentials,
             insecure,
