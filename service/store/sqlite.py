@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import secrets
 import sqlite3
 import time
@@ -92,7 +93,7 @@ class SqliteStore:
         try:
             # The CLI may write while the server runs: wait for its lock, don't fail.
             db.execute("PRAGMA busy_timeout=5000")
-            db.execute("PRAGMA journal_mode=WAL")
+            _when_unlocked(lambda: db.execute("PRAGMA journal_mode=WAL"))
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
             applied = _migrate(db, self._clock())
@@ -497,7 +498,7 @@ def _migrate(db: sqlite3.Connection, now: float) -> list[str]:
     once take turns and neither applies a migration twice.
     """
     applied: list[str] = []
-    while (name := _transaction(db, _apply_next, now)) is not None:
+    while (name := _when_unlocked(lambda: _transaction(db, _apply_next, now))) is not None:
         applied.append(name)
     return applied
 
@@ -681,3 +682,22 @@ def _key_record(row: Any) -> KeyRecord:
         revoked_at=revoked,
         limits=KeyLimits(*row[9:13]),
     )
+
+
+# Several processes opening a new database at once (workers, replicas, the CLI)
+# race to switch it to WAL and to migrate it; SQLite then answers "database is
+# locked" at once, without waiting for its busy timeout (it refuses to wait where
+# waiting could deadlock). Such a step is simply tried again.
+UNLOCK_ATTEMPTS = 50
+UNLOCK_PAUSE_S = 0.1
+
+
+def _when_unlocked(step: Callable[[], T]) -> T:
+    for attempt in range(UNLOCK_ATTEMPTS):
+        try:
+            return step()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == UNLOCK_ATTEMPTS - 1:
+                raise
+            time.sleep(UNLOCK_PAUSE_S * (1 + random.random()))
+    raise AssertionError("unreachable")
