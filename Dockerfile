@@ -13,6 +13,7 @@ COPY pyproject.toml README.md ./
 COPY proto ./proto
 COPY service ./service
 COPY gateway ./gateway
+COPY settings ./settings
 RUN pip install '.[postgres,redis,s3]' && rm -rf /src
 
 RUN useradd --system --uid 10001 --home-dir /data imagegate \

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev run test proto envoy lint bench clean
+.PHONY: install install-dev run test proto docs envoy lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,13 +31,18 @@ test: install-dev
 proto: install-dev
 	$(BIN)/python proto/generate.py
 
+# docs/configuration.md from the settings declared in the config dataclasses (a test
+# fails when it is stale).
+docs: install
+	$(BIN)/imagegate config docs > docs/configuration.md
+
 # Envoy in front of a running `imagegate serve` (or serve-grpc): REST on 127.0.0.1:10000.
 # No hot restart: it would claim shared memory (base id 0) that another Envoy may hold.
 envoy: install-dev
 	$(BIN)/envoy -c envoy.yaml --log-level warn --disable-hot-restart
 
 lint: install-dev
-	$(BIN)/ruff check service gateway tests bench proto/generate.py
+	$(BIN)/ruff check service gateway settings tests bench proto/generate.py
 	$(BIN)/mypy
 
 bench: install-dev

@@ -1,53 +1,108 @@
-"""Front configuration: read from IMAGEGATE_* once, then passed down as a value."""
+"""Front configuration: read from IMAGEGATE_* and flags once, then passed down as a value."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from typing import Any
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from settings.fields import (
+    address_or_off,
+    between,
+    grpc_target,
+    not_empty,
+    port,
+    positive,
+    setting,
+)
+from settings.loader import load
 
 MiB = 1024 * 1024
+# Only `serve-rest` reads these: `serve` dials its own service and has one listener.
+REST_ONLY = ("serve-rest",)
 
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    grpc_target: str = "127.0.0.1:50051"
-    host: str = "127.0.0.1"
-    rest_port: int = 8080
+    """The REST front's settings. Adding one is one `setting()` here: the loader, the
+    flags and docs/configuration.md follow."""
+
+    grpc_target: str = setting(
+        "127.0.0.1:50051",
+        "`serve-rest`: where ImageService is (HOST:PORT)",
+        check=grpc_target,
+        commands=REST_ONLY,
+        metavar="HOST:PORT",
+    )
+    host: str = setting("127.0.0.1", "address the servers bind", check=not_empty)
+    rest_port: int = setting(8080, "REST port of the aiohttp front", check=port)
     # Generation requests are small JSON; Envoy's front enforces the same limit.
-    max_body_bytes: int = 1 * MiB
-    # Edit and variation uploads (the whole body: up to 16 images and a mask); Envoy's
-    # upload routes have the same limit. It must stay below max_message_bytes, since
-    # the body travels to the service in one gRPC message.
-    max_upload_bytes: int = 60 * MiB
+    max_body_bytes: int = setting(
+        1 * MiB, "largest request body the front accepts (413 above)", check=between(1024)
+    )
+    # The whole body: up to 16 images and a mask. It must stay below max_message_bytes,
+    # since the body travels to the service in one gRPC message.
+    max_upload_bytes: int = setting(
+        60 * MiB,
+        "largest edit or variation body the front accepts (413 above, checked as it streams "
+        "in); Envoy's upload routes use the same 60 MiB; below `max_message_bytes`",
+        check=between(1024),
+    )
     # Must match the service's limit: responses carry whole images.
-    max_message_bytes: int = 64 * MiB
-    # Deadline for one call to the service when the client sets none; Envoy's
-    # route timeout is the same, and slow models need minutes.
-    timeout_s: float = 300.0
-    # A connection must deliver a request's headers this long after it opens or
-    # after the previous response; idle keep-alive connections close after it too.
-    header_timeout_s: float = 60.0
-    # A request body must have arrived this long after its headers (408 after).
-    body_timeout_s: float = 60.0
-    # Request line plus headers, all together (431 above); Envoy's
-    # max_request_headers_kb is the same 8 KiB.
-    max_header_bytes: int = 8192
-    # Prometheus /metrics of `serve-rest` (HOST:PORT, or "off"); `serve` uses the
-    # service's metrics_address for both. Beside the service's 9464 on one host.
-    rest_metrics_address: str = "127.0.0.1:9465"
-    # After SIGTERM: how long requests in flight may take before they are cancelled.
-    drain_grace_s: float = 25.0
+    max_message_bytes: int = setting(
+        64 * MiB,
+        "gRPC message limit (service and front): n=10 large images, or one upload",
+        check=between(MiB),
+    )
+    # Envoy's route timeout is the same, and slow models need minutes.
+    timeout_s: float = setting(
+        300.0,
+        "the front's deadline (seconds) for one call to the service (504 after)",
+        check=positive,
+    )
+    header_timeout_s: float = setting(
+        60.0,
+        "a connection must send a request's headers within this long (seconds) of opening or "
+        "of the previous response; idle connections close after it",
+        check=positive,
+    )
+    body_timeout_s: float = setting(
+        60.0,
+        "a request body must arrive within this long (seconds) of its headers (408 after)",
+        check=positive,
+    )
+    # Envoy's max_request_headers_kb is the same 8 KiB.
+    max_header_bytes: int = setting(
+        8192,
+        "request line and headers together (431 above); at most 100 headers",
+        check=between(1024),
+    )
+    # Beside the service's 9464 on one host.
+    rest_metrics_address: str = setting(
+        "127.0.0.1:9465",
+        "Prometheus `/metrics` of `serve-rest`; `off` disables",
+        check=address_or_off,
+        flag="--metrics-address",
+        commands=REST_ONLY,
+        metavar="HOST:PORT",
+    )
+    drain_grace_s: float = setting(
+        25.0,
+        "after SIGTERM, how long (seconds) requests in flight may take before they are "
+        "cancelled and released",
+        check=between(0),
+    )
+
+    def conflicts(self) -> Iterator[tuple[str, str]]:
+        """Settings valid alone but not together."""
+        if self.max_upload_bytes >= self.max_message_bytes:
+            yield (
+                "max_upload_bytes",
+                f"{self.max_upload_bytes} is not below max_message_bytes "
+                f"({self.max_message_bytes}): an upload travels in one gRPC message",
+            )
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> GatewayConfig:
-        env = os.environ if env is None else env
-        config = cls()
-        values: dict[str, Any] = {}
-        for name, default in config.__dict__.items():
-            raw = env.get(f"IMAGEGATE_{name.upper()}")
-            if raw:
-                values[name] = type(default)(raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return replace(config, **values)
+    def from_env(cls, env: Mapping[str, str] | None = None, **flags: object) -> GatewayConfig:
+        """Defaults, then IMAGEGATE_* variables, then flags (text or typed values)."""
+        return load(cls, os.environ if env is None else env, flags)

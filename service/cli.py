@@ -14,16 +14,15 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import replace
-from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 # The CLI is the one place the two halves meet: `serve` runs both in one process.
-from gateway.config import GatewayConfig
 from gateway.server import bound_port, drain_gateway, start_gateway
 from service import keys, logs, tracing
 from service.admin_http import Refresh, start_admin
 from service.catalog import Catalog, ModelSpec, load_catalog
 from service.config import Config
+from service.config_commands import add_config_commands, load_config, load_front, settings_table
 from service.links import url_host
 from service.money import credit_micros, format_usd, usd_to_micros
 from service.providers.registry import ProviderStatus, build_registry
@@ -36,6 +35,8 @@ from service.store.base import (
     UnknownAccount,
     UnknownCursor,
 )
+from settings.flags import add_flags
+from settings.loader import SettingError
 
 log = logging.getLogger("imagegate.cli")
 DEMO_ACCOUNT = "demo"
@@ -45,8 +46,19 @@ DEMO_CREDIT = "5.00"
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        logs.setup(args.log_level, Config.from_env(log_format=args.log_format).log_format)
+        # Read once, before anything starts: a bad setting stops here, naming itself.
+        args.config = load_config(args)
+        if args.front:
+            args.front_config = load_front(args)
+    except SettingError as exc:
+        print(f"imagegate: {exc}", file=sys.stderr)
+        return 2
+    try:
+        logs.setup(args.config.log_level, args.config.log_format)
         return int(asyncio.run(args.func(args)) or 0)
+    except SettingError as exc:
+        print(f"imagegate: {exc}", file=sys.stderr)
+        return 2
     except (UnknownAccount, UnknownCursor, AccountExists, StoreError, ValueError) as exc:
         print(f"imagegate: {exc}", file=sys.stderr)
         return 1
@@ -79,34 +91,27 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imagegate", description="OpenAI-compatible image-generation gateway."
     )
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
-    parser.add_argument(
-        "--log-format",
-        choices=logs.FORMATS,
-        help="log lines as JSON objects, or text for a terminal [IMAGEGATE_LOG_FORMAT, json]",
-    )
+    # Settings are declared in the config dataclasses; their flags are made from them.
+    table = settings_table()
+    add_flags(parser, table, "imagegate")
+    parser.set_defaults(front=False)
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = _command(sub, "serve", _serve, "Run gRPC and the REST front in one process.")
-    _service_flags(serve)
-    _rest_flags(serve)
+    add_flags(serve, table, "serve")
+    serve.set_defaults(front=True)
     serve.add_argument(
         "--demo",
         action="store_true",
         help="on an empty database, create a 'demo' account and key and print them",
     )
-    _service_flags(_command(sub, "serve-grpc", _serve_grpc, "Run only the gRPC ImageService."))
+    grpc_only = _command(sub, "serve-grpc", _serve_grpc, "Run only the gRPC ImageService.")
+    add_flags(grpc_only, table, "serve-grpc")
     rest = _command(
         sub, "serve-rest", _serve_rest, "Run only the REST front, in front of --grpc-target."
     )
-    rest.add_argument("--host", help="address to bind [IMAGEGATE_HOST, 127.0.0.1]")
-    _rest_flags(rest)
-    rest.add_argument("--grpc-target", help="HOST:PORT of ImageService [IMAGEGATE_GRPC_TARGET]")
-    rest.add_argument(
-        "--metrics-address",
-        help="HOST:PORT of /metrics, or off [IMAGEGATE_REST_METRICS_ADDRESS, 127.0.0.1:9465]",
-    )
-    _drain_flag(rest)
+    add_flags(rest, table, "serve-rest")
+    rest.set_defaults(front=True)
 
     accounts = _group(sub, "accounts", "Create and show accounts.")
     p = _command(accounts, "create", _accounts_create, "Create an account.", store=True)
@@ -154,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
         _models,
         "List every catalog model with its routes, whether each is live, and its prices.",
     )
-    p.add_argument("--catalog", type=Path, help="your model catalog TOML [IMAGEGATE_CATALOG]")
+    add_flags(p, table, "models")
     p.add_argument("--json", action="store_true")
 
     p = _command(
@@ -172,6 +177,7 @@ def _parser() -> argparse.ArgumentParser:
         "Bring the database schema up to date (needed for PostgreSQL; SQLite does it itself).",
         store=True,
     )
+    add_config_commands(sub)
     return parser
 
 
@@ -218,55 +224,12 @@ def _limit_changes(args: argparse.Namespace) -> dict[str, int | None]:
 
 
 def _store_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--data-dir", type=Path, help="data directory [IMAGEGATE_DATA_DIR, ./.imagegate]"
-    )
-    p.add_argument(
-        "--database-url",
-        help="sqlite:///PATH or postgresql://USER@HOST/DB [IMAGEGATE_DATABASE_URL]",
-    )
-
-
-def _service_flags(p: argparse.ArgumentParser) -> None:
-    _store_flags(p)
-    p.add_argument("--host", help="address to bind [IMAGEGATE_HOST, 127.0.0.1]")
-    p.add_argument("--grpc-port", type=int, help="gRPC port [IMAGEGATE_GRPC_PORT, 50051]")
-    p.add_argument("--catalog", type=Path, help="your model catalog TOML [IMAGEGATE_CATALOG]")
-    p.add_argument(
-        "--public-url", help="base of image URLs when no front says [IMAGEGATE_PUBLIC_URL]"
-    )
-    p.add_argument(
-        "--metrics-address",
-        help="HOST:PORT of /metrics, or off [IMAGEGATE_METRICS_ADDRESS, 127.0.0.1:9464]",
-    )
-    _drain_flag(p)
-
-
-def _drain_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--drain-grace",
-        dest="drain_grace_s",
-        type=float,
-        help="seconds calls in flight may take to end after SIGTERM [IMAGEGATE_DRAIN_GRACE_S, 25]",
-    )
-
-
-def _rest_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rest-port", type=int, help="REST port [IMAGEGATE_REST_PORT, 8080]")
+    add_flags(p, settings_table(), "admin")
 
 
 def _config(args: argparse.Namespace) -> Config:
-    fields = (
-        "host",
-        "grpc_port",
-        "data_dir",
-        "database_url",
-        "catalog",
-        "public_url",
-        "metrics_address",
-        "drain_grace_s",
-    )
-    return Config.from_env(**{f: getattr(args, f, None) for f in fields})
+    config: Config = args.config
+    return config
 
 
 @contextlib.asynccontextmanager
@@ -283,8 +246,7 @@ async def _store(args: argparse.Namespace) -> AsyncIterator[Store]:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    config = _config(args)
-    gateway_config = _gateway_config(args, grpc_target=None)
+    config, gateway_config = _config(args), args.front_config
     rest_url = f"http://{url_host(gateway_config.host)}:{gateway_config.rest_port}"
     stop, force = _signals()
     async with contextlib.AsyncExitStack() as stack:
@@ -330,12 +292,7 @@ async def _serve_grpc(args: argparse.Namespace) -> int:
 
 
 async def _serve_rest(args: argparse.Namespace) -> int:
-    config = _gateway_config(
-        args,
-        grpc_target=args.grpc_target,
-        rest_metrics_address=args.metrics_address,
-        drain_grace_s=args.drain_grace_s,
-    )
+    config = args.front_config
     stop, force = _signals()
     async with contextlib.AsyncExitStack() as stack:
         stack.enter_context(_tracing())
@@ -350,14 +307,6 @@ async def _serve_rest(args: argparse.Namespace) -> int:
         await stop.wait()
         await drain_gateway(runner, config.drain_grace_s, force)
     return 0
-
-
-def _gateway_config(
-    args: argparse.Namespace, grpc_target: str | None, **overrides: Any
-) -> GatewayConfig:
-    return GatewayConfig.from_env(
-        host=args.host, rest_port=args.rest_port, grpc_target=grpc_target, **overrides
-    )
 
 
 def _signals() -> tuple[asyncio.Event, asyncio.Event]:

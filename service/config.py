@@ -1,76 +1,215 @@
-"""Service configuration: read from IMAGEGATE_* once, then passed down as a value."""
+"""Service configuration: read from IMAGEGATE_* and flags once, then passed down as a value."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from service.logs import FORMATS as LOG_FORMATS
+from settings.fields import (
+    EVERY_COMMAND,
+    NO_FLAG,
+    SERVICE,
+    address_or_off,
+    between,
+    existing_file,
+    hosts,
+    networks,
+    not_empty,
+    one_of,
+    port,
+    positive,
+    setting,
+    url,
+)
+from settings.loader import load
 
 MiB = 1024 * 1024
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+LOG_LEVELS = ("debug", "info", "warning")
+# The admin commands (accounts, credit, keys, usage, migrate) open the database too.
+STORE = (*SERVICE, "admin")
 
 
 @dataclass(frozen=True)
 class Config:
-    host: str = "127.0.0.1"
-    grpc_port: int = 50051
-    data_dir: Path = Path(".imagegate")
-    # sqlite:///path or postgresql://... ; empty means SQLite in data_dir.
-    database_url: str = field(default="", repr=False)
-    # Connections each process keeps to PostgreSQL (replicas x this <= max_connections).
-    database_pool_size: int = 10
-    catalog: Path | None = None
-    default_model: str = "local"
-    # Base of every returned image URL; empty: the host the front reports (from a
-    # trusted proxy only), else the REST address this process serves.
-    public_url: str = ""
-    # Peers (CIDRs, comma-separated) whose x-forwarded-host may set image URL hosts:
-    # loopback covers the aiohttp front and an Envoy on the same host.
-    trusted_proxies: str = "127.0.0.0/8,::1/128"
-    image_ttl_s: int = 3600
-    # Empty: generated once and kept in data_dir (set it when replicas share links;
-    # required with an s3:// image store).
-    url_secret: str = field(default="", repr=False)
-    # Where images live: empty = files under data_dir/images; s3://BUCKET/PREFIX = a
-    # bucket every replica shares (endpoint and credentials from the AWS_* variables).
-    image_store: str = ""
+    """The service's settings (and the log settings of every command). Adding one is
+    one `setting()` here: the loader, the flags and docs/configuration.md follow."""
+
+    host: str = setting("127.0.0.1", "address the servers bind", check=not_empty)
+    grpc_port: int = setting(50051, "gRPC port", check=port)
+    data_dir: Path = setting(
+        Path(".imagegate"),
+        "SQLite database, image files, URL-signing key",
+        commands=STORE,
+        metavar="DIR",
+    )
+    database_url: str = setting(
+        "",
+        "`sqlite:///PATH`, or `postgresql://USER:PASSWORD@HOST:PORT/DB` for several replicas",
+        check=url("sqlite", "postgresql", "postgres", show=False),
+        secret=True,
+        default_text="SQLite in the data dir",
+        commands=STORE,
+        metavar="URL",
+    )
+    database_pool_size: int = setting(
+        10,
+        "PostgreSQL connections per process (replicas x this <= the server's max_connections)",
+        check=between(1),
+        commands=STORE,
+    )
+    catalog: Path | None = setting(
+        None,
+        "your catalog TOML, laid over the defaults",
+        check=existing_file,
+        commands=(*SERVICE, "models"),
+        default_text="the shipped catalog",
+    )
+    default_model: str = setting("local", "model used when a request names none", check=not_empty)
+    # Empty: the host the front reports (from a trusted proxy only), else the REST
+    # address this process serves.
+    public_url: str = setting(
+        "",
+        "base of every image URL; when not set, the host the front reports (trusted proxies "
+        "only), else the REST address this process serves (`serve`) or `http://HOST:8080` "
+        "(`serve-grpc`)",
+        check=url("http", "https"),
+        metavar="URL",
+    )
+    # Loopback covers the aiohttp front and an Envoy on the same host.
+    trusted_proxies: str = setting(
+        "127.0.0.0/8,::1/128",
+        "peers (comma-separated CIDRs) whose forwarded `Host` may set image URL hosts: "
+        "the aiohttp front and an Envoy on the same host",
+        check=networks,
+        metavar="CIDRS",
+    )
+    image_ttl_s: int = setting(
+        3600, "lifetime of image links (seconds); images are deleted after it", check=between(1)
+    )
+    # Set it when replicas share links. Environment only: a flag shows in `ps`.
+    url_secret: str = setting(
+        "",
+        "URL-signing key; the same on every replica that serves the others' links "
+        "(required with an S3 image store)",
+        flag=NO_FLAG,
+        secret=True,
+        default_text="generated into the data dir",
+    )
+    image_store: str = setting(
+        "",
+        "`s3://BUCKET/PREFIX`: images in an S3-compatible bucket shared by replicas, "
+        "client set by the `AWS_*` variables",
+        check=url("s3"),
+        default_text="the data dir's `images/` folder",
+        metavar="URL",
+    )
     # gRPC messages carry whole images: n=10 large PNGs need far more than 4 MB.
     # An edit's whole upload travels in one too (the REST fronts' max_upload_bytes).
-    max_message_bytes: int = 64 * MiB
-    # Input images of edits and variations: most pixels one may have (decompression
-    # bombs are refused by their header, before decoding).
-    max_upload_pixels: int = 40_000_000
-    # Hosts (comma-separated; exact, or *.suffix) that edits' images[].image_url may be
-    # fetched from. Empty: remote image URLs are refused (data: URLs always work).
-    image_url_hosts: str = ""
-    # Longest an upstream call may take; slow models need minutes.
-    upstream_timeout_s: float = 300.0
-    # How often held reservations past their expiry are released and old images deleted.
-    sweep_interval_s: float = 60.0
-    # How often a running service records that it lives; what a process silent for
-    # six intervals held is released by the others (at once if it ran on this machine).
-    heartbeat_interval_s: float = 5.0
-    # Per-key limits for keys that set none of their own; 0: no limit.
-    limit_rpm: int = 0
-    limit_ipm: int = 0
-    limit_concurrency: int = 0
-    limit_max_n: int = 0
-    # redis://... shares limits across replicas; empty: counted in each process.
-    redis_url: str = field(default="", repr=False)
-    # Prefix of every Redis key imagegate writes (several deployments, or test runs,
-    # can share one Redis).
-    redis_prefix: str = "imagegate"
-    # How long an Idempotency-Key and its stored response are kept (at least 24 hours).
-    idempotency_ttl_s: float = 86400.0
-    # Prometheus /metrics (HOST:PORT, or "off"); `serve` serves the front's there too.
-    metrics_address: str = "127.0.0.1:9464"
-    # After SIGTERM: how long calls in flight may take to finish before they are
-    # cancelled and released. Below Kubernetes' default 30 s before SIGKILL.
-    drain_grace_s: float = 25.0
-    # Log lines as JSON objects, or "text" for a terminal.
-    log_format: str = "json"
+    max_message_bytes: int = setting(
+        64 * MiB,
+        "gRPC message limit (service and front): n=10 large images, or one upload",
+        check=between(MiB),
+    )
+    # Decompression bombs are refused by their header, before decoding.
+    max_upload_pixels: int = setting(
+        40_000_000,
+        "most pixels an input image of an edit or variation may have (400 above)",
+        check=between(1),
+    )
+    image_url_hosts: str = setting(
+        "",
+        "hosts (comma-separated; exact, or `*.suffix`) that edits' `images[].image_url` may "
+        "be fetched from; not set: remote URLs are refused with a 400 (data: URLs always work)",
+        check=hosts,
+        metavar="HOSTS",
+    )
+    # Slow models need minutes.
+    upstream_timeout_s: float = setting(
+        300.0, "longest an upstream call may take (seconds)", check=positive
+    )
+    sweep_interval_s: float = setting(
+        60.0,
+        "how often (seconds) stale reservations are released and old images deleted",
+        check=positive,
+    )
+    heartbeat_interval_s: float = setting(
+        5.0,
+        "how often (seconds) a running service records that it lives; others release what "
+        "a process silent for 6 intervals held",
+        check=positive,
+    )
+    limit_rpm: int = setting(
+        0,
+        "requests per minute of a key with no value of its own; `0`: no limit",
+        check=between(0),
+    )
+    limit_ipm: int = setting(0, "images per minute of such a key", check=between(0))
+    limit_concurrency: int = setting(
+        0, "requests in flight at once of such a key", check=between(0)
+    )
+    limit_max_n: int = setting(
+        0,
+        "images per request of such a key (the model's own maximum still applies)",
+        check=between(0),
+    )
+    redis_url: str = setting(
+        "",
+        "`redis://HOST:6379/0`: limits shared by every replica (`pip install "
+        "'imagegate[redis]'`); not set: counted per process",
+        check=url("redis", "rediss", "unix", show=False),
+        secret=True,
+        metavar="URL",
+    )
+    # Several deployments, or test runs, can share one Redis.
+    redis_prefix: str = setting(
+        "imagegate", "prefix of every Redis key imagegate writes", check=not_empty
+    )
+    idempotency_ttl_s: float = setting(
+        86400.0,
+        "how long (seconds) an Idempotency-Key and its stored response are kept",
+        check=positive,
+    )
+    metrics_address: str = setting(
+        "127.0.0.1:9464",
+        "Prometheus `/metrics` of `serve` (service and front together) and `serve-grpc`; "
+        "`off` disables",
+        check=address_or_off,
+        metavar="HOST:PORT",
+    )
+    # Below Kubernetes' default 30 s before SIGKILL.
+    drain_grace_s: float = setting(
+        25.0,
+        "after SIGTERM, how long (seconds) requests in flight may take before they are "
+        "cancelled and released",
+        check=between(0),
+    )
+    log_format: str = setting(
+        "json",
+        "`json`: one JSON object per line; `text` for a terminal",
+        check=one_of(*LOG_FORMATS),
+        commands=EVERY_COMMAND,
+        metavar="{" + ",".join(LOG_FORMATS) + "}",
+    )
+    log_level: str = setting(
+        "info",
+        "least severe log lines written",
+        check=one_of(*LOG_LEVELS),
+        commands=EVERY_COMMAND,
+        metavar="{" + ",".join(LOG_LEVELS) + "}",
+    )
+
+    def conflicts(self) -> Iterator[tuple[str, str]]:
+        """Settings valid alone but not together."""
+        if self.image_store.startswith("s3://") and not self.url_secret:
+            yield (
+                "url_secret",
+                "required with an s3:// image_store, the same on every replica "
+                "(e.g. `openssl rand -hex 32`)",
+            )
 
     @property
     def uses_postgres(self) -> bool:
@@ -99,29 +238,6 @@ class Config:
         return 6 * self.heartbeat_interval_s
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
-        """Defaults, then IMAGEGATE_* variables, then explicit overrides (CLI flags)."""
-        env = os.environ if env is None else env
-        config = cls()
-        values: dict[str, Any] = {}
-        for name, default in config.__dict__.items():
-            raw = env.get(f"IMAGEGATE_{name.upper()}")
-            if raw is not None and raw != "":
-                values[name] = _coerce(name, raw, default)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return replace(config, **values)
-
-
-def _coerce(name: str, raw: str, default: object) -> object:
-    try:
-        if isinstance(default, bool):
-            return raw.lower() in ("1", "true", "yes", "on")
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-        if isinstance(default, Path) or name == "catalog":
-            return Path(raw)
-    except ValueError as exc:
-        raise ValueError(f"IMAGEGATE_{name.upper()}={raw!r}: {exc}") from exc
-    return raw
+    def from_env(cls, env: Mapping[str, str] | None = None, **flags: object) -> Config:
+        """Defaults, then IMAGEGATE_* variables, then flags (text or typed values)."""
+        return load(cls, os.environ if env is None else env, flags)

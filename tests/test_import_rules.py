@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,6 +17,8 @@ GRPC_EDGE = {
     "grpc_observe.py",
     "lifecycle.py",
     "admin_http.py",
+    # The CLI's settings table: the service's Config and the front's GatewayConfig.
+    "config_commands.py",
 }
 GRPC = ("grpc", "grpc_status", "grpc_health", "grpc_reflection", "imagegate", "gateway")
 # Provider adapters and image backends may use HTTP and vendor libraries (aiohttp,
@@ -55,6 +58,16 @@ def test_gateway_never_imports_service() -> None:
     assert files
     for path in files:
         assert not {n for n in _imports(path) if _top(n) == "service"}, path
+
+
+def test_settings_package_imports_only_the_standard_library() -> None:
+    # Both the service's core and the front declare their settings with it.
+    files = list((ROOT / "settings").rglob("*.py"))
+    assert {"fields.py", "loader.py"} <= {p.name for p in files}
+    for path in files:
+        for name in _imports(path):
+            top = _top(name)
+            assert top == "settings" or top in sys.stdlib_module_names, (path, name)
 
 
 def _forbidden(name: str, rules: tuple[str, ...]) -> bool:
