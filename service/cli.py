@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         # Read once, before anything starts: a bad setting stops here, naming itself.
-        args.config = load_config(args)
+        args.config = load_config(args) if args.environment else Config()
         if args.front:
             args.front_config = load_front(args)
     except SettingError as exc:
@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     # Settings are declared in the config dataclasses; their flags are made from them.
     table = settings_table()
     add_flags(parser, table, "imagegate")
-    parser.set_defaults(front=False)
+    parser.set_defaults(front=False, environment=True)
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = _command(sub, "serve", _serve, "Run gRPC and the REST front in one process.")

@@ -50,7 +50,8 @@ def add_config_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     check.set_defaults(func=_check, front=True)
     text = "Print docs/configuration.md: every setting, its variable, flag, default and meaning."
     docs = actions.add_parser("docs", help=text, description=text)
-    docs.set_defaults(func=_docs)
+    # The same text whatever the environment holds.
+    docs.set_defaults(func=_docs, environment=False)
 
 
 def docs_text() -> str:
