@@ -4,8 +4,8 @@ parsed and checked; a bad value stops with a SettingError naming it and where it
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 from settings.fields import Setting, parse, rows
 
@@ -16,12 +16,6 @@ class SettingError(ValueError):
     def __init__(self, row: Setting, source: str, problem: str) -> None:
         self.name, self.source, self.problem = row.name, source, problem
         super().__init__(f"invalid setting {row.name} ({source}): {problem}")
-
-
-class Related(Protocol):
-    def conflicts(self) -> Iterable[tuple[str, str]]:
-        """(setting name, problem) for values that are valid alone but not together."""
-        ...
 
 
 C = TypeVar("C")
@@ -71,6 +65,8 @@ def _shown(row: Setting, raw: object) -> str:
 
 
 def _conflicts(config: object) -> Iterator[tuple[str, str]]:
+    """A config class may say which values are valid alone but not together: a method
+    conflicts() yielding (setting name, problem)."""
     method = getattr(config, "conflicts", None)
     if method is not None:
         yield from method()
