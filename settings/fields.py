@@ -145,21 +145,49 @@ def parse(row: Setting, raw: str) -> object:
     return raw
 
 
-# Checks, named by what they accept.
+# Checks, named by what they accept; each says so for the docs' "accepts" column
+# ("{kind}" stands for the setting's type: whole number, number...).
+
+KINDS: dict[type, str] = {
+    bool: "true or false",
+    int: "whole number",
+    float: "number",
+    Path: "path",
+    str: "text",
+}
+_ACCEPTS: dict[Check, str] = {}
+
+
+def _accepts(text: str, check: Check) -> Check:
+    _ACCEPTS[check] = text
+    return check
+
+
+def accepted(row: Setting) -> str:
+    """What a value of `row` may be, in a few words."""
+    text = _ACCEPTS.get(row.check, "{kind}") if row.check is not None else "{kind}"
+    return text.format(kind=KINDS[row.kind])
+
+
+def _num(value: float) -> str:
+    """3 and 3.0 as 3, 2.5 as 2.5: never 1e+06."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def between(low: float, high: float | None = None) -> Check:
     def check(value: float) -> None:
         if value < low or (high is not None and value > high):
-            limits = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
-            raise ValueError(f"{value:g} is not {limits}")
+            limits = f"between {_num(low)} and {_num(high)}" if high is not None else ""
+            raise ValueError(f"{_num(value)} is not {limits or 'at least ' + _num(low)}")
 
-    return check
+    if high is None:
+        return _accepts(f"{{kind}} >= {_num(low)}", check)
+    return _accepts(f"{{kind}} {_num(low)}-{_num(high)}", check)
 
 
 def positive(value: float) -> None:
     if value <= 0:
-        raise ValueError(f"{value:g} is not above 0")
+        raise ValueError(f"{_num(value)} is not above 0")
 
 
 def port(value: int) -> None:
@@ -172,7 +200,7 @@ def one_of(*choices: str) -> Check:
         if value not in choices:
             raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
 
-    return check
+    return _accepts(" or ".join(f"`{c}`" for c in choices), check)
 
 
 def not_empty(value: str) -> None:
@@ -218,7 +246,8 @@ def url(*schemes: str, empty: bool = True, show: bool = True) -> Check:
         elif not parts.netloc:
             raise ValueError(f"{shown} has no host")
 
-    return check
+    shown = ", ".join("`sqlite:///PATH`" if s == "sqlite" else f"`{s}://`" for s in schemes)
+    return _accepts(f"{shown} URL" + (" or empty" if empty else ""), check)
 
 
 def existing_file(value: Path) -> None:
@@ -246,3 +275,16 @@ def hosts(value: str) -> None:
         entry = part.strip()
         if entry and (any(c in entry for c in "/:@ ") or "*" in entry.removeprefix("*.")):
             raise ValueError(f"{entry!r} is not a host name or *.suffix")
+
+
+_KNOWN: dict[Check, str] = {
+    positive: "{kind} > 0",
+    port: "port 0-65535 (0: any free one)",
+    not_empty: "non-empty text",
+    address_or_off: "HOST:PORT or `off`",
+    grpc_target: "HOST:PORT or a gRPC target (`dns:///`, `unix:`)",
+    existing_file: "path of a file",
+    networks: "comma-separated addresses or CIDRs",
+    hosts: "comma-separated hosts or `*.suffix`",
+}
+_ACCEPTS.update(_KNOWN)

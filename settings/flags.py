@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from settings.fields import Setting
+from settings.fields import Setting, accepted
 
 # argparse's dest of a setting's flag: apart from the commands' own arguments.
 DEST = "setting_"
@@ -32,7 +32,8 @@ def _add(parser: argparse.ArgumentParser, row: Setting) -> None:
             row.flag,
             dest=DEST + row.name,
             metavar=_metavar(row),
-            help=f"{row.meaning} [{row.env}, {_default(row)}]",
+            # argparse formats help with %: a literal one is doubled.
+            help=f"{row.meaning} [{row.env}, {_default(row)}]".replace("%", "%%"),
         )
 
 
@@ -90,8 +91,8 @@ summary, or 2 with what is wrong. Flags of the log settings come before the comm
 (`imagegate --log-format text serve`). Secret settings have no flag (a command line
 shows in `ps`) or are never printed back.
 
-| variable | flag | default | read by | meaning |
-|---|---|---|---|---|
+| variable | flag | default | accepts | read by | meaning |
+|---|---|---|---|---|---|
 """
 
 
@@ -102,7 +103,8 @@ def markdown(rows: Iterable[Setting], commands: Mapping[str, str]) -> str:
         flag = f"`{row.flag}`" if row.flag else "—"
         read_by = ", ".join(commands.get(c, c) for c in row.commands)
         lines.append(
-            f"| `{row.env}` | {flag} | {_code(_default(row), row)} | {read_by} | {row.meaning} |"
+            f"| `{row.env}` | {flag} | {_code(_default(row), row)} | {accepted(row)} "
+            f"| {read_by} | {row.meaning} |"
         )
     return "\n".join(lines) + "\n"
 

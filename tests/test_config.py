@@ -4,9 +4,11 @@ docs/configuration.md generated from it."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +156,22 @@ def test_every_existing_flag_still_works(tmp_path: Path) -> None:
     assert load_config(admin, {}).data_dir == tmp_path
     models = _parser().parse_args(["models", "--catalog", str(catalog)])
     assert load_config(models, {}).catalog == catalog
+
+
+def test_every_command_explains_its_flags() -> None:
+    def parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    yield from parsers(child)
+
+    helps = {p.prog: p.format_help() for p in parsers(_parser())}
+    assert "[IMAGEGATE_UPSTREAM_TIMEOUT_S, 300]" in helps["imagegate serve"]
+    assert "--metrics-address HOST:PORT" in helps["imagegate serve-rest"]
+    assert "IMAGEGATE_REST_METRICS_ADDRESS" in helps["imagegate serve-rest"]
+    assert "--url-secret" not in "".join(helps.values())  # a command line shows in `ps`
+    assert "--grpc-target" not in helps["imagegate serve"]  # serve dials its own service
 
 
 def _run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
