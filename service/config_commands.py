@@ -23,9 +23,13 @@ from settings.loader import load, table
 COMMANDS_SHOWN = {"imagegate": "every command", "admin": "admin commands"}
 
 
+# The config dataclasses, each with the commands that read it.
+CONFIGS = ((Config, SERVICE), (GatewayConfig, FRONT))
+
+
 def settings_table() -> list[Setting]:
     """Every setting, the service's first; one row for those both processes read."""
-    return table((Config, SERVICE), (GatewayConfig, FRONT))
+    return table(*CONFIGS)
 
 
 def load_config(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Config:

@@ -74,7 +74,8 @@ def _conflicts(config: object) -> Iterator[tuple[str, str]]:
 
 def table(*configs: tuple[type, Sequence[str]]) -> list[Setting]:
     """Every setting of the config dataclasses, in declaration order; a name in several
-    (the same setting read by several processes) is one row, and must be declared alike."""
+    (the same setting read by several processes) is one row, the commands of all. The
+    CLI is built from this, so it never raises: disagreements() is for the tests."""
     merged: dict[str, Setting] = {}
     for cls, commands in configs:
         for row in rows(cls, commands):
@@ -82,13 +83,31 @@ def table(*configs: tuple[type, Sequence[str]]) -> list[Setting]:
             if seen is None:
                 merged[row.name] = row
                 continue
-            same = ("kind", "default", "meaning", "flag", "secret", "default_text")
-            differ = [a for a in same if getattr(seen, a) != getattr(row, a)]
-            if differ:
-                raise TypeError(f"setting {row.name} is declared differently: {differ}")
+            # A plain field (no setting()) beside a declared one: the declared one.
+            base = row if row.meaning and not seen.meaning else seen
             merged[row.name] = dataclasses.replace(
-                seen,
+                base,
                 commands=tuple(dict.fromkeys((*seen.commands, *row.commands))),
                 owners=(*seen.owners, *row.owners),
             )
     return list(merged.values())
+
+
+SAME = ("kind", "optional", "default", "meaning", "flag", "secret", "default_text")
+
+
+def disagreements(*configs: tuple[type, Sequence[str]]) -> list[str]:
+    """Settings of the same name declared differently in two config dataclasses, and
+    fields declared without setting() (no meaning)."""
+    problems: list[str] = []
+    first: dict[str, Setting] = {}
+    for cls, commands in configs:
+        for row in rows(cls, commands):
+            if not row.meaning:
+                problems.append(f"{cls.__name__}.{row.name}: not a setting() with a meaning")
+            seen = first.setdefault(row.name, row)
+            differ = [a for a in SAME if getattr(seen, a) != getattr(row, a)]
+            if seen is not row and differ:
+                owners = f"{seen.owners[0]} and {cls.__name__}"
+                problems.append(f"{row.name}: declared differently in {owners}: {differ}")
+    return problems

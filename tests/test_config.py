@@ -17,9 +17,9 @@ import pytest
 from gateway.config import GatewayConfig
 from service.cli import _parser
 from service.config import Config
-from service.config_commands import docs_text, load_config, load_front, settings_table
+from service.config_commands import CONFIGS, docs_text, load_config, load_front, settings_table
 from settings.fields import between, setting
-from settings.loader import SettingError, load
+from settings.loader import SettingError, disagreements, load, table
 from tests.test_cli import CREDENTIAL_VARS, MODELS_CATALOG, _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,11 +115,23 @@ def test_a_setting_is_one_declaration() -> None:
         Extra, {"IMAGEGATE_UVLOOP": "maybe"}
     )
     assert "workers (--workers '0')" in _error(Extra, {}, {"workers": "0"})
-    # Every real setting says what it means; a name both processes read is one row.
-    rows = settings_table()
-    assert all(r.meaning for r in rows), [r.name for r in rows if not r.meaning]
-    shared = {r.name for r in rows if len(r.owners) == 2}
-    assert shared == {"host", "max_message_bytes", "drain_grace_s"}
+    # Every real setting says what it means; a name both processes read is one row,
+    # declared alike in both.
+    assert not disagreements(*CONFIGS)
+    shared = {r.name for r in settings_table() if len(r.owners) == 2}
+    assert {"host", "max_message_bytes", "drain_grace_s"} <= shared
+
+    @dataclass(frozen=True)
+    class Plain:
+        host: str = "127.0.0.1"
+        drain_grace_s: float = 30.0
+
+    problems = disagreements(*CONFIGS, (Plain, ()))
+    assert "Plain.host: not a setting() with a meaning" in problems
+    assert any(p.startswith("drain_grace_s: declared differently") for p in problems)
+    # ...which the table tolerates (the CLI is built from it), taking the declared one.
+    merged = {r.name: r for r in table(*CONFIGS, (Plain, ()))}
+    assert merged["host"].meaning == "address the servers bind"
 
 
 def test_every_existing_flag_still_works(tmp_path: Path) -> None:
