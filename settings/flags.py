@@ -27,18 +27,24 @@ def add_named_flags(parser: argparse.ArgumentParser, rows: Iterable[Setting], *n
 
 
 def _add(parser: argparse.ArgumentParser, row: Setting) -> None:
-    if row.flag:
+    # argparse formats help with %: a literal one is doubled.
+    text = f"{row.meaning} [{row.env}, {_default(row)}]".replace("%", "%%")
+    if row.flag and row.kind is bool:
+        # --uvloop / --no-uvloop: a typed value the loader takes as it is.
+        action = argparse.BooleanOptionalAction
+        parser.add_argument(row.flag, dest=DEST + row.name, action=action, help=text)
+    elif row.flag:
         parser.add_argument(
             row.flag,
             dest=DEST + row.name,
             metavar=_metavar(row),
-            # argparse formats help with %: a literal one is doubled.
-            help=f"{row.meaning} [{row.env}, {_default(row)}]".replace("%", "%%"),
+            help=text,
         )
 
 
-def flag_values(args: argparse.Namespace) -> dict[str, str]:
-    """setting name -> the text of its flag, for each flag given."""
+def flag_values(args: argparse.Namespace) -> dict[str, object]:
+    """setting name -> the text of its flag (True or False for a boolean's), for each
+    flag given."""
     return {
         dest.removeprefix(DEST): value
         for dest, value in vars(args).items()
@@ -101,6 +107,8 @@ def markdown(rows: Iterable[Setting], commands: Mapping[str, str]) -> str:
     lines = [HEADER.rstrip("\n")]
     for row in rows:
         flag = f"`{row.flag}`" if row.flag else "—"
+        if row.flag and row.kind is bool:
+            flag += f", `--no-{row.flag.removeprefix('--')}`"
         read_by = ", ".join(commands.get(c, c) for c in row.commands)
         lines.append(
             f"| `{row.env}` | {flag} | {_code(_default(row), row)} | {accepted(row)} "

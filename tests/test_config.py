@@ -18,7 +18,8 @@ from gateway.config import GatewayConfig
 from service.cli import _parser
 from service.config import Config
 from service.config_commands import CONFIGS, docs_text, load_config, load_front, settings_table
-from settings.fields import between, setting
+from settings.fields import between, rows, setting
+from settings.flags import add_flags, flag_values
 from settings.loader import SettingError, disagreements, load, table
 from tests.test_cli import CREDENTIAL_VARS, MODELS_CATALOG, _free_port
 
@@ -115,6 +116,10 @@ def test_a_setting_is_one_declaration() -> None:
         Extra, {"IMAGEGATE_UVLOOP": "maybe"}
     )
     assert "workers (--workers '0')" in _error(Extra, {}, {"workers": "0"})
+    parser = argparse.ArgumentParser()
+    add_flags(parser, rows(Extra, ["serve"]), "serve")
+    given = flag_values(parser.parse_args(["--no-uvloop", "--workers", "2"]))
+    assert load(Extra, {"IMAGEGATE_UVLOOP": "true"}, given) == Extra(2, False)
     # Every real setting says what it means; a name both processes read is one row,
     # declared alike in both.
     assert not disagreements(*CONFIGS)
