@@ -74,6 +74,10 @@ REASON_CODES: dict[str, Code] = {
     "UPSTREAM_ERROR": Code.UNAVAILABLE,
     "IMAGE_NOT_FOUND": Code.NOT_FOUND,
     "MODEL_NOT_FOUND": Code.NOT_FOUND,
+    "ADMIN_REQUIRED": Code.PERMISSION_DENIED,
+    "ACCOUNT_NOT_FOUND": Code.NOT_FOUND,
+    "ACCOUNT_EXISTS": Code.ALREADY_EXISTS,
+    "KEY_NOT_FOUND": Code.NOT_FOUND,
 }
 # Every JSON escape and odd character a message can hold.
 NASTY = (
