@@ -210,7 +210,8 @@ class Admin:
 
     # Accounts
 
-    async def create_account(self, name: str, credit_usd: str = "") -> AccountSummary:
+    async def create_account(self, name: str, credit_usd: str | None = None) -> AccountSummary:
+        """A new account; `credit_usd` its first credit (None: none, "0" allowed)."""
         if not _ACCOUNT_NAME.fullmatch(name):
             raise InvalidParameter(
                 f"Invalid account name {name[:70]!r}: use 1-64 letters, digits, '.', '_' or "
@@ -218,7 +219,7 @@ class Admin:
                 param="name",
                 missing=not name,
             )
-        micros = _usd(credit_usd or "0", "credit_usd", allow_zero=True)
+        micros = 0 if credit_usd is None else _usd(credit_usd, "credit_usd", allow_zero=True)
         try:
             await self._store.create_account(name, micros)
         except AccountExists:
@@ -448,8 +449,8 @@ def _check_limits(limits: Mapping[str, int | None], *, allow_default: bool) -> N
 
 
 def _no_account(name: str) -> AccountNotFound:
-    return AccountNotFound(f"No account named {name[:70]!r}.")
+    return AccountNotFound(f"There is no account named {name[:70]!r}.")
 
 
 def _no_key(key_id: str) -> KeyNotFound:
-    return KeyNotFound(f"No key with id {key_id[:70]!r}.")
+    return KeyNotFound(f"There is no key {key_id[:70]}.")

@@ -34,7 +34,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.CreateAccountRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.Account:
         async def call() -> admin_pb2.Account:
-            return _account(await self._admin.create_account(request.name, request.credit_usd))
+            return _account(
+                await self._admin.create_account(request.name, request.credit_usd or None)
+            )
 
         return await self._run(context, call)
 

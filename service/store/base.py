@@ -323,9 +323,7 @@ class Store(Protocol):
         """Every account's keys, by account then creation."""
         ...
 
-    async def set_key_models(
-        self, key_id: str, models: tuple[str, ...] | None
-    ) -> KeyRecord | None:
+    async def set_key_models(self, key_id: str, models: tuple[str, ...] | None) -> KeyRecord | None:
         """Set a key's model allowlist (None: every model); None if no such key."""
         ...
 
@@ -333,9 +331,7 @@ class Store(Protocol):
         """When each key last started a request (keys never used are left out)."""
         ...
 
-    async def usage_by_day(
-        self, account_name: str | None, since: float
-    ) -> list[UsageBucketRow]:
+    async def usage_by_day(self, account_name: str | None, since: float) -> list[UsageBucketRow]:
         """Requests since `since` of one account (None: all) summed by day x model x
         key x route, oldest day first."""
         ...

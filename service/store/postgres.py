@@ -537,8 +537,7 @@ class PostgresStore:
             limit,
         )
         return [
-            LedgerRow(int(r[0]), float(r[1]), r[2], int(r[3]), int(r[4]), r[5], r[6])
-            for r in rows
+            LedgerRow(int(r[0]), float(r[1]), r[2], int(r[3]), int(r[4]), r[5], r[6]) for r in rows
         ]
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
@@ -548,9 +547,7 @@ class PostgresStore:
     async def all_keys(self) -> list[KeyRecord]:
         return await self._keys("ORDER BY a.name, k.created_at, k.id")
 
-    async def set_key_models(
-        self, key_id: str, models: tuple[str, ...] | None
-    ) -> KeyRecord | None:
+    async def set_key_models(self, key_id: str, models: tuple[str, ...] | None) -> KeyRecord | None:
         await self._db.execute(
             "UPDATE api_keys SET models = $2 WHERE id = $1",
             key_id,
@@ -568,9 +565,7 @@ class PostgresStore:
         )
         return {r[0]: float(r[1]) for r in rows}
 
-    async def usage_by_day(
-        self, account_name: str | None, since: float
-    ) -> list[UsageBucketRow]:
+    async def usage_by_day(self, account_name: str | None, since: float) -> list[UsageBucketRow]:
         where, args = "WHERE r.created_at >= $1", [since]
         if account_name is not None:
             where += " AND r.account_id = (SELECT id FROM accounts WHERE name = $2)"

@@ -455,9 +455,7 @@ class SqliteStore:
     async def all_keys(self) -> list[KeyRecord]:
         return await self._keys("ORDER BY a.name, k.created_at", ())
 
-    async def set_key_models(
-        self, key_id: str, models: tuple[str, ...] | None
-    ) -> KeyRecord | None:
+    async def set_key_models(self, key_id: str, models: tuple[str, ...] | None) -> KeyRecord | None:
         models_json = None if models is None else json.dumps(list(models))
 
         def update(db: sqlite3.Connection) -> None:
@@ -477,9 +475,7 @@ class SqliteStore:
         )
         return {key_id: float(last) for key_id, last in rows}
 
-    async def usage_by_day(
-        self, account_name: str | None, since: float
-    ) -> list[UsageBucketRow]:
+    async def usage_by_day(self, account_name: str | None, since: float) -> list[UsageBucketRow]:
         where, args = "WHERE r.created_at >= ?", [since]
         if account_name is not None:
             where += " AND r.account_id = (SELECT id FROM accounts WHERE name = ?)"
