@@ -566,7 +566,8 @@ class PostgresStore:
         return {r[0]: float(r[1]) for r in rows}
 
     async def usage_by_day(self, account_name: str | None, since: float) -> list[UsageBucketRow]:
-        where, args = "WHERE r.created_at >= $1", [since]
+        where = "WHERE r.created_at >= $1"
+        args: list[Any] = [since]
         if account_name is not None:
             where += " AND r.account_id = (SELECT id FROM accounts WHERE name = $2)"
             args.append(account_name)

@@ -476,7 +476,8 @@ class SqliteStore:
         return {key_id: float(last) for key_id, last in rows}
 
     async def usage_by_day(self, account_name: str | None, since: float) -> list[UsageBucketRow]:
-        where, args = "WHERE r.created_at >= ?", [since]
+        where = "WHERE r.created_at >= ?"
+        args: list[Any] = [since]
         if account_name is not None:
             where += " AND r.account_id = (SELECT id FROM accounts WHERE name = ?)"
             args.append(account_name)
