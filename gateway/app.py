@@ -228,12 +228,16 @@ class _Call:
     # Request field <- index of the path segment ("/admin/v1/keys/x": 4 is "x").
     path: tuple[tuple[str, int], ...] = ()
     query: tuple[str, ...] = ()
-    body: bool = False
+    # The JSON body: "*" the whole message, a field's name that field (the proto's
+    # `body` of the HTTP rule), "" none.
+    body: str = ""
 
     async def __call__(self, request: web.Request) -> web.Response:
         message = self.message()
-        if self.body:
-            message = await _json_body(request, message)
+        if self.body == "*":
+            await _json_body(request, message)
+        elif self.body:
+            await _json_body(request, getattr(message, self.body))
         segments = _path(request).split("/")
         for name, index in self.path:
             setattr(message, name, http_input.path_param(segments[index]))
@@ -251,7 +255,7 @@ ACCOUNT_ROUTES: tuple[tuple[str, str, Handler], ...] = (
         _Call(STUB, "GetDailyUsage", images_pb2.GetDailyUsageRequest, query=("days",)),
     ),
     ("GET", "/v1/keys", _Call(STUB, "ListOwnKeys", images_pb2.ListOwnKeysRequest)),
-    ("POST", "/v1/keys", _Call(STUB, "CreateOwnKey", images_pb2.CreateOwnKeyRequest, body=True)),
+    ("POST", "/v1/keys", _Call(STUB, "CreateOwnKey", images_pb2.CreateOwnKeyRequest, body="*")),
     (
         "DELETE",
         "/v1/keys/{key_id}",
@@ -261,7 +265,7 @@ ACCOUNT_ROUTES: tuple[tuple[str, str, Handler], ...] = (
     (
         "POST",
         "/admin/v1/accounts",
-        _Call(ADMIN_STUB, "CreateAccount", admin_pb2.CreateAccountRequest, body=True),
+        _Call(ADMIN_STUB, "CreateAccount", admin_pb2.CreateAccountRequest, body="*"),
     ),
     (
         "GET",
@@ -276,7 +280,7 @@ ACCOUNT_ROUTES: tuple[tuple[str, str, Handler], ...] = (
             "CreditAccount",
             admin_pb2.CreditAccountRequest,
             path=(("account", 4),),
-            body=True,
+            body="credit",
         ),
     ),
     (
@@ -287,13 +291,17 @@ ACCOUNT_ROUTES: tuple[tuple[str, str, Handler], ...] = (
     (
         "POST",
         "/admin/v1/keys",
-        _Call(ADMIN_STUB, "CreateKey", admin_pb2.CreateKeyRequest, body=True),
+        _Call(ADMIN_STUB, "CreateKey", admin_pb2.CreateKeyRequest, body="*"),
     ),
     (
         "PATCH",
         "/admin/v1/keys/{key_id}",
         _Call(
-            ADMIN_STUB, "UpdateKey", admin_pb2.UpdateKeyRequest, path=(("key_id", 4),), body=True
+            ADMIN_STUB,
+            "UpdateKey",
+            admin_pb2.UpdateKeyRequest,
+            path=(("key_id", 4),),
+            body="update",
         ),
     ),
     (

@@ -64,7 +64,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.CreditAccountRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.Account:
         async def call() -> admin_pb2.Account:
-            account = await self._admin.credit(request.account, request.amount_usd, request.note)
+            credit = request.credit
+            account = await self._admin.credit(request.account, credit.amount_usd, credit.note)
             return _account(account)
 
         return await self._run(context, call)
@@ -93,15 +94,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.UpdateKeyRequest, context: grpc.aio.ServicerContext
     ) -> accounts_pb2.KeyInfo:
         async def call() -> accounts_pb2.KeyInfo:
+            update = request.update
             limits = {
-                f: _limit(request.limits, f)
-                for f in LIMIT_FIELDS
-                if request.HasField("limits") and request.limits.HasField(f)
+                f: _limit(update.limits, f) for f in LIMIT_FIELDS if update.limits.HasField(f)
             }
             view = await self._admin.update_key(
                 request.key_id,
-                models=model_ids(request.models) if request.HasField("models") else None,
-                set_models=request.HasField("models"),
+                models=model_ids(update.models) if update.HasField("models") else None,
+                set_models=update.HasField("models"),
                 limits=limits,
             )
             return key_info(view)

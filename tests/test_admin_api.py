@@ -429,7 +429,12 @@ async def test_every_operation_over_grpc(astack: Stack, admin_key: str, tenant: 
             (stub.CreateAccount, admin_pb2.CreateAccountRequest(name=name, credit_usd="3")),
             (stub.ListAccounts, admin_pb2.ListAccountsRequest()),
             (stub.GetAccount, admin_pb2.GetAccountRequest(account=name)),
-            (stub.CreditAccount, admin_pb2.CreditAccountRequest(account=name, amount_usd="1")),
+            (
+                stub.CreditAccount,
+                admin_pb2.CreditAccountRequest(
+                    account=name, credit=admin_pb2.Credit(amount_usd="1")
+                ),
+            ),
             (stub.CreateKey, admin_pb2.CreateKeyRequest(account=name, name="g")),
             (stub.ListKeys, admin_pb2.ListKeysRequest(account=name)),
             (stub.GetUsage, admin_pb2.GetUsageRequest(days="2")),
@@ -455,8 +460,11 @@ async def test_every_operation_over_grpc(astack: Stack, admin_key: str, tenant: 
         created = (
             await stub.ListKeys(admin_pb2.ListKeysRequest(account=name), metadata=admin_auth)
         ).data[0]
-        update = admin_pb2.UpdateKeyRequest(key_id=created.id, limits=accounts_pb2.KeyLimits(rpm=7))
-        update.models.append(MODEL)
+        update = admin_pb2.UpdateKeyRequest(
+            key_id=created.id,
+            update=admin_pb2.KeyUpdate(limits=accounts_pb2.KeyLimits(rpm=7)),
+        )
+        update.update.models.append(MODEL)
         updated = await stub.UpdateKey(update, metadata=admin_auth)
         assert (list(updated.models), updated.limits.rpm) == ([MODEL], 7)
         revoked = await stub.RevokeKey(
@@ -567,3 +575,26 @@ async def test_bodies_refused_alike(url: str, admin_key: str) -> None:
             headers={"Content-Type": "application/json"},
         )
         assert_error(reply, 400, "invalid_request_error", "invalid_json")
+
+
+async def test_the_path_names_what_is_changed_not_the_body(
+    url: str, admin_key: str, astack: Stack
+) -> None:
+    first = (await make_tenant(astack.service)).account
+    second = await make_tenant(astack.service)
+    reply = await admin(
+        "POST",
+        url,
+        f"/admin/v1/accounts/{first}/credit",
+        admin_key,
+        {"account": second.account, "amount_usd": "1"},
+    )
+    assert (reply.status, reply.json().get("name")) == (200, first), reply.body
+    patched = await admin(
+        "PATCH",
+        url,
+        f"/admin/v1/keys/{second.key_id}",
+        admin_key,
+        {"key_id": "key_other", "limits": {"rpm": 9}},
+    )
+    assert (patched.status, patched.json().get("id")) == (200, second.key_id), patched.body
