@@ -598,3 +598,28 @@ async def test_the_path_names_what_is_changed_not_the_body(
         {"key_id": "key_other", "limits": {"rpm": 9}},
     )
     assert (patched.status, patched.json().get("id")) == (200, second.key_id), patched.body
+
+
+async def test_answers_match_the_openapi_document(url: str, admin_key: str, tenant: Tenant) -> None:
+    from tests.test_openapi import _validator
+
+    await sdk(url, tenant.key).images.generate(model=MODEL, prompt="a kite", size="1024x1024")
+    for method, path, body, schema in (
+        ("GET", "/admin/v1/accounts", None, "AccountList"),
+        ("GET", f"/admin/v1/accounts/{tenant.account}", None, "AccountDetail"),
+        ("POST", f"/admin/v1/accounts/{tenant.account}/credit", {"amount_usd": "1"}, "Account"),
+        ("POST", "/admin/v1/keys", {"account": tenant.account, "limits": {"rpm": 1}}, "CreatedKey"),
+        ("GET", f"/admin/v1/keys?account={tenant.account}", None, "KeyList"),
+        ("PATCH", f"/admin/v1/keys/{tenant.key_id}", {"models": [MODEL]}, "KeyInfo"),
+        ("GET", "/admin/v1/usage", None, "UsageBucketList"),
+        ("GET", "/admin/v1/requests", None, "RequestList"),
+        ("GET", "/admin/v1/models", None, "ModelInfoList"),
+    ):
+        reply = await admin(method, url, path, admin_key, body)
+        assert reply.status == 200, (path, reply.body)
+        assert reply.json()  # not an empty object
+        _validator(schema).validate(reply.json())
+    for path, schema in (("/v1/keys", "KeyList"), ("/v1/usage/daily", "UsageBucketList")):
+        reply = await admin("GET", url, path, tenant.key)
+        _validator(schema).validate(reply.json())
+        assert reply.json()["data"]
