@@ -10,6 +10,7 @@ import grpc
 from google.protobuf import struct_pb2
 from imagegate.v1 import accounts_pb2, admin_pb2, admin_pb2_grpc
 
+from service import observe
 from service.admin import Admin, KeyView, ModelInfo, route_text
 from service.errors import ImagegateError, InvalidParameter
 from service.grpc_errors import abort, internal_status, to_status
@@ -159,7 +160,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         except ImagegateError as err:
             await abort(context, to_status(err))
         except Exception:
-            log.exception("admin request %s failed", _metadata(context, "x-request-id"))
+            log.exception("admin request %s failed", observe.current().request_id)
             await abort(context, internal_status())
 
 

@@ -623,3 +623,23 @@ async def test_answers_match_the_openapi_document(url: str, admin_key: str, tena
         reply = await admin("GET", url, path, tenant.key)
         _validator(schema).validate(reply.json())
         assert reply.json()["data"]
+
+
+async def test_the_request_log_names_the_admin_key_never_the_key(
+    url: str, astack: Stack, tenant: Tenant
+) -> None:
+    from tests.test_request_logs import captured
+
+    key, record = await Admin(astack.service.store).create_admin_key("audited")
+    with captured() as capture:
+        reply = await call(
+            "POST",
+            f"{url}/admin/v1/accounts/{tenant.account}/credit",
+            key=key,
+            json_body={"amount_usd": "1"},
+            headers={"X-Request-ID": f"audit-{record.id}"},
+        )
+        assert reply.status == 200
+    [line] = capture.objects("imagegate.request", f"audit-{record.id}")
+    assert (line["rpc"], line["key_id"], line["status"]) == ("CreditAccount", record.id, "OK")
+    assert all(key not in text for _, text in capture.lines)
