@@ -317,10 +317,8 @@ class Admin:
         _check_limits(changes, allow_default=True)
         if await self._store.get_key(key_id) is None:
             raise _no_key(key_id)
-        if set_models:
-            await self._store.set_key_models(key_id, _models(models))
-        if changes:
-            await self._store.set_key_limits(key_id, changes)
+        allowed = _models(models) if set_models else None
+        await self._store.update_key(key_id, changes, allowed, set_models=set_models)
         return await self.get_key(key_id)
 
     async def revoke_key(self, key_id: str, account: str | None = None) -> KeyView:
