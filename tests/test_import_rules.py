@@ -19,6 +19,7 @@ GRPC_EDGE = {
     "admin_http.py",
     # The CLI's settings table: the service's Config and the front's GatewayConfig.
     "config_commands.py",
+    "admin_servicer.py",
 }
 GRPC = ("grpc", "grpc_status", "grpc_health", "grpc_reflection", "imagegate", "gateway")
 # Provider adapters and image backends may use HTTP and vendor libraries (aiohttp,
