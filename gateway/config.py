@@ -39,6 +39,9 @@ class GatewayConfig:
     rest_metrics_address: str = "127.0.0.1:9465"
     # After SIGTERM: how long requests in flight may take before they are cancelled.
     drain_grace_s: float = 25.0
+    # Peers (CIDRs) whose X-Forwarded-Proto says the client used TLS, so the console's
+    # session cookie is marked Secure (the service's setting of the same name).
+    trusted_proxies: str = "127.0.0.0/8,::1/128"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> GatewayConfig:
