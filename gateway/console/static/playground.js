@@ -67,6 +67,7 @@ export async function render(root) {
               previews.set("p", img);
             }
             img.src = src;
+            images.dataset.previews = String(data.partial_image_index + 1);
             message.textContent = `Preview ${data.partial_image_index + 1}…`;
           } else if (type.endsWith("completed")) {
             const preview = previews.get("p");
