@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway import console
-from tests.conftest import Stack, Tenant, balance, make_tenant, start_stack
+from tests.conftest import FRONTS, Stack, Tenant, balance, make_tenant, start_stack
 from tests.rest import Reply, assert_error, call
 
 STATIC = Path(console.__file__).parent / "console" / "static"
@@ -259,3 +259,35 @@ async def test_rest_routes_carry_no_console_headers(front: tuple[Stack, str]) ->
     reply = await call("GET", f"{url}/healthz")
     assert "Content-Security-Policy" not in reply.headers
     assert json.loads(reply.body)
+
+
+@pytest.mark.envoy
+@pytest.mark.skipif("envoy" not in FRONTS, reason="IMAGEGATE_TEST_FRONTS leaves Envoy out")
+async def test_envoy_routes_the_console_to_the_aiohttp_front(stack: Stack) -> None:
+    tenant = await make_tenant(stack.service)
+    envoy, direct = stack.fronts["envoy"], stack.fronts["aiohttp"]
+    for path in ("/console/", "/console/static/app.js"):
+        through, own = await call("GET", envoy + path), await call("GET", direct + path)
+        assert (through.status, through.body) == (own.status, own.body) and own.status == 200
+        assert_console_headers(through)
+    headers = {**CONSOLE, "Origin": envoy}
+    signed = await call(
+        "POST", f"{envoy}/console/session", json_body={"key": tenant.key}, headers=headers
+    )
+    assert signed.status == 200 and set_cookie(signed)[console.COOKIE].value == tenant.key
+    balance_reply = await call("GET", f"{envoy}/console/api/v1/balance", headers=cookie(tenant.key))
+    assert balance_reply.json() == (await call("GET", f"{direct}/v1/balance", key=tenant.key)).json()
+    streamed = await call(
+        "POST",
+        f"{envoy}/console/api/v1/images/generations",
+        json_body={**BODY, "stream": True},
+        headers={**headers, **cookie(tenant.key)},
+    )
+    assert streamed.status == 200 and b"image_generation.completed" in streamed.body
+    refused = await call(
+        "POST",
+        f"{envoy}/console/api/v1/images/generations",
+        json_body=BODY,
+        headers={"Origin": "http://evil.example", **cookie(tenant.key)},
+    )
+    assert_error(refused, 403, "invalid_request_error", "csrf_failed")

@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 
 from service import keys as service_keys
+from service.admin import Admin
 from service.money import usd_to_micros
 from tests.browser import Browser, ServerLoop, require_browser
 from tests.conftest import Stack, Tenant, make_tenant
@@ -197,9 +198,7 @@ def test_key_created_in_the_console_works_with_the_sdk_until_revoked(console: Co
 
 
 def _admin_key(console: Console) -> str:
-    from service import admin_keys  # type: ignore[attr-defined]
-
-    key: str = console.loop.run(admin_keys.create(console.stack.service.store, "console-test"))
+    key, _ = console.loop.run(Admin(console.stack.service.store).create_admin_key("console"))
     console.secrets.append(key)
     return key
 
