@@ -104,7 +104,9 @@ def _load_static() -> dict[str, tuple[bytes, str]]:
 
 
 def _networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in text.split(",") if p.strip())
+    return tuple(
+        ipaddress.ip_network(p.strip(), strict=False) for p in text.split(",") if p.strip()
+    )
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -67,9 +67,7 @@ def _local(env: dict[str, str], postgres_url: str, s3: MotoServer) -> dict[str, 
     return moved
 
 
-def _envoy_config(
-    replicas: list[Replica], listener_port: int, console_port: int
-) -> dict[str, Any]:
+def _envoy_config(replicas: list[Replica], listener_port: int, console_port: int) -> dict[str, Any]:
     """Compose's Envoy config: its endpoints (imagegate-1, -2) at the replicas' ports,
     the console's at the console front's."""
     config = compose.envoy_config()

@@ -193,7 +193,12 @@ async def test_api_answers_as_the_rest_route_with_the_cookie_key(
         "POST",
         f"{url}/console/api/v1/images/generations",
         json_body=BODY,
-        headers={**CONSOLE, "Origin": url, "Sec-Fetch-Site": "same-origin", **cookie(tenant_of.key)},
+        headers={
+            **CONSOLE,
+            "Origin": url,
+            "Sec-Fetch-Site": "same-origin",
+            **cookie(tenant_of.key),
+        },
     )
     assert made.status == 200, made.body
     assert len(made.json()["data"]) == 1
@@ -276,7 +281,9 @@ async def test_envoy_routes_the_console_to_the_aiohttp_front(stack: Stack) -> No
     )
     assert signed.status == 200 and set_cookie(signed)[console.COOKIE].value == tenant.key
     balance_reply = await call("GET", f"{envoy}/console/api/v1/balance", headers=cookie(tenant.key))
-    assert balance_reply.json() == (await call("GET", f"{direct}/v1/balance", key=tenant.key)).json()
+    assert (
+        balance_reply.json() == (await call("GET", f"{direct}/v1/balance", key=tenant.key)).json()
+    )
     streamed = await call(
         "POST",
         f"{envoy}/console/api/v1/images/generations",

@@ -13,12 +13,12 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
 import openai
 import pytest
 from aiohttp import web
 
 from service import keys as service_keys
-from service.admin import Admin
 from service.money import usd_to_micros
 from tests.browser import Browser, ServerLoop, require_browser
 from tests.conftest import Stack, Tenant, make_tenant
@@ -185,8 +185,9 @@ def test_key_created_in_the_console_works_with_the_sdk_until_revoked(console: Co
 
     browser.page("keys")
     [revoke] = [
-        b for b in browser.all_css("#keys-table button.danger") if b.is_enabled()
-        and "from-console" in b.get_attribute("aria-label")
+        b
+        for b in browser.all_css("#keys-table button.danger")
+        if b.is_enabled() and "from-console" in b.get_attribute("aria-label")
     ]
     revoke.click()
     browser.wait(lambda d: d.switch_to.alert).accept()
@@ -198,6 +199,8 @@ def test_key_created_in_the_console_works_with_the_sdk_until_revoked(console: Co
 
 
 def _admin_key(console: Console) -> str:
+    from service.admin import Admin
+
     key, _ = console.loop.run(Admin(console.stack.service.store).create_admin_key("console"))
     console.secrets.append(key)
     return key
