@@ -7,6 +7,8 @@ import importlib.resources
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 from aiohttp import HttpVersion11, web
@@ -15,7 +17,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2_grpc
 from grpc_status import rpc_status
-from imagegate.v1 import images_pb2, images_pb2_grpc
+from imagegate.v1 import admin_pb2, admin_pb2_grpc, images_pb2, images_pb2_grpc
 
 from gateway import (
     console,
@@ -34,6 +36,7 @@ from gateway.request_json import InvalidJson, parse_request
 log = logging.getLogger("imagegate.gateway")
 
 STUB: web.AppKey[images_pb2_grpc.ImageServiceStub] = web.AppKey("stub")
+ADMIN_STUB: web.AppKey[admin_pb2_grpc.AdminServiceStub] = web.AppKey("admin_stub")
 UPLOADS: web.AppKey[uploads.UploadCalls] = web.AppKey("uploads")
 # GenerateImages returning the raw reply, which response_json parses off the loop.
 GENERATE: web.AppKey[grpc.aio.UnaryUnaryMultiCallable] = web.AppKey("generate")
@@ -43,8 +46,10 @@ REQUEST_ID_KEY: web.RequestKey[str] = web.RequestKey("request_id")
 # Request headers passed to the service as gRPC metadata, as Envoy does.
 FORWARDED = (b"authorization", b"idempotency-key")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+M = TypeVar("M", bound=Message)
 # The REST surface, matched on the raw path exactly as Envoy's Lua filter
 # matches it (its ROUTES table; tests/test_envoy_config.py keeps the two equal).
+# A path served with several methods has one row per method.
 ROUTES: tuple[tuple[str, str], ...] = (
     (r"^/v1/images/generations$", "POST"),
     (r"^/v1/images/edits$", "POST"),
@@ -54,6 +59,21 @@ ROUTES: tuple[tuple[str, str], ...] = (
     (r"^/v1/images/files/[^/]+$", "GET"),
     (r"^/v1/balance$", "GET"),
     (r"^/v1/usage$", "GET"),
+    (r"^/v1/usage/daily$", "GET"),
+    (r"^/v1/keys$", "GET"),
+    (r"^/v1/keys$", "POST"),
+    (r"^/v1/keys/[^/]+$", "DELETE"),
+    (r"^/admin/v1/accounts$", "GET"),
+    (r"^/admin/v1/accounts$", "POST"),
+    (r"^/admin/v1/accounts/[^/]+$", "GET"),
+    (r"^/admin/v1/accounts/[^/]+/credit$", "POST"),
+    (r"^/admin/v1/keys$", "GET"),
+    (r"^/admin/v1/keys$", "POST"),
+    (r"^/admin/v1/keys/[^/]+$", "PATCH"),
+    (r"^/admin/v1/keys/[^/]+$", "DELETE"),
+    (r"^/admin/v1/usage$", "GET"),
+    (r"^/admin/v1/requests$", "GET"),
+    (r"^/admin/v1/models$", "GET"),
     (r"^/healthz$", "GET"),
     (r"^/readyz$", "GET"),
     (r"^/openapi\.json$", "GET"),
@@ -82,6 +102,8 @@ def create_app(config: GatewayConfig) -> web.Application:
     route("GET", "/v1/images/files/{image_id}", get_image, expect_handler=_expect)
     route("GET", "/v1/balance", get_balance, expect_handler=_expect)
     route("GET", "/v1/usage", list_usage, expect_handler=_expect)
+    for method, path, handler in ACCOUNT_ROUTES:
+        route(method, path, handler, expect_handler=_expect)
     route("GET", "/openapi.json", openapi, expect_handler=_expect)
     # The web console (aiohttp front only; Envoy routes /console to this front).
     console.add_routes(app, front_call, config.trusted_proxies)
@@ -99,6 +121,7 @@ async def _channel(app: web.Application) -> AsyncIterator[None]:
         options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
     )
     app[STUB] = images_pb2_grpc.ImageServiceStub(channel)
+    app[ADMIN_STUB] = admin_pb2_grpc.AdminServiceStub(channel)
     app[health.STUB] = health_pb2_grpc.HealthStub(channel)
     app[UPLOADS] = uploads.UploadCalls(channel)
     app[GENERATE] = channel.unary_unary(
@@ -205,6 +228,129 @@ async def list_usage(request: web.Request) -> web.Response:
     return _json(reply)
 
 
+# The account and admin calls: each a unary RPC whose request message takes the
+# route's path variables (by segment index), query parameters and JSON body.
+
+
+@dataclass(frozen=True)
+class _Call:
+    service: web.AppKey[Any]
+    rpc: str
+    message: type[Message]
+    # Request field <- index of the path segment ("/admin/v1/keys/x": 4 is "x").
+    path: tuple[tuple[str, int], ...] = ()
+    query: tuple[str, ...] = ()
+    body: bool = False
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        message = self.message()
+        if self.body:
+            message = await _json_body(request, message)
+        segments = _path(request).split("/")
+        for name, index in self.path:
+            setattr(message, name, http_input.path_param(segments[index]))
+        for name in self.query:
+            setattr(message, name, _query(request, name))
+        stub = request.app[self.service]
+        reply = await getattr(stub, self.rpc)(message, **_call_options(request))
+        return _json(reply)
+
+
+ACCOUNT_ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    (
+        "GET",
+        "/v1/usage/daily",
+        _Call(STUB, "GetDailyUsage", images_pb2.GetDailyUsageRequest, query=("days",)),
+    ),
+    ("GET", "/v1/keys", _Call(STUB, "ListOwnKeys", images_pb2.ListOwnKeysRequest)),
+    ("POST", "/v1/keys", _Call(STUB, "CreateOwnKey", images_pb2.CreateOwnKeyRequest, body=True)),
+    (
+        "DELETE",
+        "/v1/keys/{key_id}",
+        _Call(STUB, "RevokeOwnKey", images_pb2.RevokeOwnKeyRequest, path=(("key_id", 3),)),
+    ),
+    ("GET", "/admin/v1/accounts", _Call(ADMIN_STUB, "ListAccounts", admin_pb2.ListAccountsRequest)),
+    (
+        "POST",
+        "/admin/v1/accounts",
+        _Call(ADMIN_STUB, "CreateAccount", admin_pb2.CreateAccountRequest, body=True),
+    ),
+    (
+        "GET",
+        "/admin/v1/accounts/{account}",
+        _Call(ADMIN_STUB, "GetAccount", admin_pb2.GetAccountRequest, path=(("account", 4),)),
+    ),
+    (
+        "POST",
+        "/admin/v1/accounts/{account}/credit",
+        _Call(
+            ADMIN_STUB,
+            "CreditAccount",
+            admin_pb2.CreditAccountRequest,
+            path=(("account", 4),),
+            body=True,
+        ),
+    ),
+    (
+        "GET",
+        "/admin/v1/keys",
+        _Call(ADMIN_STUB, "ListKeys", admin_pb2.ListKeysRequest, query=("account",)),
+    ),
+    (
+        "POST",
+        "/admin/v1/keys",
+        _Call(ADMIN_STUB, "CreateKey", admin_pb2.CreateKeyRequest, body=True),
+    ),
+    (
+        "PATCH",
+        "/admin/v1/keys/{key_id}",
+        _Call(
+            ADMIN_STUB, "UpdateKey", admin_pb2.UpdateKeyRequest, path=(("key_id", 4),), body=True
+        ),
+    ),
+    (
+        "DELETE",
+        "/admin/v1/keys/{key_id}",
+        _Call(ADMIN_STUB, "RevokeKey", admin_pb2.RevokeKeyRequest, path=(("key_id", 4),)),
+    ),
+    (
+        "GET",
+        "/admin/v1/usage",
+        _Call(ADMIN_STUB, "GetUsage", admin_pb2.GetUsageRequest, query=("account", "days")),
+    ),
+    (
+        "GET",
+        "/admin/v1/requests",
+        _Call(
+            ADMIN_STUB,
+            "ListRequests",
+            admin_pb2.ListRequestsRequest,
+            query=("account", "limit", "after"),
+        ),
+    ),
+    (
+        "GET",
+        "/admin/v1/models",
+        _Call(ADMIN_STUB, "ListModelRoutes", admin_pb2.ListModelRoutesRequest),
+    ),
+)
+
+
+async def _json_body(request: web.Request, message: M) -> M:
+    """A JSON body into the request message, refused as generate_images refuses it."""
+    if http_input.body_encoded(request.headers):
+        raise _Failure(errors.INVALID_JSON)
+    try:
+        async with asyncio.timeout(request.app[CONFIG].body_timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise _Failure(errors.REQUEST_TIMEOUT, close=True) from None
+    try:
+        return parse_request(raw, message)
+    except InvalidJson:
+        raise _Failure(errors.INVALID_JSON) from None
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=OPENAPI, headers={"Content-Type": "application/json"})
 
@@ -288,12 +434,12 @@ def _path(request: web.Request) -> str:
 def _route_check(request: web.Request) -> None:
     """404 or 405 by ROUTES, on the raw path, before aiohttp's own (decoding) router."""
     path = _path(request)
-    allowed = next((method for pattern, method in _ROUTES if pattern.search(path)), None)
-    if allowed is None:
+    allowed = [method for pattern, method in _ROUTES if pattern.search(path)]
+    if not allowed:
         raise _Failure(errors.UNKNOWN_URL, errors.unknown_url_message(request.method, path))
-    if request.method != allowed:
+    if request.method not in allowed:
         message = errors.wrong_method_message(request.method, path)
-        raise _Failure(errors.WRONG_METHOD, message, allow=allowed)
+        raise _Failure(errors.WRONG_METHOD, message, allow=", ".join(allowed))
 
 
 @web.middleware

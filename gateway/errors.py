@@ -41,6 +41,11 @@ BY_REASON: dict[str, Row] = {
     "UPSTREAM_ERROR": Row(502, "upstream_error", "upstream_error"),
     "IMAGE_NOT_FOUND": Row(404, "invalid_request_error", "image_not_found"),
     "MODEL_NOT_FOUND": Row(404, "invalid_request_error", "model_not_found"),
+    # The admin API: an account's key where an admin key is needed, and what it manages.
+    "ADMIN_REQUIRED": Row(403, "invalid_request_error", "admin_required"),
+    "ACCOUNT_NOT_FOUND": Row(404, "invalid_request_error", "account_not_found"),
+    "ACCOUNT_EXISTS": Row(409, "invalid_request_error", "account_exists"),
+    "KEY_NOT_FOUND": Row(404, "invalid_request_error", "key_not_found"),
 }
 
 # gRPC status without an imagegate reason -> HTTP, with a fixed message.

@@ -64,7 +64,8 @@ def _field_kinds(descriptor: Descriptor) -> dict[str, type]:
     return {
         name: _KIND_OF_TYPE[field.type]
         for field in descriptor.fields
-        if field.type in _KIND_OF_TYPE
+        # Repeated and message fields: ParseDict checks those (so does the transcoder).
+        if field.type in _KIND_OF_TYPE and not field.is_repeated
         for name in (field.name, field.json_name)
     }
 

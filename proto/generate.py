@@ -16,7 +16,11 @@ import grpc_tools
 from grpc_tools import protoc
 
 PROTO_ROOT = Path(__file__).resolve().parent
-SOURCES = ["imagegate/v1/images.proto"]
+SOURCES = [
+    "imagegate/v1/accounts.proto",
+    "imagegate/v1/images.proto",
+    "imagegate/v1/admin.proto",
+]
 DESCRIPTOR = "imagegate/v1/imagegate.pb"
 # Detail types Envoy must know to print a google.rpc.Status as JSON.
 DESCRIPTOR_EXTRAS = ["google/rpc/error_details.proto", "google/rpc/status.proto"]

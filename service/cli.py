@@ -21,12 +21,14 @@ from typing import Any, TypeAlias
 from gateway.config import GatewayConfig
 from gateway.server import bound_port, drain_gateway, start_gateway
 from service import keys, logs, tracing
+from service.admin import Admin, ModelInfo, model_infos, route_text
 from service.admin_http import Refresh, start_admin
-from service.catalog import Catalog, ModelSpec, load_catalog
+from service.catalog import load_catalog
 from service.config import Config
+from service.errors import ImagegateError
 from service.links import url_host
-from service.money import credit_micros, format_usd, usd_to_micros
-from service.providers.registry import ProviderStatus, build_registry
+from service.money import format_usd, usd_to_micros
+from service.providers.registry import build_registry
 from service.server import Service, open_store, start_service
 from service.store.base import (
     AccountExists,
@@ -35,6 +37,7 @@ from service.store.base import (
     StoreError,
     UnknownAccount,
     UnknownCursor,
+    UsageBucketRow,
 )
 
 log = logging.getLogger("imagegate.cli")
@@ -49,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(asyncio.run(args.func(args)) or 0)
     except (UnknownAccount, UnknownCursor, AccountExists, StoreError, ValueError) as exc:
         print(f"imagegate: {exc}", file=sys.stderr)
+        return 1
+    except ImagegateError as exc:  # the admin operations' errors, as the API words them
+        print(f"imagegate: {exc.message}", file=sys.stderr)
         return 1
     except OSError as exc:  # e.g. a port in use: say so, without a traceback
         print(f"imagegate: {exc}", file=sys.stderr)
@@ -111,9 +117,17 @@ def _parser() -> argparse.ArgumentParser:
     accounts = _group(sub, "accounts", "Create and show accounts.")
     p = _command(accounts, "create", _accounts_create, "Create an account.", store=True)
     p.add_argument("name")
-    p.add_argument("--credit", default="0", help="initial credit in USD, e.g. 10 or 2.50")
-    p = _command(accounts, "show", _accounts_show, "Show an account's balance.", store=True)
+    p.add_argument("--credit", help="initial credit in USD, e.g. 10 or 2.50")
+    p = _command(
+        accounts,
+        "show",
+        _accounts_show,
+        "Show an account's balance and last ledger entries.",
+        store=True,
+    )
     p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p = _command(accounts, "list", _accounts_list, "List every account.", store=True)
     p.add_argument("--json", action="store_true")
 
     credit = _group(sub, "credit", "Add prepaid credit.")
@@ -147,6 +161,36 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("account")
     p = _command(keys_cmd, "revoke", _keys_revoke, "Revoke a key by its id (key_...).", store=True)
     p.add_argument("key_id")
+    p = _command(
+        keys_cmd,
+        "models",
+        _keys_models,
+        "Set the models a key may use ('' for every model).",
+        store=True,
+    )
+    p.add_argument("key_id")
+    p.add_argument("models", help="comma-separated model ids")
+
+    admin_keys = _group(
+        sub, "admin-keys", "Create, list and revoke admin keys (for the /admin/v1 API)."
+    )
+    p = _command(
+        admin_keys,
+        "create",
+        _admin_keys_create,
+        "Create an admin key; it is shown once.",
+        store=True,
+    )
+    p.add_argument("name", help="a label to recognise the key by")
+    _command(admin_keys, "list", _admin_keys_list, "List the admin keys.", store=True)
+    p = _command(
+        admin_keys,
+        "revoke",
+        _admin_keys_revoke,
+        "Revoke an admin key by its id (adm_...).",
+        store=True,
+    )
+    p.add_argument("key_id")
 
     p = _command(
         sub,
@@ -163,6 +207,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("account")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--after", help="a usage record id: only older records (paging)")
+    p.add_argument(
+        "--by-day", action="store_true", help="requests and spend by day x model x key x route"
+    )
+    p.add_argument("--days", type=int, default=30, help="with --by-day: days back, 1-366")
     p.add_argument("--json", action="store_true")
 
     _command(
@@ -420,70 +468,102 @@ async def _demo(service: Service, rest_url: str) -> None:
     )
 
 
-# Admin commands
+# Admin commands: each the admin API's operation (service/admin.py) on the database.
+
+
+@contextlib.asynccontextmanager
+async def _admin_api(args: argparse.Namespace) -> AsyncIterator[Admin]:
+    async with _store(args) as store:
+        yield Admin(store)
 
 
 async def _accounts_create(args: argparse.Namespace) -> int:
-    async with _store(args) as store:
-        account = await store.create_account(args.name, credit_micros(args.credit, allow_zero=True))
+    async with _admin_api(args) as admin:
+        account = await admin.create_account(args.name, args.credit)
     print(f"created account {account.name} with {format_usd(account.balance_micros)}")
     return 0
 
 
+async def _accounts_list(args: argparse.Namespace) -> int:
+    async with _admin_api(args) as admin:
+        accounts = await admin.list_accounts()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(a) for a in accounts]))
+        return 0
+    print(f"{'name':24} {'balance':>16} {'held':>12} created")
+    for a in accounts:
+        print(
+            f"{a.name:24} {format_usd(a.balance_micros):>16} {format_usd(a.held_micros):>12} "
+            f"{_iso(a.created_at)}"
+        )
+    return 0
+
+
 async def _accounts_show(args: argparse.Namespace) -> int:
-    async with _store(args) as store:
-        account = await store.get_account(args.name)
-        if account is None:
-            raise UnknownAccount(f"no account named {args.name!r}")
-        ledger = await store.ledger_sum(account.id)
+    async with _admin_api(args) as admin:
+        detail = await admin.show_account(args.name)
+        ledger = await admin.ledger_sum(detail.account.id)
+    account = detail.account
     info = {
         "name": account.name,
         "balance_usd": format_usd(account.balance_micros),
         "balance_micros": account.balance_micros,
+        "held_micros": account.held_micros,
         "ledger_sum_micros": ledger,
         "created_at": _iso(account.created_at),
     }
     if args.json:
-        print(json.dumps(info))
-    else:
-        for k, v in info.items():
-            print(f"{k:18} {v}")
+        print(json.dumps(info | {"ledger": [dataclasses.asdict(e) for e in detail.ledger]}))
+        return 0
+    for k, v in info.items():
+        print(f"{k:18} {v}")
+    if detail.ledger:
+        print(f"\nlast {len(detail.ledger)} ledger entries, newest first:")
+    for e in detail.ledger:
+        print(
+            f"  {_iso(e.created_at):20} {e.kind:7} {format_usd(e.amount_micros):>14} "
+            f"{format_usd(e.balance_micros):>14} {e.request_id or e.note}"
+        )
     return 0
 
 
 async def _credit_add(args: argparse.Namespace) -> int:
-    micros = credit_micros(args.usd)
-    async with _store(args) as store:
-        account = await store.add_credit(args.name, micros, "credit add")
+    async with _admin_api(args) as admin:
+        before = (await admin.show_account(args.name)).account.balance_micros
+        account = await admin.credit(args.name, args.usd, "credit add")
     print(
-        f"{account.name}: added {format_usd(micros)}, balance {format_usd(account.balance_micros)}"
+        f"{account.name}: added {format_usd(account.balance_micros - before)}, "
+        f"balance {format_usd(account.balance_micros)}"
     )
     return 0
 
 
 async def _keys_create(args: argparse.Namespace) -> int:
-    models = tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None
-    key = keys.new_key()
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     limits = KeyLimits(**_limit_changes(args))
-    async with _store(args) as store:
-        record = await store.create_key(
-            args.account, keys.hash_key(key), keys.display_prefix(key), args.name, models, limits
-        )
+    async with _admin_api(args) as admin:
+        key, view = await admin.create_key(args.account, args.name, models, limits)
+    record = view.record
     print(
         f"created {record.id} for {record.account_name}"
-        f"{' (models: ' + ', '.join(models) + ')' if models else ''}"
+        f"{' (models: ' + ', '.join(record.models) + ')' if record.models else ''}"
     )
     print(f"key (shown once): {key}")
     return 0
 
 
 async def _keys_limits(args: argparse.Namespace) -> int:
-    async with _store(args) as store:
-        record = await store.set_key_limits(args.key_id, _limit_changes(args))
-    if record is None:
-        print(f"imagegate: no key {args.key_id}", file=sys.stderr)
-        return 1
-    print(f"{record.id}: {_limits_text(record.limits)}")
+    async with _admin_api(args) as admin:
+        view = await admin.update_key(args.key_id, limits=_limit_changes(args))
+    print(f"{view.record.id}: {_limits_text(view.record.limits)}")
+    return 0
+
+
+async def _keys_models(args: argparse.Namespace) -> int:
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    async with _admin_api(args) as admin:
+        view = await admin.update_key(args.key_id, models=models, set_models=True)
+    print(f"{view.record.id}: models {','.join(view.record.models or ()) or '*'}")
     return 0
 
 
@@ -497,37 +577,65 @@ def _limits_text(limits: KeyLimits) -> str:
 
 
 async def _keys_list(args: argparse.Namespace) -> int:
-    async with _store(args) as store:
-        if await store.get_account(args.account) is None:
-            raise UnknownAccount(f"no account named {args.account!r}")
-        records = await store.list_keys(args.account)
-    print(f"{'id':22} {'key':16} {'name':12} {'models':20} {'created':20} {'status':28} limits")
-    for r in records:
+    async with _admin_api(args) as admin:
+        views = await admin.list_keys(args.account)
+    print(
+        f"{'id':22} {'key':16} {'name':12} {'models':20} {'created':20} {'last used':20} "
+        f"{'status':28} limits"
+    )
+    for view in views:
+        r = view.record
         status = f"revoked {_iso(r.revoked_at)}" if r.revoked_at else "active"
         models = ",".join(r.models) if r.models is not None else "*"
         print(
             f"{r.id:22} {r.prefix:16} {r.name:12} {models:20} {_iso(r.created_at):20} "
-            f"{status:28} {_limits_text(r.limits)}"
+            f"{_iso(view.last_used) or '-':20} {status:28} {_limits_text(r.limits)}"
         )
     return 0
 
 
 async def _keys_revoke(args: argparse.Namespace) -> int:
-    async with _store(args) as store:
-        revoked = await store.revoke_key(args.key_id)
-    if not revoked:
-        print(f"imagegate: no active key {args.key_id}", file=sys.stderr)
-        return 1
+    async with _admin_api(args) as admin:
+        if (await admin.get_key(args.key_id)).record.revoked_at is not None:
+            print(f"imagegate: no active key {args.key_id}", file=sys.stderr)
+            return 1
+        await admin.revoke_key(args.key_id)
+    print(f"revoked {args.key_id}")
+    return 0
+
+
+async def _admin_keys_create(args: argparse.Namespace) -> int:
+    async with _admin_api(args) as admin:
+        key, record = await admin.create_admin_key(args.name)
+    print(f"created admin key {record.id} ({record.name})")
+    print(f"admin key (shown once): {key}")
+    return 0
+
+
+async def _admin_keys_list(args: argparse.Namespace) -> int:
+    async with _admin_api(args) as admin:
+        records = await admin.list_admin_keys()
+    print(f"{'id':22} {'key':20} {'name':16} {'created':20} status")
+    for r in records:
+        status = f"revoked {_iso(r.revoked_at)}" if r.revoked_at else "active"
+        print(f"{r.id:22} {r.prefix:20} {r.name:16} {_iso(r.created_at):20} {status}")
+    return 0
+
+
+async def _admin_keys_revoke(args: argparse.Namespace) -> int:
+    async with _admin_api(args) as admin:
+        await admin.revoke_admin_key(args.key_id)
     print(f"revoked {args.key_id}")
     return 0
 
 
 async def _usage(args: argparse.Namespace) -> int:
-    async with _store(args) as store:
-        if await store.get_account(args.account) is None:
-            raise UnknownAccount(f"no account named {args.account!r}")
-        # The store query GET /v1/usage reads too.
-        rows = await store.usage(args.account, args.limit, args.after)
+    async with _admin_api(args) as admin:
+        if args.by_day:
+            return _print_buckets(args, await admin.usage_by_day(args.account, str(args.days)))
+        # The operation GET /admin/v1/requests (and /v1/usage's store query) runs.
+        page, _ = await admin.requests(args.account, str(args.limit), args.after or "")
+    rows = [item.row for item in page]
     if args.json:
         print(json.dumps([r.__dict__ for r in rows]))
         return 0
@@ -536,12 +644,25 @@ async def _usage(args: argparse.Namespace) -> int:
         f"{'cost':>10} {'status':9} {'latency':>8} {'upstream cost':>13} route"
     )
     for r in rows:
-        route = f"{r.provider}/{r.upstream_model}" if r.provider else ""
         latency = "" if r.latency_ms is None else f"{r.latency_ms}ms"
         print(
             f"{_iso(r.created_at):20} {r.id:28} {r.key_id:20} {r.model:14} {r.n:>2} "
             f"{r.size:10} {r.quality:8} {format_usd(r.cost_micros):>10} {r.status:9} "
-            f"{latency:>8} {format_usd(r.upstream_cost_micros):>13} {route}"
+            f"{latency:>8} {format_usd(r.upstream_cost_micros):>13} "
+            f"{route_text(r.provider, r.upstream_model)}"
+        )
+    return 0
+
+
+def _print_buckets(args: argparse.Namespace, buckets: list[UsageBucketRow]) -> int:
+    if args.json:
+        print(json.dumps([dataclasses.asdict(b) for b in buckets]))
+        return 0
+    print(f"{'day':10} {'model':14} {'key':20} {'requests':>8} {'images':>6} {'spend':>12} route")
+    for b in buckets:
+        print(
+            f"{b.day:10} {b.model:14} {b.key_id:20} {b.requests:>8} {b.images:>6} "
+            f"{format_usd(b.spend_micros):>12} {route_text(b.provider, b.upstream_model)}"
         )
     return 0
 
@@ -565,62 +686,44 @@ async def _models(args: argparse.Namespace) -> int:
     logging.getLogger("imagegate.providers").setLevel(logging.ERROR)
     registry = await build_registry(catalog.providers, os.environ)
     await registry.aclose()
-    models = [_model_info(catalog, catalog.models[i], registry.status) for i in catalog.ids()]
+    # GET /admin/v1/models's operation; no service runs here, so no breaker has tripped.
+    models = model_infos(catalog, registry.status, [])
     if args.json:
-        print(json.dumps([dataclasses.asdict(m) for m in models]))
+        print(json.dumps([_model_json(m) for m in models]))
         return 0
     for m in models:
         served = "served" if m.served else "not served"
-        print(f"{m.id}  [{m.family or '-'}]  {served}  {m.prices}")
+        print(f"{m.id}  [{m.family or '-'}]  {served}  {_price_text(m)}")
         for r in m.routes:
             state = "live" if r.live else f"not live: {r.missing}"
             print(f"    {r.provider}/{r.upstream_model} ({r.kind}): {state}")
     return 0
 
 
-@dataclasses.dataclass(frozen=True)
-class _RouteInfo:
-    provider: str
-    upstream_model: str
-    kind: str
-    live: bool
-    missing: str
+def _model_json(m: ModelInfo) -> dict[str, Any]:
+    return {
+        "id": m.id,
+        "family": m.family,
+        "served": m.served,
+        "prices": _price_text(m),
+        # "quality/size" -> micro-USD per image.
+        "prices_micros": {f"{q}/{s}": p for s, q, p in m.prices},
+        "routes": [
+            {
+                "provider": r.provider,
+                "upstream_model": r.upstream_model,
+                "kind": r.kind,
+                "live": r.live,
+                "missing": r.missing,
+                "breaker": r.breaker,
+            }
+            for r in m.routes
+        ],
+    }
 
 
-@dataclasses.dataclass(frozen=True)
-class _ModelInfo:
-    id: str
-    family: str
-    served: bool
-    prices: str
-    # "quality/size" -> micro-USD per image.
-    prices_micros: dict[str, int]
-    routes: list[_RouteInfo]
-
-
-def _model_info(catalog: Catalog, spec: ModelSpec, status: dict[str, ProviderStatus]) -> _ModelInfo:
-    routes = [
-        _RouteInfo(
-            r.provider,
-            r.upstream_model,
-            catalog.providers[r.provider].kind,
-            status[r.provider].live,
-            status[r.provider].missing,
-        )
-        for r in spec.routes
-    ]
-    return _ModelInfo(
-        id=spec.id,
-        family=spec.family,
-        served=any(r.live for r in routes),
-        prices=_price_text(spec),
-        prices_micros={f"{q}/{s}": p for (s, q), p in sorted(spec.prices.items())},
-        routes=routes,
-    )
-
-
-def _price_text(spec: ModelSpec) -> str:
-    prices = sorted(set(spec.prices.values()))
+def _price_text(spec: ModelInfo) -> str:
+    prices = sorted({p for _, _, p in spec.prices})
     if not prices:
         text = "unpriced"
     elif len(prices) == 1:

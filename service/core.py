@@ -491,7 +491,7 @@ class ImageCore:
     async def usage(self, caller: Caller, limit: str, after: str) -> tuple[list[UsageRow], bool]:
         """A page of the caller's account's usage records, newest first, and whether
         older ones follow. `limit` and `after` as the query gave them ("" = not sent)."""
-        count = _page_size(limit)
+        count = page_size(limit)
         try:
             rows = await self._store.usage(caller.account_name, count + 1, after or None)
         except UnknownCursor:
@@ -532,7 +532,8 @@ def _no_idempotent_stream(key: str | None) -> None:
         )
 
 
-def _page_size(limit: str) -> int:
+def page_size(limit: str) -> int:
+    """A usage page's size from the query's `limit` ("" = the default); 400 otherwise."""
     if not limit:
         return DEFAULT_PAGE
     if not limit.isdigit() or not 1 <= int(limit) <= MAX_PAGE:

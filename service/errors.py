@@ -68,6 +68,37 @@ class InvalidApiKey(ImagegateError):
     reason = "INVALID_API_KEY"
 
 
+class AdminRequired(ImagegateError):
+    """An account's API key on the AdminService: it is a key, but not an admin key."""
+
+    reason = "ADMIN_REQUIRED"
+
+
+class AccountNotFound(ImagegateError):
+    reason = "ACCOUNT_NOT_FOUND"
+
+    def __init__(self, message: str, *, param: str = "account") -> None:
+        super().__init__(message, param=param)
+
+
+class AccountTaken(ImagegateError):
+    """A new account's name is in use."""
+
+    reason = "ACCOUNT_EXISTS"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="name")
+
+
+class KeyNotFound(ImagegateError):
+    """No such key id, or (for an account's own keys) one of another account."""
+
+    reason = "KEY_NOT_FOUND"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="key_id")
+
+
 class ModelNotAllowed(ImagegateError):
     reason = "MODEL_NOT_ALLOWED"
 

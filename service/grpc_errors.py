@@ -28,6 +28,10 @@ CODES: dict[type[errors.ImagegateError], grpc.StatusCode] = {
     errors.UpstreamError: grpc.StatusCode.UNAVAILABLE,
     errors.ImageNotFound: grpc.StatusCode.NOT_FOUND,
     errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AdminRequired: grpc.StatusCode.PERMISSION_DENIED,
+    errors.AccountNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AccountTaken: grpc.StatusCode.ALREADY_EXISTS,
+    errors.KeyNotFound: grpc.StatusCode.NOT_FOUND,
 }
 # DEADLINE_EXCEEDED (the caller's own deadline) comes from grpc itself, without a reason.
 

@@ -29,19 +29,26 @@ def hash_key(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-def display_prefix(key: str) -> str:
+def display_prefix(key: str, head: int = 7) -> str:
     """What `keys list` shows: enough to recognise a key, useless to an attacker."""
-    return key[:7] + "..." + key[-4:]
+    return key[:head] + "..." + key[-4:]
 
 
-def key_from_authorization(value: str | None) -> str:
-    """The key in `Authorization: Bearer sk-...`, or InvalidApiKey. Never echoes the key."""
+def bearer_token(value: str | None) -> str:
+    """The token in `Authorization: Bearer ...`, or InvalidApiKey. Never echoes it."""
     if not value:
         raise InvalidApiKey(MISSING)
     scheme, _, token = value.strip().partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise InvalidApiKey(MISSING)
+    return token
+
+
+def key_from_authorization(value: str | None) -> str:
+    """The API key in `Authorization: Bearer sk-...`, or InvalidApiKey. An admin key
+    (sk-admin-...) is not one: it cannot spend."""
+    token = bearer_token(value)
     if not _KEY_RE.fullmatch(token):
         raise InvalidApiKey(INVALID)
     return token

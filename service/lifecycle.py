@@ -15,18 +15,20 @@ import contextlib
 import logging
 
 from grpc_health.v1 import health, health_pb2
-from imagegate.v1 import images_pb2
+from imagegate.v1 import admin_pb2, images_pb2
 
 from service import metrics
 
 log = logging.getLogger("imagegate.lifecycle")
 SERVICE_NAME = images_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class Readiness:
-    """The health service's answer for "" and ImageService, from what this process knows."""
+    """The health service's answer for "", ImageService and AdminService (they share the
+    database), from what this process knows."""
 
     def __init__(self) -> None:
         self.servicer = health.aio.HealthServicer()
@@ -52,7 +54,7 @@ class Readiness:
 
     async def _publish(self) -> None:
         status = SERVING if self.serving else NOT_SERVING
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
             await self.servicer.set(name, status)
         metrics.ready(self.serving)
 

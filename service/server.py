@@ -15,9 +15,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from imagegate.v1 import images_pb2_grpc
+from imagegate.v1 import admin_pb2_grpc, images_pb2_grpc
 
 from service import metrics
+from service.admin import Admin
+from service.admin_servicer import AdminServicer
 from service.catalog import Catalog, InputRules, load_catalog
 from service.config import Config
 from service.core import Caller, ImageCore
@@ -28,7 +30,7 @@ from service.images import ImageStore, load_or_create_secret
 from service.imagestore import is_s3, open_backend
 from service.inputs import InputLoader
 from service.instances import Liveness
-from service.lifecycle import SERVICE_NAME, InFlight, Readiness
+from service.lifecycle import ADMIN_SERVICE_NAME, SERVICE_NAME, InFlight, Readiness
 from service.limits import Limiter, Limits
 from service.links import DEFAULT_REST_URL, LinkBase, bind_address, parse_networks
 from service.providers.download import SafeDownloader
@@ -184,7 +186,10 @@ async def start_service(
         ),
         idempotency_ttl_s=config.idempotency_ttl_s,
     )
-    servicer = ImageServicer(core, links, config.max_message_bytes)
+    # The admin API sees every model of the catalog (served or not) and this
+    # process's providers and breakers.
+    admin = Admin(store, catalog=catalog, status=registry.status, health=core.dispatcher.health)
+    servicer = ImageServicer(core, links, config.max_message_bytes, admin)
     readiness, calls = Readiness(), InFlight()
     try:
         # Recorded before serving, then what stopped processes left held is released
@@ -193,7 +198,12 @@ async def start_service(
         await core.sweep()
         await readiness.update(catalog=bool(core.list_models(_EVERY_MODEL)))
         server, bound = await create_server(
-            config, servicer, config.grpc_port if port is None else port, readiness, calls
+            config,
+            servicer,
+            config.grpc_port if port is None else port,
+            readiness,
+            calls,
+            AdminServicer(admin),
         )
         await server.start()
     except BaseException:
@@ -310,6 +320,7 @@ async def create_server(
     port: int,
     readiness: Readiness | None = None,
     calls: InFlight | None = None,
+    admin: AdminServicer | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     readiness = readiness or Readiness()
     server = grpc.aio.server(
@@ -318,11 +329,15 @@ async def create_server(
         interceptors=[Observer(calls or InFlight()), MessageCodec()],
     )
     images_pb2_grpc.add_ImageServiceServicer_to_server(servicer, _RawUploads(server))
+    services = [SERVICE_NAME]
+    if admin is not None:
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
+        services.append(ADMIN_SERVICE_NAME)
     await readiness.update()
     health_pb2_grpc.add_HealthServicer_to_server(readiness.servicer, server)
     reflection.enable_server_reflection(
         (
-            SERVICE_NAME,
+            *services,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),

@@ -14,9 +14,11 @@ from urllib.parse import unquote
 import grpc
 from google.api import httpbody_pb2
 from google.protobuf.message import DecodeError, Message
-from imagegate.v1 import images_pb2, images_pb2_grpc
+from imagegate.v1 import accounts_pb2, images_pb2, images_pb2_grpc
 
 from service import observe
+from service.admin import Admin, route_text
+from service.admin_servicer import bucket_list, key_info, key_list, model_ids
 from service.catalog import ModelSpec
 from service.core import Caller, Generation, ImageCore, RequestContext
 from service.errors import ImagegateError, InvalidParameter
@@ -55,8 +57,12 @@ REPORTABLE: dict[str, frozenset[str]] = {
 
 
 class ImageServicer(images_pb2_grpc.ImageServiceServicer):
-    def __init__(self, core: ImageCore, links: LinkBase, max_message_bytes: int) -> None:
+    def __init__(
+        self, core: ImageCore, links: LinkBase, max_message_bytes: int, admin: Admin
+    ) -> None:
         self._core = core
+        # An account key's calls on its own keys and usage: the admin API's operations.
+        self._admin = admin
         self._links = links
         self._max_message_bytes = max_message_bytes
 
@@ -245,6 +251,43 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
 
         return await self._run(context, call)
 
+    async def GetDailyUsage(
+        self, request: images_pb2.GetDailyUsageRequest, context: grpc.aio.ServicerContext
+    ) -> accounts_pb2.UsageBucketList:
+        async def call() -> accounts_pb2.UsageBucketList:
+            caller = await self._caller(context)
+            return bucket_list(await self._admin.usage_by_day(caller.account_name, request.days))
+
+        return await self._run(context, call)
+
+    async def ListOwnKeys(
+        self, request: images_pb2.ListOwnKeysRequest, context: grpc.aio.ServicerContext
+    ) -> accounts_pb2.KeyList:
+        async def call() -> accounts_pb2.KeyList:
+            return key_list(await self._admin.list_own_keys(await self._caller(context)))
+
+        return await self._run(context, call)
+
+    async def CreateOwnKey(
+        self, request: images_pb2.CreateOwnKeyRequest, context: grpc.aio.ServicerContext
+    ) -> accounts_pb2.CreatedKey:
+        async def call() -> accounts_pb2.CreatedKey:
+            caller = await self._caller(context)
+            models = model_ids(request.models) if request.HasField("models") else None
+            key, view = await self._admin.create_own_key(caller, request.name, models)
+            return accounts_pb2.CreatedKey(key=key, info=key_info(view))
+
+        return await self._run(context, call)
+
+    async def RevokeOwnKey(
+        self, request: images_pb2.RevokeOwnKeyRequest, context: grpc.aio.ServicerContext
+    ) -> accounts_pb2.KeyInfo:
+        async def call() -> accounts_pb2.KeyInfo:
+            caller = await self._caller(context)
+            return key_info(await self._admin.revoke_own_key(caller, request.key_id))
+
+        return await self._run(context, call)
+
     async def _run(self, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
         try:
             return await call()
@@ -349,7 +392,6 @@ async def _upload_idempotency(
 
 
 def _usage_record(row: UsageRow) -> images_pb2.UsageRecord:
-    routes = zip(row.provider.split(","), row.upstream_model.split(","), strict=False)
     return images_pb2.UsageRecord(
         id=row.id,
         object="usage_record",
@@ -357,7 +399,7 @@ def _usage_record(row: UsageRow) -> images_pb2.UsageRecord:
         request_id=row.request_id,
         key_id=row.key_id,
         model=row.model,
-        route=",".join(f"{p}/{m}" for p, m in routes) if row.provider else "",
+        route=route_text(row.provider, row.upstream_model),
         n=row.n,
         size=row.size,
         quality=row.quality,

@@ -74,6 +74,10 @@ REASON_CODES: dict[str, Code] = {
     "UPSTREAM_ERROR": Code.UNAVAILABLE,
     "IMAGE_NOT_FOUND": Code.NOT_FOUND,
     "MODEL_NOT_FOUND": Code.NOT_FOUND,
+    "ADMIN_REQUIRED": Code.PERMISSION_DENIED,
+    "ACCOUNT_NOT_FOUND": Code.NOT_FOUND,
+    "ACCOUNT_EXISTS": Code.ALREADY_EXISTS,
+    "KEY_NOT_FOUND": Code.NOT_FOUND,
 }
 # Every JSON escape and odd character a message can hold.
 NASTY = (
@@ -340,7 +344,7 @@ def test_committed_addresses_and_limits() -> None:
     t = transcoder(config)
     descriptor = Path(t["proto_descriptor"])
     assert not descriptor.is_absolute() and (REPO / descriptor).is_file()
-    assert t["services"] == ["imagegate.v1.ImageService"]
+    assert t["services"] == ["imagegate.v1.ImageService", "imagegate.v1.AdminService"]
     assert t["max_request_body_size"] == GatewayConfig().max_body_bytes == MiB
     assert t["max_response_body_size"] >= GatewayConfig().max_message_bytes
     text = ENVOY_YAML.read_text()

@@ -16,6 +16,7 @@ GRPC_EDGE = {
     "grpc_observe.py",
     "lifecycle.py",
     "admin_http.py",
+    "admin_servicer.py",
 }
 GRPC = ("grpc", "grpc_status", "grpc_health", "grpc_reflection", "imagegate", "gateway")
 # Provider adapters and image backends may use HTTP and vendor libraries (aiohttp,

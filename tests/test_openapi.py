@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 from google.api import annotations_pb2
-from imagegate.v1 import images_pb2
+from imagegate.v1 import accounts_pb2, admin_pb2, images_pb2
 from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate
 
@@ -26,7 +26,7 @@ def test_document_is_valid_openapi() -> None:
 
 def test_paths_are_the_routes_of_both_fronts() -> None:
     documented = {
-        (path.replace("{image_id}", "x").replace("{model}", "x"), method.upper())
+        (re.sub(r"\{[^}]+\}", "x", path), method.upper())
         for path, ops in DOC["paths"].items()
         for method in ops
     }
@@ -38,9 +38,11 @@ def test_paths_are_the_routes_of_both_fronts() -> None:
 
 
 def test_every_public_http_rule_of_the_proto_is_documented() -> None:
-    service = images_pb2.DESCRIPTOR.services_by_name["ImageService"]
     public = 0
-    for method in service.methods:
+    for method in (
+        *images_pb2.DESCRIPTOR.services_by_name["ImageService"].methods,
+        *admin_pb2.DESCRIPTOR.services_by_name["AdminService"].methods,
+    ):
         rule = method.GetOptions().Extensions[annotations_pb2.http]
         verb = rule.WhichOneof("pattern")
         path = getattr(rule, verb)
@@ -49,7 +51,7 @@ def test_every_public_http_rule_of_the_proto_is_documented() -> None:
             continue  # internal (the streaming rule): both fronts answer 404 to it
         public += 1
         assert verb in DOC["paths"][path], method.name
-    assert public >= 4
+    assert public >= 4 + 11
 
 
 def test_schemas_have_the_proto_fields() -> None:
@@ -67,6 +69,11 @@ def test_schemas_have_the_proto_fields() -> None:
     ):
         fields = {f.name for f in images_pb2.DESCRIPTOR.message_types_by_name[name].fields}
         assert set(SCHEMAS[name]["properties"]) == fields, name
+    for module in (accounts_pb2, admin_pb2):
+        for name, message in module.DESCRIPTOR.message_types_by_name.items():
+            if name in SCHEMAS:
+                assert set(SCHEMAS[name]["properties"]) == {f.name for f in message.fields}, name
+    assert {"KeyInfo", "UsageBucketList", "AccountDetail", "ModelInfoList"} <= set(SCHEMAS)
 
 
 def test_every_error_status_is_documented() -> None:

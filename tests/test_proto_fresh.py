@@ -6,7 +6,11 @@ import importlib.util
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-GENERATED = ["images_pb2.py", "images_pb2.pyi", "images_pb2_grpc.py", "imagegate.pb"]
+GENERATED = [
+    f"{name}{suffix}"
+    for name in ("accounts", "images", "admin")
+    for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+] + ["imagegate.pb"]
 
 
 def test_committed_generated_files_are_fresh(tmp_path: Path) -> None:

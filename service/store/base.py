@@ -106,6 +106,66 @@ class UsageRow:
 
 
 @dataclass(frozen=True)
+class AccountSummary:
+    """An account as the admin API lists it: its balance and what is held now."""
+
+    id: int
+    name: str
+    balance_micros: int
+    held_micros: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    id: int
+    created_at: float
+    # credit, reserve or refund
+    kind: str
+    # Signed: a reserve is negative.
+    amount_micros: int
+    # The account's balance after this entry (the running sum of the ledger).
+    balance_micros: int
+    # The request of a reserve or refund; "" for a credit.
+    request_id: str
+    note: str
+
+
+@dataclass(frozen=True)
+class UsageBucketRow:
+    """Requests of one day (UTC, "YYYY-MM-DD") x model x key x route, and their spend."""
+
+    day: str
+    model: str
+    key_id: str
+    # The route(s) as the usage row has them; "" for requests not settled.
+    provider: str
+    upstream_model: str
+    requests: int
+    # Images of settled requests.
+    images: int
+    spend_micros: int
+
+
+@dataclass(frozen=True)
+class AccountUsageRow:
+    """A usage record with the account it was charged to (the admin API's requests)."""
+
+    account: str
+    row: UsageRow
+
+
+@dataclass(frozen=True)
+class AdminKeyRecord:
+    id: str
+    name: str
+    prefix: str
+    key_hash: bytes
+    created_at: float
+    revoked_at: float | None
+
+
+@dataclass(frozen=True)
 class AccountBalance:
     # What can be spent now (held amounts are already taken out of it).
     balance_micros: int
@@ -246,6 +306,53 @@ class Store(Protocol):
 
     async def balance(self, account_id: int) -> AccountBalance: ...
 
+    # The admin API's reads and changes (service/admin.py).
+
+    async def list_accounts(self) -> list[AccountSummary]:
+        """Every account by name, each with what it holds now."""
+        ...
+
+    async def ledger(self, account_id: int, limit: int = 100) -> list[LedgerRow]:
+        """The account's last `limit` ledger entries, newest first, each with the
+        balance after it."""
+        ...
+
+    async def get_key(self, key_id: str) -> KeyRecord | None: ...
+
+    async def all_keys(self) -> list[KeyRecord]:
+        """Every account's keys, by account then creation."""
+        ...
+
+    async def set_key_models(self, key_id: str, models: tuple[str, ...] | None) -> KeyRecord | None:
+        """Set a key's model allowlist (None: every model); None if no such key."""
+        ...
+
+    async def keys_last_used(self, key_ids: list[str]) -> dict[str, float]:
+        """When each key last started a request (keys never used are left out)."""
+        ...
+
+    async def usage_by_day(self, account_name: str | None, since: float) -> list[UsageBucketRow]:
+        """Requests since `since` of one account (None: all) summed by day x model x
+        key x route, oldest day first."""
+        ...
+
+    async def recent_usage(
+        self, account_name: str | None, limit: int = 20, after: str | None = None
+    ) -> list[AccountUsageRow]:
+        """As usage(), of one account or (None) of every account, with the account;
+        UnknownCursor if `after` is not one of those records."""
+        ...
+
+    async def create_admin_key(self, key_hash: bytes, prefix: str, name: str) -> AdminKeyRecord: ...
+
+    async def find_admin_key(self, key_hash: bytes) -> AdminKeyRecord | None: ...
+
+    async def list_admin_keys(self) -> list[AdminKeyRecord]: ...
+
+    async def revoke_admin_key(self, key_id: str) -> bool:
+        """Revoke an active admin key; False if there is no such active key."""
+        ...
+
     # Idempotency-Key claims: (account, key) is unique, so one process wins a claim.
 
     async def claim_idempotency(
@@ -286,6 +393,14 @@ def check_limit_changes(changes: dict[str, int | None]) -> None:
             raise ValueError(f"unknown key limit {name!r}")
         if value is not None and (type(value) is not int or value < 0):
             raise ValueError(f"limit {name} must be a non-negative integer, not {value!r}")
+
+
+def new_key_id() -> str:
+    return "key_" + secrets.token_hex(8)
+
+
+def new_admin_key_id() -> str:
+    return "adm_" + secrets.token_hex(8)
 
 
 def new_reservation_id() -> str:

@@ -15,7 +15,6 @@ asyncpg is imported here only: SQLite users never need it (the `postgres` extra)
 from __future__ import annotations
 
 import json
-import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +29,9 @@ from service.store.base import (
     Account,
     AccountBalance,
     AccountExists,
+    AccountSummary,
+    AccountUsageRow,
+    AdminKeyRecord,
     Charge,
     Claim,
     DatabaseUnavailable,
@@ -37,12 +39,16 @@ from service.store.base import (
     Instance,
     KeyLimits,
     KeyRecord,
+    LedgerRow,
     Served,
     StoreError,
     UnknownAccount,
     UnknownCursor,
+    UsageBucketRow,
     UsageRow,
     check_limit_changes,
+    new_admin_key_id,
+    new_key_id,
     new_reservation_id,
 )
 
@@ -62,12 +68,14 @@ _KEY_SELECT = (
     "k.revoked_at, k.rpm, k.ipm, k.concurrency, k.max_n "
     "FROM api_keys k JOIN accounts a ON a.id = k.account_id "
 )
-_USAGE_SELECT = (
+_USAGE_COLUMNS = (
     "SELECT r.created_at, r.request_id, r.model, r.n, r.size, r.quality, "
     "r.amount_micros, r.cost_micros, r.status, r.provider, r.upstream_model, "
     "r.upstream_cost_micros, r.id, r.key_id, "
-    "ROUND((r.resolved_at - r.created_at) * 1000)::bigint FROM reservations r "
+    "ROUND((r.resolved_at - r.created_at) * 1000)::bigint"
 )
+_USAGE_SELECT = _USAGE_COLUMNS + " FROM reservations r "
+_ADMIN_KEY_SELECT = "SELECT id, name, prefix, key_hash, created_at, revoked_at FROM admin_keys "
 _IDEMPOTENCY_SELECT = (
     "SELECT request_hash, status, response, error, locked_until FROM idempotency_keys "
     "WHERE account_id = $1 AND key = $2"
@@ -257,7 +265,7 @@ class PostgresStore:
         models: tuple[str, ...] | None,
         limits: KeyLimits | None = None,
     ) -> KeyRecord:
-        key_id = "key_" + secrets.token_hex(8)
+        key_id = new_key_id()
         limits = limits or KeyLimits()
         inserted = await self._db.fetchval(
             "INSERT INTO api_keys (id, account_id, name, prefix, key_hash, models, created_at, "
@@ -508,6 +516,134 @@ class PostgresStore:
             raise UnknownAccount(f"no account with id {account_id}")
         return AccountBalance(int(row["balance_micros"]), int(row["held"]))
 
+    # The admin API
+
+    async def list_accounts(self) -> list[AccountSummary]:
+        rows = await self._db.fetch(
+            "SELECT a.id, a.name, a.balance_micros, (SELECT COALESCE(SUM(amount_micros), 0) "
+            "FROM reservations WHERE account_id = a.id AND status = 'held')::bigint, "
+            "a.created_at FROM accounts a ORDER BY a.name"
+        )
+        return [AccountSummary(int(r[0]), r[1], int(r[2]), int(r[3]), float(r[4])) for r in rows]
+
+    async def ledger(self, account_id: int, limit: int = 100) -> list[LedgerRow]:
+        # The running balance over the whole ledger, then the newest `limit` of it.
+        rows = await self._db.fetch(
+            "SELECT * FROM (SELECT l.id, l.created_at, l.kind, l.delta_micros, "
+            "(SUM(l.delta_micros) OVER (ORDER BY l.id))::bigint, COALESCE(r.request_id, ''), "
+            "l.note FROM ledger l LEFT JOIN reservations r ON r.id = l.reservation_id "
+            "WHERE l.account_id = $1) AS entries ORDER BY 1 DESC LIMIT $2",
+            account_id,
+            limit,
+        )
+        return [
+            LedgerRow(int(r[0]), float(r[1]), r[2], int(r[3]), int(r[4]), r[5], r[6]) for r in rows
+        ]
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        records = await self._keys("WHERE k.id = $1", key_id)
+        return records[0] if records else None
+
+    async def all_keys(self) -> list[KeyRecord]:
+        return await self._keys("ORDER BY a.name, k.created_at, k.id")
+
+    async def set_key_models(self, key_id: str, models: tuple[str, ...] | None) -> KeyRecord | None:
+        await self._db.execute(
+            "UPDATE api_keys SET models = $2 WHERE id = $1",
+            key_id,
+            None if models is None else json.dumps(list(models)),
+        )
+        return await self.get_key(key_id)
+
+    async def keys_last_used(self, key_ids: list[str]) -> dict[str, float]:
+        if not key_ids:
+            return {}
+        rows = await self._db.fetch(
+            "SELECT key_id, MAX(created_at) FROM reservations WHERE key_id = ANY($1::text[]) "
+            "GROUP BY key_id",
+            key_ids,
+        )
+        return {r[0]: float(r[1]) for r in rows}
+
+    async def usage_by_day(self, account_name: str | None, since: float) -> list[UsageBucketRow]:
+        where = "WHERE r.created_at >= $1"
+        args: list[Any] = [since]
+        if account_name is not None:
+            where += " AND r.account_id = (SELECT id FROM accounts WHERE name = $2)"
+            args.append(account_name)
+        rows = await self._db.fetch(
+            "SELECT to_char(to_timestamp(r.created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, "
+            "r.model, r.key_id, r.provider, r.upstream_model, COUNT(*), "
+            "SUM(CASE WHEN r.status = 'settled' THEN r.n ELSE 0 END), SUM(r.cost_micros) "
+            f"FROM reservations r {where} "
+            "GROUP BY day, r.model, r.key_id, r.provider, r.upstream_model "
+            "ORDER BY day, r.model, r.key_id, r.provider, r.upstream_model",
+            *args,
+        )
+        return [
+            UsageBucketRow(r[0], r[1], r[2], r[3], r[4], int(r[5]), int(r[6]), int(r[7]))
+            for r in rows
+        ]
+
+    async def recent_usage(
+        self, account_name: str | None, limit: int = 20, after: str | None = None
+    ) -> list[AccountUsageRow]:
+        conditions: list[str] = []
+        args: list[Any] = []
+        if account_name is not None:
+            args.append(account_name)
+            conditions.append(f"a.name = ${len(args)}")
+        if after is not None:
+            cursor = await self._db.fetchrow(
+                "SELECT r.created_at, r.seq FROM reservations r JOIN accounts a "
+                "ON a.id = r.account_id WHERE r.id = $1 AND ($2::text IS NULL OR a.name = $2)",
+                after,
+                account_name,
+            )
+            if cursor is None:
+                raise UnknownCursor(f"no usage record {after!r}")
+            args += [cursor["created_at"], cursor["seq"]]
+            conditions.append(f"(r.created_at, r.seq) < (${len(args) - 1}, ${len(args)})")
+        where = ("WHERE " + " AND ".join(conditions)) if conditions else ""
+        rows = await self._db.fetch(
+            f"{_USAGE_COLUMNS}, a.name FROM reservations r "
+            f"JOIN accounts a ON a.id = r.account_id {where} "
+            f"ORDER BY r.created_at DESC, r.seq DESC LIMIT ${len(args) + 1}",
+            *args,
+            limit,
+        )
+        return [AccountUsageRow(row[-1], _usage_row(list(row)[:-1])) for row in rows]
+
+    async def create_admin_key(self, key_hash: bytes, prefix: str, name: str) -> AdminKeyRecord:
+        record = AdminKeyRecord(new_admin_key_id(), name, prefix, key_hash, self._clock(), None)
+        await self._db.execute(
+            "INSERT INTO admin_keys (id, name, prefix, key_hash, created_at) "
+            "VALUES ($1, $2, $3, $4, $5)",
+            record.id,
+            name,
+            prefix,
+            key_hash,
+            record.created_at,
+        )
+        return record
+
+    async def find_admin_key(self, key_hash: bytes) -> AdminKeyRecord | None:
+        row = await self._db.fetchrow(_ADMIN_KEY_SELECT + "WHERE key_hash = $1", key_hash)
+        return None if row is None else _admin_key(row)
+
+    async def list_admin_keys(self) -> list[AdminKeyRecord]:
+        rows = await self._db.fetch(_ADMIN_KEY_SELECT + "ORDER BY created_at, id")
+        return [_admin_key(row) for row in rows]
+
+    async def revoke_admin_key(self, key_id: str) -> bool:
+        revoked = await self._db.fetchval(
+            "UPDATE admin_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL "
+            "RETURNING id",
+            key_id,
+            self._clock(),
+        )
+        return revoked is not None
+
     # Idempotency keys
 
     async def claim_idempotency(
@@ -627,6 +763,11 @@ def _usage_row(row: Any) -> UsageRow:
     values = list(row)
     values[-1] = None if values[-1] is None else int(values[-1])
     return UsageRow(*values)
+
+
+def _admin_key(row: Any) -> AdminKeyRecord:
+    key_id, name, prefix, key_hash, created, revoked = row
+    return AdminKeyRecord(key_id, name, prefix, bytes(key_hash), created, revoked)
 
 
 def _key_record(row: Any) -> KeyRecord:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import secrets
 import sqlite3
 import time
 from collections.abc import Callable
@@ -31,17 +30,24 @@ from service.store.base import (
     Account,
     AccountBalance,
     AccountExists,
+    AccountSummary,
+    AccountUsageRow,
+    AdminKeyRecord,
     Charge,
     Claim,
     IdempotencyRecord,
     Instance,
     KeyLimits,
     KeyRecord,
+    LedgerRow,
     Served,
     UnknownAccount,
     UnknownCursor,
+    UsageBucketRow,
     UsageRow,
     check_limit_changes,
+    new_admin_key_id,
+    new_key_id,
     new_reservation_id,
 )
 
@@ -56,12 +62,14 @@ _KEY_SELECT = (
     "k.revoked_at, k.rpm, k.ipm, k.concurrency, k.max_n "
     "FROM api_keys k JOIN accounts a ON a.id = k.account_id "
 )
-_USAGE_SELECT = (
+_USAGE_COLUMNS = (
     "SELECT r.created_at, r.request_id, r.model, r.n, r.size, r.quality, "
     "r.amount_micros, r.cost_micros, r.status, r.provider, r.upstream_model, "
     "r.upstream_cost_micros, r.id, r.key_id, "
-    "CAST(ROUND((r.resolved_at - r.created_at) * 1000) AS INTEGER) FROM reservations r "
+    "CAST(ROUND((r.resolved_at - r.created_at) * 1000) AS INTEGER)"
 )
+_USAGE_SELECT = _USAGE_COLUMNS + " FROM reservations r "
+_ADMIN_KEY_SELECT = "SELECT id, name, prefix, key_hash, created_at, revoked_at FROM admin_keys "
 _IDEMPOTENCY_SELECT = (
     "SELECT request_hash, status, response, error, locked_until FROM idempotency_keys "
     "WHERE account_id = ? AND key = ?"
@@ -176,7 +184,7 @@ class SqliteStore:
         models: tuple[str, ...] | None,
         limits: KeyLimits | None = None,
     ) -> KeyRecord:
-        key_id = "key_" + secrets.token_hex(8)
+        key_id = new_key_id()
         limits = limits or KeyLimits()
         models_json = None if models is None else json.dumps(list(models))
 
@@ -418,6 +426,130 @@ class SqliteStore:
         if not rows:
             raise UnknownAccount(f"no account with id {account_id}")
         return AccountBalance(int(rows[0][0]), int(rows[0][1]))
+
+    # The admin API
+
+    async def list_accounts(self) -> list[AccountSummary]:
+        rows = await self._read(
+            "SELECT a.id, a.name, a.balance_micros, (SELECT COALESCE(SUM(amount_micros), 0) "
+            "FROM reservations WHERE account_id = a.id AND status = 'held'), a.created_at "
+            "FROM accounts a ORDER BY a.name"
+        )
+        return [AccountSummary(*row) for row in rows]
+
+    async def ledger(self, account_id: int, limit: int = 100) -> list[LedgerRow]:
+        # The running balance over the whole ledger, then the newest `limit` of it.
+        rows = await self._read(
+            "SELECT * FROM (SELECT l.id, l.created_at, l.kind, l.delta_micros, "
+            "SUM(l.delta_micros) OVER (ORDER BY l.id), COALESCE(r.request_id, ''), l.note "
+            "FROM ledger l LEFT JOIN reservations r ON r.id = l.reservation_id "
+            "WHERE l.account_id = ?) ORDER BY 1 DESC LIMIT ?",
+            (account_id, limit),
+        )
+        return [LedgerRow(*row) for row in rows]
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        records = await self._keys("WHERE k.id = ?", (key_id,))
+        return records[0] if records else None
+
+    async def all_keys(self) -> list[KeyRecord]:
+        return await self._keys("ORDER BY a.name, k.created_at", ())
+
+    async def set_key_models(self, key_id: str, models: tuple[str, ...] | None) -> KeyRecord | None:
+        models_json = None if models is None else json.dumps(list(models))
+
+        def update(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE api_keys SET models = ? WHERE id = ?", (models_json, key_id))
+
+        await self._tx(update)
+        return await self.get_key(key_id)
+
+    async def keys_last_used(self, key_ids: list[str]) -> dict[str, float]:
+        if not key_ids:
+            return {}
+        marks = ", ".join("?" * len(key_ids))
+        rows = await self._read(
+            f"SELECT key_id, MAX(created_at) FROM reservations WHERE key_id IN ({marks}) "
+            "GROUP BY key_id",
+            tuple(key_ids),
+        )
+        return {key_id: float(last) for key_id, last in rows}
+
+    async def usage_by_day(self, account_name: str | None, since: float) -> list[UsageBucketRow]:
+        where = "WHERE r.created_at >= ?"
+        args: list[Any] = [since]
+        if account_name is not None:
+            where += " AND r.account_id = (SELECT id FROM accounts WHERE name = ?)"
+            args.append(account_name)
+        rows = await self._read(
+            "SELECT strftime('%Y-%m-%d', r.created_at, 'unixepoch') AS day, r.model, r.key_id, "
+            "r.provider, r.upstream_model, COUNT(*), "
+            "SUM(CASE WHEN r.status = 'settled' THEN r.n ELSE 0 END), SUM(r.cost_micros) "
+            f"FROM reservations r {where} "
+            "GROUP BY day, r.model, r.key_id, r.provider, r.upstream_model "
+            "ORDER BY day, r.model, r.key_id, r.provider, r.upstream_model",
+            tuple(args),
+        )
+        return [UsageBucketRow(*row) for row in rows]
+
+    async def recent_usage(
+        self, account_name: str | None, limit: int = 20, after: str | None = None
+    ) -> list[AccountUsageRow]:
+        conditions: list[str] = []
+        args: list[Any] = []
+        if account_name is not None:
+            conditions.append("a.name = ?")
+            args.append(account_name)
+        if after is not None:
+            cursor = await self._read(
+                "SELECT r.created_at, r.rowid FROM reservations r JOIN accounts a "
+                "ON a.id = r.account_id WHERE r.id = ?"
+                + (" AND a.name = ?" if account_name is not None else ""),
+                (after, *args),
+            )
+            if not cursor:
+                raise UnknownCursor(f"no usage record {after!r}")
+            conditions.append("(r.created_at, r.rowid) < (?, ?)")
+            args += cursor[0]
+        where = ("WHERE " + " AND ".join(conditions)) if conditions else ""
+        rows = await self._read(
+            f"{_USAGE_COLUMNS}, a.name FROM reservations r "
+            f"JOIN accounts a ON a.id = r.account_id {where} "
+            "ORDER BY r.created_at DESC, r.rowid DESC LIMIT ?",
+            (*args, limit),
+        )
+        return [AccountUsageRow(row[-1], UsageRow(*row[:-1])) for row in rows]
+
+    async def create_admin_key(self, key_hash: bytes, prefix: str, name: str) -> AdminKeyRecord:
+        record = AdminKeyRecord(new_admin_key_id(), name, prefix, key_hash, self._clock(), None)
+
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO admin_keys (id, name, prefix, key_hash, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (record.id, name, prefix, key_hash, record.created_at),
+            )
+
+        await self._tx(insert)
+        return record
+
+    async def find_admin_key(self, key_hash: bytes) -> AdminKeyRecord | None:
+        rows = await self._read(_ADMIN_KEY_SELECT + "WHERE key_hash = ?", (key_hash,))
+        return _admin_key(rows[0]) if rows else None
+
+    async def list_admin_keys(self) -> list[AdminKeyRecord]:
+        rows = await self._read(_ADMIN_KEY_SELECT + "ORDER BY created_at, id")
+        return [_admin_key(row) for row in rows]
+
+    async def revoke_admin_key(self, key_id: str) -> bool:
+        def revoke(db: sqlite3.Connection) -> bool:
+            cur = db.execute(
+                "UPDATE admin_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                (self._clock(), key_id),
+            )
+            return cur.rowcount == 1
+
+        return await self._tx(revoke)
 
     # Idempotency keys
 
@@ -666,6 +798,11 @@ def _idempotency_record(cur: sqlite3.Cursor) -> IdempotencyRecord | None:
         error,
         locked_until,
     )
+
+
+def _admin_key(row: Any) -> AdminKeyRecord:
+    key_id, name, prefix, key_hash, created, revoked = row
+    return AdminKeyRecord(key_id, name, prefix, bytes(key_hash), created, revoked)
 
 
 def _key_record(row: Any) -> KeyRecord:

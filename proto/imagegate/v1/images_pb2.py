@@ -24,10 +24,12 @@ _sym_db = _symbol_database.Default()
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
+from imagegate.v1 import accounts_pb2 as imagegate_dot_v1_dot_accounts__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19imagegate/v1/images.proto\x12\x0cimagegate.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x17google/rpc/status.proto\"\xd8\x02\n\x15GenerateImagesRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x01n\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04size\x18\x04 \x01(\t\x12\x0f\n\x07quality\x18\x05 \x01(\t\x12\x17\n\x0fresponse_format\x18\x06 \x01(\t\x12\r\n\x05style\x18\x07 \x01(\t\x12\x0c\n\x04user\x18\x08 \x01(\t\x12\x12\n\nbackground\x18\t \x01(\t\x12\x15\n\routput_format\x18\n \x01(\t\x12\x1f\n\x12output_compression\x18\x0b \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nmoderation\x18\x0c \x01(\t\x12\x0e\n\x06stream\x18\r \x01(\x08\x12\x1b\n\x0epartial_images\x18\x0e \x01(\x05H\x02\x88\x01\x01\x42\x04\n\x02_nB\x15\n\x13_output_compressionB\x11\n\x0f_partial_images\"7\n\x11\x45\x64itImagesRequest\x12\"\n\x04\x62ody\x18\x01 \x01(\x0b\x32\x14.google.api.HttpBody\"A\n\x1b\x43reateImageVariationRequest\x12\"\n\x04\x62ody\x18\x01 \x01(\x0b\x32\x14.google.api.HttpBody\"u\n\x05Image\x12\x10\n\x03url\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x15\n\x08\x62\x36\x34_json\x18\x02 \x01(\x0cH\x01\x88\x01\x01\x12\x1b\n\x0erevised_prompt\x18\x03 \x01(\tH\x02\x88\x01\x01\x42\x06\n\x04_urlB\x0b\n\t_b64_jsonB\x11\n\x0f_revised_prompt\"\xbc\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x14\n\x0cinput_tokens\x18\x04 \x01(\r\x12>\n\x14input_tokens_details\x18\x05 \x01(\x0b\x32 .imagegate.v1.InputTokensDetails\x12\x15\n\routput_tokens\x18\x06 \x01(\r\"?\n\x12InputTokensDetails\x12\x13\n\x0btext_tokens\x18\x01 \x01(\r\x12\x14\n\x0cimage_tokens\x18\x02 \x01(\r\"\xfc\x01\n\x0eImagesResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\r\x12!\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x13.imagegate.v1.Image\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.imagegate.v1.Usage\x12\x17\n\nbackground\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\routput_format\x18\x05 \x01(\tH\x01\x88\x01\x01\x12\x14\n\x07quality\x18\x06 \x01(\tH\x02\x88\x01\x01\x12\x11\n\x04size\x18\x07 \x01(\tH\x03\x88\x01\x01\x42\r\n\x0b_backgroundB\x10\n\x0e_output_formatB\n\n\x08_qualityB\x07\n\x05_size\"\x13\n\x11ListModelsRequest\"F\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\x10\n\x08owned_by\x18\x04 \x01(\t\">\n\tModelList\x12\x0e\n\x06object\x18\x01 \x01(\t\x12!\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x13.imagegate.v1.Model\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"G\n\x0fGetImageRequest\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xpires\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\t\"\xfb\x02\n\nImageEvent\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x15\n\x08\x62\x36\x34_json\x18\x02 \x01(\x0cH\x00\x88\x01\x01\x12 \n\x13partial_image_index\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\nbackground\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x17\n\ncreated_at\x18\x05 \x01(\rH\x03\x88\x01\x01\x12\x1a\n\routput_format\x18\x06 \x01(\tH\x04\x88\x01\x01\x12\x14\n\x07quality\x18\x07 \x01(\tH\x05\x88\x01\x01\x12\x11\n\x04size\x18\x08 \x01(\tH\x06\x88\x01\x01\x12\"\n\x05usage\x18\t \x01(\x0b\x32\x13.imagegate.v1.Usage\x12!\n\x05\x65rror\x18\n \x01(\x0b\x32\x12.google.rpc.StatusB\x0b\n\t_b64_jsonB\x16\n\x14_partial_image_indexB\r\n\x0b_backgroundB\r\n\x0b_created_atB\x10\n\x0e_output_formatB\n\n\x08_qualityB\x07\n\x05_size\"\x13\n\x11GetBalanceRequest\"\x7f\n\x07\x42\x61lance\x12\x0e\n\x06object\x18\x01 \x01(\t\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12\x16\n\x0e\x62\x61lance_micros\x18\x03 \x01(\x03\x12\x13\n\x0bheld_micros\x18\x04 \x01(\x03\x12\x13\n\x0b\x62\x61lance_usd\x18\x05 \x01(\t\x12\x10\n\x08held_usd\x18\x06 \x01(\t\"0\n\x10ListUsageRequest\x12\r\n\x05limit\x18\x01 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\t\"\xf6\x01\n\x0bUsageRecord\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\r\n\x05route\x18\x07 \x01(\t\x12\t\n\x01n\x18\x08 \x01(\r\x12\x0c\n\x04size\x18\t \x01(\t\x12\x0f\n\x07quality\x18\n \x01(\t\x12\x13\n\x0b\x63ost_micros\x18\x0b \x01(\x03\x12\x15\n\rquoted_micros\x18\x0c \x01(\x03\x12\x12\n\nlatency_ms\x18\r \x01(\r\x12\x0e\n\x06status\x18\x0e \x01(\t\"y\n\tUsageList\x12\x0e\n\x06object\x18\x01 \x01(\t\x12\'\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x19.imagegate.v1.UsageRecord\x12\x10\n\x08has_more\x18\x03 \x01(\x08\x12\x10\n\x08\x66irst_id\x18\x04 \x01(\t\x12\x0f\n\x07last_id\x18\x05 \x01(\t2\xbf\x08\n\x0cImageService\x12v\n\x0eGenerateImages\x12#.imagegate.v1.GenerateImagesRequest\x1a\x1c.imagegate.v1.ImagesResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/images/generations:\x01*\x12y\n\x0cStreamImages\x12#.imagegate.v1.GenerateImagesRequest\x1a\x18.imagegate.v1.ImageEvent\"(\x82\xd3\xe4\x93\x02\"\"\x1d/v1/images/generations:stream:\x01*0\x01\x12k\n\nEditImages\x12\x1f.imagegate.v1.EditImagesRequest\x1a\x1c.imagegate.v1.ImagesResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x10/v1/images/edits:\x04\x62ody\x12v\n\x10StreamEditImages\x12\x1f.imagegate.v1.EditImagesRequest\x1a\x18.imagegate.v1.ImageEvent\"%\x82\xd3\xe4\x93\x02\x1f\"\x17/v1/images/edits:stream:\x04\x62ody0\x01\x12\x84\x01\n\x14\x43reateImageVariation\x12).imagegate.v1.CreateImageVariationRequest\x1a\x1c.imagegate.v1.ImagesResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x15/v1/images/variations:\x04\x62ody\x12Z\n\nListModels\x12\x1f.imagegate.v1.ListModelsRequest\x1a\x17.imagegate.v1.ModelList\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12Z\n\x08GetModel\x12\x1d.imagegate.v1.GetModelRequest\x1a\x13.imagegate.v1.Model\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/models/{model}\x12\x64\n\x08GetImage\x12\x1d.imagegate.v1.GetImageRequest\x1a\x14.google.api.HttpBody\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/images/files/{image_id}\x12Y\n\nGetBalance\x12\x1f.imagegate.v1.GetBalanceRequest\x1a\x15.imagegate.v1.Balance\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/v1/balance\x12W\n\tListUsage\x12\x1e.imagegate.v1.ListUsageRequest\x1a\x17.imagegate.v1.UsageList\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/usageb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19imagegate/v1/images.proto\x12\x0cimagegate.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17google/rpc/status.proto\x1a\x1bimagegate/v1/accounts.proto\"$\n\x14GetDailyUsageRequest\x12\x0c\n\x04\x64\x61ys\x18\x01 \x01(\t\"\x14\n\x12ListOwnKeysRequest\"O\n\x13\x43reateOwnKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x06models\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.ListValue\"%\n\x13RevokeOwnKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"\xd8\x02\n\x15GenerateImagesRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x01n\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04size\x18\x04 \x01(\t\x12\x0f\n\x07quality\x18\x05 \x01(\t\x12\x17\n\x0fresponse_format\x18\x06 \x01(\t\x12\r\n\x05style\x18\x07 \x01(\t\x12\x0c\n\x04user\x18\x08 \x01(\t\x12\x12\n\nbackground\x18\t \x01(\t\x12\x15\n\routput_format\x18\n \x01(\t\x12\x1f\n\x12output_compression\x18\x0b \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nmoderation\x18\x0c \x01(\t\x12\x0e\n\x06stream\x18\r \x01(\x08\x12\x1b\n\x0epartial_images\x18\x0e \x01(\x05H\x02\x88\x01\x01\x42\x04\n\x02_nB\x15\n\x13_output_compressionB\x11\n\x0f_partial_images\"7\n\x11\x45\x64itImagesRequest\x12\"\n\x04\x62ody\x18\x01 \x01(\x0b\x32\x14.google.api.HttpBody\"A\n\x1b\x43reateImageVariationRequest\x12\"\n\x04\x62ody\x18\x01 \x01(\x0b\x32\x14.google.api.HttpBody\"u\n\x05Image\x12\x10\n\x03url\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x15\n\x08\x62\x36\x34_json\x18\x02 \x01(\x0cH\x01\x88\x01\x01\x12\x1b\n\x0erevised_prompt\x18\x03 \x01(\tH\x02\x88\x01\x01\x42\x06\n\x04_urlB\x0b\n\t_b64_jsonB\x11\n\x0f_revised_prompt\"\xbc\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x14\n\x0cinput_tokens\x18\x04 \x01(\r\x12>\n\x14input_tokens_details\x18\x05 \x01(\x0b\x32 .imagegate.v1.InputTokensDetails\x12\x15\n\routput_tokens\x18\x06 \x01(\r\"?\n\x12InputTokensDetails\x12\x13\n\x0btext_tokens\x18\x01 \x01(\r\x12\x14\n\x0cimage_tokens\x18\x02 \x01(\r\"\xfc\x01\n\x0eImagesResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\r\x12!\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x13.imagegate.v1.Image\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.imagegate.v1.Usage\x12\x17\n\nbackground\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\routput_format\x18\x05 \x01(\tH\x01\x88\x01\x01\x12\x14\n\x07quality\x18\x06 \x01(\tH\x02\x88\x01\x01\x12\x11\n\x04size\x18\x07 \x01(\tH\x03\x88\x01\x01\x42\r\n\x0b_backgroundB\x10\n\x0e_output_formatB\n\n\x08_qualityB\x07\n\x05_size\"\x13\n\x11ListModelsRequest\"F\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\x10\n\x08owned_by\x18\x04 \x01(\t\">\n\tModelList\x12\x0e\n\x06object\x18\x01 \x01(\t\x12!\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x13.imagegate.v1.Model\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"G\n\x0fGetImageRequest\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xpires\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\t\"\xfb\x02\n\nImageEvent\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x15\n\x08\x62\x36\x34_json\x18\x02 \x01(\x0cH\x00\x88\x01\x01\x12 \n\x13partial_image_index\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\nbackground\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x17\n\ncreated_at\x18\x05 \x01(\rH\x03\x88\x01\x01\x12\x1a\n\routput_format\x18\x06 \x01(\tH\x04\x88\x01\x01\x12\x14\n\x07quality\x18\x07 \x01(\tH\x05\x88\x01\x01\x12\x11\n\x04size\x18\x08 \x01(\tH\x06\x88\x01\x01\x12\"\n\x05usage\x18\t \x01(\x0b\x32\x13.imagegate.v1.Usage\x12!\n\x05\x65rror\x18\n \x01(\x0b\x32\x12.google.rpc.StatusB\x0b\n\t_b64_jsonB\x16\n\x14_partial_image_indexB\r\n\x0b_backgroundB\r\n\x0b_created_atB\x10\n\x0e_output_formatB\n\n\x08_qualityB\x07\n\x05_size\"\x13\n\x11GetBalanceRequest\"\x7f\n\x07\x42\x61lance\x12\x0e\n\x06object\x18\x01 \x01(\t\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12\x16\n\x0e\x62\x61lance_micros\x18\x03 \x01(\x03\x12\x13\n\x0bheld_micros\x18\x04 \x01(\x03\x12\x13\n\x0b\x62\x61lance_usd\x18\x05 \x01(\t\x12\x10\n\x08held_usd\x18\x06 \x01(\t\"0\n\x10ListUsageRequest\x12\r\n\x05limit\x18\x01 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x02 \x01(\t\"\xf6\x01\n\x0bUsageRecord\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\r\n\x05route\x18\x07 \x01(\t\x12\t\n\x01n\x18\x08 \x01(\r\x12\x0c\n\x04size\x18\t \x01(\t\x12\x0f\n\x07quality\x18\n \x01(\t\x12\x13\n\x0b\x63ost_micros\x18\x0b \x01(\x03\x12\x15\n\rquoted_micros\x18\x0c \x01(\x03\x12\x12\n\nlatency_ms\x18\r \x01(\r\x12\x0e\n\x06status\x18\x0e \x01(\t\"y\n\tUsageList\x12\x0e\n\x06object\x18\x01 \x01(\t\x12\'\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x19.imagegate.v1.UsageRecord\x12\x10\n\x08has_more\x18\x03 \x01(\x08\x12\x10\n\x08\x66irst_id\x18\x04 \x01(\t\x12\x0f\n\x07last_id\x18\x05 \x01(\t2\xcd\x0b\n\x0cImageService\x12v\n\x0eGenerateImages\x12#.imagegate.v1.GenerateImagesRequest\x1a\x1c.imagegate.v1.ImagesResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/images/generations:\x01*\x12y\n\x0cStreamImages\x12#.imagegate.v1.GenerateImagesRequest\x1a\x18.imagegate.v1.ImageEvent\"(\x82\xd3\xe4\x93\x02\"\"\x1d/v1/images/generations:stream:\x01*0\x01\x12k\n\nEditImages\x12\x1f.imagegate.v1.EditImagesRequest\x1a\x1c.imagegate.v1.ImagesResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x10/v1/images/edits:\x04\x62ody\x12v\n\x10StreamEditImages\x12\x1f.imagegate.v1.EditImagesRequest\x1a\x18.imagegate.v1.ImageEvent\"%\x82\xd3\xe4\x93\x02\x1f\"\x17/v1/images/edits:stream:\x04\x62ody0\x01\x12\x84\x01\n\x14\x43reateImageVariation\x12).imagegate.v1.CreateImageVariationRequest\x1a\x1c.imagegate.v1.ImagesResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x15/v1/images/variations:\x04\x62ody\x12Z\n\nListModels\x12\x1f.imagegate.v1.ListModelsRequest\x1a\x17.imagegate.v1.ModelList\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12Z\n\x08GetModel\x12\x1d.imagegate.v1.GetModelRequest\x1a\x13.imagegate.v1.Model\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/models/{model}\x12\x64\n\x08GetImage\x12\x1d.imagegate.v1.GetImageRequest\x1a\x14.google.api.HttpBody\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/images/files/{image_id}\x12Y\n\nGetBalance\x12\x1f.imagegate.v1.GetBalanceRequest\x1a\x15.imagegate.v1.Balance\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/v1/balance\x12W\n\tListUsage\x12\x1e.imagegate.v1.ListUsageRequest\x1a\x17.imagegate.v1.UsageList\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/usage\x12k\n\rGetDailyUsage\x12\".imagegate.v1.GetDailyUsageRequest\x1a\x1d.imagegate.v1.UsageBucketList\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/usage/daily\x12X\n\x0bListOwnKeys\x12 .imagegate.v1.ListOwnKeysRequest\x1a\x15.imagegate.v1.KeyList\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/keys\x12`\n\x0c\x43reateOwnKey\x12!.imagegate.v1.CreateOwnKeyRequest\x1a\x18.imagegate.v1.CreatedKey\"\x13\x82\xd3\xe4\x93\x02\r\"\x08/v1/keys:\x01*\x12\x63\n\x0cRevokeOwnKey\x12!.imagegate.v1.RevokeOwnKeyRequest\x1a\x15.imagegate.v1.KeyInfo\"\x19\x82\xd3\xe4\x93\x02\x13*\x11/v1/keys/{key_id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,42 +56,58 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGESERVICE'].methods_by_name['GetBalance']._serialized_options = b'\202\323\344\223\002\r\022\013/v1/balance'
   _globals['_IMAGESERVICE'].methods_by_name['ListUsage']._loaded_options = None
   _globals['_IMAGESERVICE'].methods_by_name['ListUsage']._serialized_options = b'\202\323\344\223\002\013\022\t/v1/usage'
-  _globals['_GENERATEIMAGESREQUEST']._serialized_start=126
-  _globals['_GENERATEIMAGESREQUEST']._serialized_end=470
-  _globals['_EDITIMAGESREQUEST']._serialized_start=472
-  _globals['_EDITIMAGESREQUEST']._serialized_end=527
-  _globals['_CREATEIMAGEVARIATIONREQUEST']._serialized_start=529
-  _globals['_CREATEIMAGEVARIATIONREQUEST']._serialized_end=594
-  _globals['_IMAGE']._serialized_start=596
-  _globals['_IMAGE']._serialized_end=713
-  _globals['_USAGE']._serialized_start=716
-  _globals['_USAGE']._serialized_end=904
-  _globals['_INPUTTOKENSDETAILS']._serialized_start=906
-  _globals['_INPUTTOKENSDETAILS']._serialized_end=969
-  _globals['_IMAGESRESPONSE']._serialized_start=972
-  _globals['_IMAGESRESPONSE']._serialized_end=1224
-  _globals['_LISTMODELSREQUEST']._serialized_start=1226
-  _globals['_LISTMODELSREQUEST']._serialized_end=1245
-  _globals['_MODEL']._serialized_start=1247
-  _globals['_MODEL']._serialized_end=1317
-  _globals['_MODELLIST']._serialized_start=1319
-  _globals['_MODELLIST']._serialized_end=1381
-  _globals['_GETMODELREQUEST']._serialized_start=1383
-  _globals['_GETMODELREQUEST']._serialized_end=1415
-  _globals['_GETIMAGEREQUEST']._serialized_start=1417
-  _globals['_GETIMAGEREQUEST']._serialized_end=1488
-  _globals['_IMAGEEVENT']._serialized_start=1491
-  _globals['_IMAGEEVENT']._serialized_end=1870
-  _globals['_GETBALANCEREQUEST']._serialized_start=1872
-  _globals['_GETBALANCEREQUEST']._serialized_end=1891
-  _globals['_BALANCE']._serialized_start=1893
-  _globals['_BALANCE']._serialized_end=2020
-  _globals['_LISTUSAGEREQUEST']._serialized_start=2022
-  _globals['_LISTUSAGEREQUEST']._serialized_end=2070
-  _globals['_USAGERECORD']._serialized_start=2073
-  _globals['_USAGERECORD']._serialized_end=2319
-  _globals['_USAGELIST']._serialized_start=2321
-  _globals['_USAGELIST']._serialized_end=2442
-  _globals['_IMAGESERVICE']._serialized_start=2445
-  _globals['_IMAGESERVICE']._serialized_end=3532
+  _globals['_IMAGESERVICE'].methods_by_name['GetDailyUsage']._loaded_options = None
+  _globals['_IMAGESERVICE'].methods_by_name['GetDailyUsage']._serialized_options = b'\202\323\344\223\002\021\022\017/v1/usage/daily'
+  _globals['_IMAGESERVICE'].methods_by_name['ListOwnKeys']._loaded_options = None
+  _globals['_IMAGESERVICE'].methods_by_name['ListOwnKeys']._serialized_options = b'\202\323\344\223\002\n\022\010/v1/keys'
+  _globals['_IMAGESERVICE'].methods_by_name['CreateOwnKey']._loaded_options = None
+  _globals['_IMAGESERVICE'].methods_by_name['CreateOwnKey']._serialized_options = b'\202\323\344\223\002\r\"\010/v1/keys:\001*'
+  _globals['_IMAGESERVICE'].methods_by_name['RevokeOwnKey']._loaded_options = None
+  _globals['_IMAGESERVICE'].methods_by_name['RevokeOwnKey']._serialized_options = b'\202\323\344\223\002\023*\021/v1/keys/{key_id}'
+  _globals['_GETDAILYUSAGEREQUEST']._serialized_start=184
+  _globals['_GETDAILYUSAGEREQUEST']._serialized_end=220
+  _globals['_LISTOWNKEYSREQUEST']._serialized_start=222
+  _globals['_LISTOWNKEYSREQUEST']._serialized_end=242
+  _globals['_CREATEOWNKEYREQUEST']._serialized_start=244
+  _globals['_CREATEOWNKEYREQUEST']._serialized_end=323
+  _globals['_REVOKEOWNKEYREQUEST']._serialized_start=325
+  _globals['_REVOKEOWNKEYREQUEST']._serialized_end=362
+  _globals['_GENERATEIMAGESREQUEST']._serialized_start=365
+  _globals['_GENERATEIMAGESREQUEST']._serialized_end=709
+  _globals['_EDITIMAGESREQUEST']._serialized_start=711
+  _globals['_EDITIMAGESREQUEST']._serialized_end=766
+  _globals['_CREATEIMAGEVARIATIONREQUEST']._serialized_start=768
+  _globals['_CREATEIMAGEVARIATIONREQUEST']._serialized_end=833
+  _globals['_IMAGE']._serialized_start=835
+  _globals['_IMAGE']._serialized_end=952
+  _globals['_USAGE']._serialized_start=955
+  _globals['_USAGE']._serialized_end=1143
+  _globals['_INPUTTOKENSDETAILS']._serialized_start=1145
+  _globals['_INPUTTOKENSDETAILS']._serialized_end=1208
+  _globals['_IMAGESRESPONSE']._serialized_start=1211
+  _globals['_IMAGESRESPONSE']._serialized_end=1463
+  _globals['_LISTMODELSREQUEST']._serialized_start=1465
+  _globals['_LISTMODELSREQUEST']._serialized_end=1484
+  _globals['_MODEL']._serialized_start=1486
+  _globals['_MODEL']._serialized_end=1556
+  _globals['_MODELLIST']._serialized_start=1558
+  _globals['_MODELLIST']._serialized_end=1620
+  _globals['_GETMODELREQUEST']._serialized_start=1622
+  _globals['_GETMODELREQUEST']._serialized_end=1654
+  _globals['_GETIMAGEREQUEST']._serialized_start=1656
+  _globals['_GETIMAGEREQUEST']._serialized_end=1727
+  _globals['_IMAGEEVENT']._serialized_start=1730
+  _globals['_IMAGEEVENT']._serialized_end=2109
+  _globals['_GETBALANCEREQUEST']._serialized_start=2111
+  _globals['_GETBALANCEREQUEST']._serialized_end=2130
+  _globals['_BALANCE']._serialized_start=2132
+  _globals['_BALANCE']._serialized_end=2259
+  _globals['_LISTUSAGEREQUEST']._serialized_start=2261
+  _globals['_LISTUSAGEREQUEST']._serialized_end=2309
+  _globals['_USAGERECORD']._serialized_start=2312
+  _globals['_USAGERECORD']._serialized_end=2558
+  _globals['_USAGELIST']._serialized_start=2560
+  _globals['_USAGELIST']._serialized_end=2681
+  _globals['_IMAGESERVICE']._serialized_start=2684
+  _globals['_IMAGESERVICE']._serialized_end=4169
 # @@protoc_insertion_point(module_scope)

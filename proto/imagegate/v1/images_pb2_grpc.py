@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
+from imagegate.v1 import accounts_pb2 as imagegate_dot_v1_dot_accounts__pb2
 from imagegate.v1 import images_pb2 as imagegate_dot_v1_dot_images__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -84,6 +85,26 @@ class ImageServiceStub:
                 '/imagegate.v1.ImageService/ListUsage',
                 request_serializer=imagegate_dot_v1_dot_images__pb2.ListUsageRequest.SerializeToString,
                 response_deserializer=imagegate_dot_v1_dot_images__pb2.UsageList.FromString,
+                _registered_method=True)
+        self.GetDailyUsage = channel.unary_unary(
+                '/imagegate.v1.ImageService/GetDailyUsage',
+                request_serializer=imagegate_dot_v1_dot_images__pb2.GetDailyUsageRequest.SerializeToString,
+                response_deserializer=imagegate_dot_v1_dot_accounts__pb2.UsageBucketList.FromString,
+                _registered_method=True)
+        self.ListOwnKeys = channel.unary_unary(
+                '/imagegate.v1.ImageService/ListOwnKeys',
+                request_serializer=imagegate_dot_v1_dot_images__pb2.ListOwnKeysRequest.SerializeToString,
+                response_deserializer=imagegate_dot_v1_dot_accounts__pb2.KeyList.FromString,
+                _registered_method=True)
+        self.CreateOwnKey = channel.unary_unary(
+                '/imagegate.v1.ImageService/CreateOwnKey',
+                request_serializer=imagegate_dot_v1_dot_images__pb2.CreateOwnKeyRequest.SerializeToString,
+                response_deserializer=imagegate_dot_v1_dot_accounts__pb2.CreatedKey.FromString,
+                _registered_method=True)
+        self.RevokeOwnKey = channel.unary_unary(
+                '/imagegate.v1.ImageService/RevokeOwnKey',
+                request_serializer=imagegate_dot_v1_dot_images__pb2.RevokeOwnKeyRequest.SerializeToString,
+                response_deserializer=imagegate_dot_v1_dot_accounts__pb2.KeyInfo.FromString,
                 _registered_method=True)
 
 
@@ -174,6 +195,38 @@ class ImageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDailyUsage(self, request, context):
+        """GET /v1/usage/daily?days=: the caller's own account's requests and settled
+        spend by day x model x key x route, oldest day first, over the last `days`
+        days (1-366, default 30; a string, as ListUsage's parameters).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOwnKeys(self, request, context):
+        """GET /v1/keys: the keys of the caller's own account (revoked ones too).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateOwnKey(self, request, context):
+        """POST /v1/keys: a new key for the caller's own account, with the caller's key's
+        limits and models within its own allowlist (PERMISSION_DENIED otherwise).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeOwnKey(self, request, context):
+        """DELETE /v1/keys/{key_id}: revoke one of the caller's own account's keys;
+        NOT_FOUND (KEY_NOT_FOUND) for any other id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -226,6 +279,26 @@ def add_ImageServiceServicer_to_server(servicer, server):
                     servicer.ListUsage,
                     request_deserializer=imagegate_dot_v1_dot_images__pb2.ListUsageRequest.FromString,
                     response_serializer=imagegate_dot_v1_dot_images__pb2.UsageList.SerializeToString,
+            ),
+            'GetDailyUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDailyUsage,
+                    request_deserializer=imagegate_dot_v1_dot_images__pb2.GetDailyUsageRequest.FromString,
+                    response_serializer=imagegate_dot_v1_dot_accounts__pb2.UsageBucketList.SerializeToString,
+            ),
+            'ListOwnKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOwnKeys,
+                    request_deserializer=imagegate_dot_v1_dot_images__pb2.ListOwnKeysRequest.FromString,
+                    response_serializer=imagegate_dot_v1_dot_accounts__pb2.KeyList.SerializeToString,
+            ),
+            'CreateOwnKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateOwnKey,
+                    request_deserializer=imagegate_dot_v1_dot_images__pb2.CreateOwnKeyRequest.FromString,
+                    response_serializer=imagegate_dot_v1_dot_accounts__pb2.CreatedKey.SerializeToString,
+            ),
+            'RevokeOwnKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeOwnKey,
+                    request_deserializer=imagegate_dot_v1_dot_images__pb2.RevokeOwnKeyRequest.FromString,
+                    response_serializer=imagegate_dot_v1_dot_accounts__pb2.KeyInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -498,6 +571,114 @@ class ImageService:
             '/imagegate.v1.ImageService/ListUsage',
             imagegate_dot_v1_dot_images__pb2.ListUsageRequest.SerializeToString,
             imagegate_dot_v1_dot_images__pb2.UsageList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDailyUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegate.v1.ImageService/GetDailyUsage',
+            imagegate_dot_v1_dot_images__pb2.GetDailyUsageRequest.SerializeToString,
+            imagegate_dot_v1_dot_accounts__pb2.UsageBucketList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOwnKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegate.v1.ImageService/ListOwnKeys',
+            imagegate_dot_v1_dot_images__pb2.ListOwnKeysRequest.SerializeToString,
+            imagegate_dot_v1_dot_accounts__pb2.KeyList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateOwnKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegate.v1.ImageService/CreateOwnKey',
+            imagegate_dot_v1_dot_images__pb2.CreateOwnKeyRequest.SerializeToString,
+            imagegate_dot_v1_dot_accounts__pb2.CreatedKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeOwnKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegate.v1.ImageService/RevokeOwnKey',
+            imagegate_dot_v1_dot_images__pb2.RevokeOwnKeyRequest.SerializeToString,
+            imagegate_dot_v1_dot_accounts__pb2.KeyInfo.FromString,
             options,
             channel_credentials,
             insecure,
