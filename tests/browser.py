@@ -145,9 +145,14 @@ class Browser:
         return self.wait_css(f"#page-{name}[data-ready='true']")
 
     def wait(self, condition: Callable[[Any], T], timeout: float = WAIT_S) -> T:
+        from selenium.common.exceptions import StaleElementReferenceException
         from selenium.webdriver.support.ui import WebDriverWait
 
-        result: T = WebDriverWait(self.driver, timeout).until(condition)
+        # A page that redraws replaces its elements: look again rather than fail.
+        waiting = WebDriverWait(
+            self.driver, timeout, ignored_exceptions=(StaleElementReferenceException,)
+        )
+        result: T = waiting.until(condition)
         return result
 
     def wait_css(self, selector: str, timeout: float = WAIT_S) -> Any:

@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -67,7 +68,16 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
             provider_stack(
                 tmp_path_factory.mktemp("console-browser"),
                 providers={"failing": provider("openai", failing.base_url + "/v1")},
-                models={BROKEN_MODEL: model(route(*BROKEN_ROUTE), family="gpt-image")},
+                models={
+                    BROKEN_MODEL: model(
+                        route(*BROKEN_ROUTE),
+                        family="gpt-image",
+                        sizes=["1024x1024"],
+                        qualities=["medium"],
+                        default_quality="medium",
+                        prices={"medium": {"1024x1024": 40_000}},
+                    )
+                },
                 env={"OPENAI_API_KEY": OPENAI_KEY},
                 # The breaker stays open for the whole module once it has opened.
                 dispatch={**FAST_DISPATCH, "breaker_cooldown_s": 3600},
@@ -138,14 +148,22 @@ def test_balance_and_usage_pages(console: Console) -> None:
     assert shown.text == f"${micros // 1_000_000}.{micros % 1_000_000:06d}"
     browser.shot("balance")
     browser.page("usage")
-    rows = browser.all_css("#usage-records tbody tr")
-    assert len(rows) == 2  # the two playground requests
+    # The two playground requests (the streamed one is settled just after its last event).
+    rows = browser.wait(lambda _: _settled_rows(browser, 2))
     assert "settled" in rows[0].text and "local/local" in rows[0].text
     assert browser.all_css("#usage-charts svg rect")  # bars of today's spend
     assert browser.unlabelled_controls() == []
     browser.css("#usage-text").send_keys("no-such-route")
     browser.wait(lambda _: text(browser, "#usage-count").startswith("0 of 2"))
     browser.shot("usage")
+
+
+def _settled_rows(browser: Browser, count: int) -> list[Any] | bool:
+    rows = browser.all_css("#usage-records tbody tr")
+    if len(rows) == count and all("settled" in row.text for row in rows):
+        return rows
+    browser.page("usage")  # not yet: load the page again
+    return False
 
 
 def _usage_rows(browser: Browser) -> dict[str, str]:
@@ -221,22 +239,28 @@ def test_operator_credits_an_account(console: Console) -> None:
     assert console.balance(account) == before + usd_to_micros("2.50")
     shown = browser.wait_css(f"{row} td[data-micros]").get_attribute("data-micros")
     assert int(shown) == before + usd_to_micros("2.50")
+    browser.css(f"#ledger-{account}").click()
+    newest = browser.wait_css("#ledger tbody tr")
+    assert "credit" in newest.text and "$2.500000" in newest.text
     browser.shot("accounts")
 
 
 def test_operator_sees_the_failing_route_as_open_breaker(console: Console) -> None:
     client = console.sdk(console.tenant.key)
     for _ in range(FAST_DISPATCH["breaker_failures"]):
-        with pytest.raises(openai.APIStatusError):
+        with pytest.raises(openai.APIStatusError) as failed:
             client.images.generate(model=BROKEN_MODEL, prompt="p", size="1024x1024")
+        assert failed.value.status_code == 502, failed.value.body
     client.close()
     browser = console.browser
     browser.page("providers")
-    section = browser.wait_css(f"#model-{BROKEN_MODEL}")
-    [row] = browser.all_css(f"#model-{BROKEN_MODEL} tr[data-provider='{BROKEN_ROUTE[0]}']")
-    assert row.get_attribute("data-breaker") == "open"
-    assert "open" in row.text and BROKEN_ROUTE[1] in section.text
-    local = browser.all_css("#model-local tr[data-provider='local']")
+    rows = browser.all_css(f"#providers-table tr[data-model='{BROKEN_MODEL}']")
+    assert [(r.get_attribute("data-provider"), r.get_attribute("data-breaker")) for r in rows] == [
+        (BROKEN_ROUTE[0], "open")
+    ]
+    assert "open" in rows[0].text and BROKEN_ROUTE[1] in rows[0].text
+    assert "$0.04" in rows[0].text  # its price
+    local = browser.all_css("#providers-table tr[data-model='local']")
     assert [r.get_attribute("data-breaker") for r in local] == ["closed"]
     browser.shot("providers")
     browser.page("keys")

@@ -42,14 +42,14 @@ export async function render(root) {
           h("td", { class: "num", "data-micros": account.balance_micros }, usd(account.balance_micros)),
           h("td", { class: "num" }, usd(account.held_micros)),
           h("td", {}, when(account.created)),
-          h("td", {}, h("div", { class: "row" }, amount, add)),
+          h("td", {}, h("div", { class: "inline" }, amount, add)),
           h("td", {}, show));
       }), { id: "accounts-table" }));
   }
 
   async function showLedger(accountName) {
     const detail = await api("GET", `admin/v1/accounts/${encodeURIComponent(accountName)}`);
-    ledger.replaceChildren(h("div", { class: "panel" },
+    ledger.replaceChildren(h("div", { class: "panel", id: "ledger" },
       h("h2", {}, `Ledger of ${accountName}`),
       table([["Time"], ["Kind"], ["Amount", "num"], ["Balance after", "num"], ["Request"], ["Note"]],
         detail.ledger.map((entry) => h("tr", {},

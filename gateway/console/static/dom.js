@@ -78,3 +78,8 @@ export async function copy(text, button) {
   await navigator.clipboard.writeText(text);
   button.textContent = "Copied";
 }
+
+// $0.04 rather than $0.040000: for prices in tables.
+export function usdShort(micros) {
+  return usd(micros).replace(/(\.\d\d\d*?)0+$/, "$1");
+}

@@ -100,6 +100,6 @@ function drawCharts(container, buckets) {
     stackedBars(`Spend per day by model, last ${DAYS} days (USD)`, days, [...spend],
       (v) => `$${v.toFixed(v < 1 ? 3 : 2)}`),
     stackedBars(`Requests per day by model, last ${DAYS} days`, days, [...requests],
-      (v) => String(Math.round(v))));
+      (v) => (Number.isInteger(v) ? String(v) : v.toFixed(1))));
   if (!buckets.length) container.append(h("p", { class: "muted" }, "No requests in this period."));
 }
