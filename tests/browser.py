@@ -87,12 +87,13 @@ class Browser:
     driver: Any
     base_url: str
     shots: Path
+    downloads: Path
     requests: list[str] = field(default_factory=list)
     responses: list[dict[str, Any]] = field(default_factory=list)
     _visits: int = 0
 
     @classmethod
-    def start(cls, base_url: str, shots: Path) -> Browser:
+    def start(cls, base_url: str, shots: Path, downloads: Path) -> Browser:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
 
@@ -108,13 +109,13 @@ class Browser:
             "--hide-scrollbars",
         ):
             options.add_argument(argument)
-        options.add_experimental_option(
-            "prefs", {"download.default_directory": str(shots / "downloads")}
-        )
         options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
         driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
         driver.set_script_timeout(WAIT_S)
-        return cls(driver, base_url, shots)
+        driver.execute_cdp_cmd(
+            "Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)}
+        )
+        return cls(driver, base_url, shots, downloads)
 
     def quit(self) -> None:
         self.driver.quit()

@@ -298,3 +298,31 @@ async def test_envoy_routes_the_console_to_the_aiohttp_front(stack: Stack) -> No
         headers={"Origin": "http://evil.example", **cookie(tenant.key)},
     )
     assert_error(refused, 403, "invalid_request_error", "csrf_failed")
+
+
+async def test_admin_key_opens_the_operator_view(
+    front: tuple[Stack, str], tenant_of: Tenant
+) -> None:
+    from service.admin import Admin
+
+    stack, url = front
+    admin_key, _ = await Admin(stack.service.store).create_admin_key("console")
+    reply = await sign_in(url, admin_key)
+    assert reply.status == 200 and reply.json() == {"role": "admin", "account": None}
+    accounts = await call("GET", f"{url}/console/api/admin/v1/accounts", headers=cookie(admin_key))
+    assert tenant_of.account in {a["name"] for a in accounts.json()["data"]}
+    # An account's session gets the admin API's own refusal, and its account's name.
+    refused = await call(
+        "GET", f"{url}/console/api/admin/v1/accounts", headers=cookie(tenant_of.key)
+    )
+    assert_error(refused, 403, "invalid_request_error", "admin_required")
+    session = await call("GET", f"{url}/console/session", headers=cookie(tenant_of.key))
+    assert session.json() == {"role": "account", "account": tenant_of.account}
+    # The admin key cannot spend through the console either.
+    spent = await call(
+        "POST",
+        f"{url}/console/api/v1/images/generations",
+        json_body=BODY,
+        headers={**CONSOLE, **cookie(admin_key)},
+    )
+    assert_error(spent, 401, "invalid_request_error", "invalid_api_key")

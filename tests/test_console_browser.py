@@ -9,6 +9,8 @@ they go to a temporary directory).
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import time
 from collections.abc import Iterator
@@ -87,7 +89,9 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
         # Every call to the failing upstream gets a 500.
         failing.inject(*[Fault.SERVER_ERROR] * 50)
         tenant = loop.run(make_tenant(stack.service, credit_usd="5"))
-        browser = Browser.start(stack.fronts["aiohttp"], shots)
+        browser = Browser.start(
+            stack.fronts["aiohttp"], shots, tmp_path_factory.mktemp("downloads")
+        )
         try:
             yield Console(loop, stack, browser, tenant)
         finally:
@@ -153,6 +157,17 @@ def test_balance_and_usage_pages(console: Console) -> None:
     assert "settled" in rows[0].text and "local/local" in rows[0].text
     assert browser.all_css("#usage-charts svg rect")  # bars of today's spend
     assert browser.unlabelled_controls() == []
+    # CSV export: what the table shows, one line per request.
+    browser.css("#usage-csv").click()
+    exported = browser.downloads / "imagegate-usage.csv"
+    browser.wait(lambda _: exported.is_file() and exported.stat().st_size > 0)
+    lines = list(csv.DictReader(io.StringIO(exported.read_text())))
+    assert [line["status"] for line in lines] == ["settled", "settled"]
+    assert {line["request_id"] for line in lines} == {
+        row.get_attribute("data-request-id") for row in rows
+    }
+    assert all(line["model"] == "local" and line["route"] == "local/local" for line in lines)
+    exported.unlink()
     browser.css("#usage-text").send_keys("no-such-route")
     browser.wait(lambda _: text(browser, "#usage-count").startswith("0 of 2"))
     browser.shot("usage")
@@ -181,7 +196,18 @@ def test_key_created_in_the_console_works_with_the_sdk_until_revoked(console: Co
     key = text(browser, "#key-value")
     assert key.startswith(service_keys.PREFIX)
     console.secrets.append(key)
-    assert browser.wait_css("#keys-table").text.count("from-console") == 1
+    browser.wait(lambda _: browser.css("#keys-table").text.count("from-console") == 1)
+    # The copy button puts the key on the clipboard.
+    browser.driver.execute_cdp_cmd(
+        "Browser.grantPermissions",
+        {"origin": console.url, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]},
+    )
+    browser.css("#key-copy").click()
+    browser.wait(lambda _: browser.css("#key-copy").text == "Copied")
+    pasted = browser.driver.execute_async_script(
+        "navigator.clipboard.readText().then(arguments[0], e => arguments[0]('error ' + e));"
+    )
+    assert pasted == key
     browser.shot("keys")
 
     before = console.balance(console.tenant.account)
@@ -264,9 +290,9 @@ def test_operator_sees_the_failing_route_as_open_breaker(console: Console) -> No
     assert [r.get_attribute("data-breaker") for r in local] == ["closed"]
     browser.shot("providers")
     browser.page("keys")
-    browser.shot("operator-keys", themes=("light",))
+    browser.shot("operator-keys")
     browser.page("usage")
-    browser.shot("operator-usage", themes=("light",))
+    browser.shot("operator-usage")
 
 
 def test_narrow_screen(console: Console) -> None:

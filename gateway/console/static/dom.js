@@ -75,8 +75,12 @@ export function status(node, text, kind = "muted") {
 }
 
 export async function copy(text, button) {
-  await navigator.clipboard.writeText(text);
-  button.textContent = "Copied";
+  try {
+    await navigator.clipboard.writeText(text);
+    button.textContent = "Copied";
+  } catch {
+    button.textContent = "Copy failed: select the key";
+  }
 }
 
 // $0.04 rather than $0.040000: for prices in tables.
