@@ -326,3 +326,31 @@ async def test_admin_key_opens_the_operator_view(
         headers={**CONSOLE, **cookie(admin_key)},
     )
     assert_error(spent, 401, "invalid_request_error", "invalid_api_key")
+
+
+@pytest.mark.parametrize(
+    ("peer", "proto", "secure"),
+    [
+        ("127.0.0.1", "https", True),
+        ("::ffff:127.0.0.1", "https", True),
+        ("10.1.2.3", "https", False),  # not a trusted proxy: its header is ignored
+        ("127.0.0.1", "http", False),
+        ("127.0.0.1", "", False),
+    ],
+)
+def test_secure_only_over_tls_as_a_trusted_proxy_says(peer: str, proto: str, secure: bool) -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    app = web.Application()
+    app[console.TRUSTED] = console._networks("127.0.0.0/8,::1/128")
+    headers = {"X-Forwarded-Proto": proto} if proto else {}
+
+    class Transport:
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return (peer, 1234) if name == "peername" else default
+
+    request = make_mocked_request(
+        "POST", "/console/session", headers=headers, app=app, transport=Transport()
+    )
+    assert console._over_tls(request) is secure

@@ -124,6 +124,14 @@ def test_sign_in_and_generate_in_the_playground(console: Console) -> None:
     assert download.get_attribute("download") == "imagegate-1.png"
     assert download.get_attribute("href").startswith("data:image/png;base64,")
     browser.shot("playground")
+    # As a link: the image the service stores and serves, signed, from this origin.
+    browser.css("#pg-response option[value='url']").click()
+    browser.css("#pg-generate").click()
+    browser.wait(lambda _: text(browser, "#pg-status").startswith("Done"))
+    linked = browser.wait_css("#pg-images img.generated")
+    assert linked.get_attribute("src").startswith(f"{console.url}/v1/images/files/")
+    browser.wait(lambda _: browser.js("return arguments[0].complete;", linked))
+    assert browser.js("return arguments[0].naturalWidth;", linked) == 256
 
 
 def test_playground_shows_previews_as_they_stream(console: Console) -> None:
@@ -152,8 +160,8 @@ def test_balance_and_usage_pages(console: Console) -> None:
     assert shown.text == f"${micros // 1_000_000}.{micros % 1_000_000:06d}"
     browser.shot("balance")
     browser.page("usage")
-    # The two playground requests (the streamed one is settled just after its last event).
-    rows = browser.wait(lambda _: _settled_rows(browser, 2))
+    # The playground's requests (the streamed one is settled just after its last event).
+    rows = browser.wait(lambda _: _settled_rows(browser, 3))
     assert "settled" in rows[0].text and "local/local" in rows[0].text
     assert browser.all_css("#usage-charts svg rect")  # bars of today's spend
     assert browser.unlabelled_controls() == []
@@ -162,14 +170,14 @@ def test_balance_and_usage_pages(console: Console) -> None:
     exported = browser.downloads / "imagegate-usage.csv"
     browser.wait(lambda _: exported.is_file() and exported.stat().st_size > 0)
     lines = list(csv.DictReader(io.StringIO(exported.read_text())))
-    assert [line["status"] for line in lines] == ["settled", "settled"]
+    assert [line["status"] for line in lines] == ["settled"] * 3
     assert {line["request_id"] for line in lines} == {
         row.get_attribute("data-request-id") for row in rows
     }
     assert all(line["model"] == "local" and line["route"] == "local/local" for line in lines)
     exported.unlink()
     browser.css("#usage-text").send_keys("no-such-route")
-    browser.wait(lambda _: text(browser, "#usage-count").startswith("0 of 2"))
+    browser.wait(lambda _: text(browser, "#usage-count").startswith("0 of 3"))
     browser.shot("usage")
 
 
