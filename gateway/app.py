@@ -7,7 +7,6 @@ import importlib.resources
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -103,7 +102,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     route("GET", "/v1/balance", get_balance, expect_handler=_expect)
     route("GET", "/v1/usage", list_usage, expect_handler=_expect)
     for method, path, handler in ACCOUNT_ROUTES:
-        route(method, path, _coroutine(handler), expect_handler=_expect)
+        route(method, path, handler, expect_handler=_expect)
     route("GET", "/openapi.json", openapi, expect_handler=_expect)
     # The web console (aiohttp front only; Envoy routes /console to this front).
     console.add_routes(app, front_call, config.trusted_proxies)
@@ -111,16 +110,6 @@ def create_app(config: GatewayConfig) -> web.Application:
     # and aiohttp's own fallback (which answers 417 to an unknown Expect) never runs.
     route("*", "/{path:.*}", _unrouted, expect_handler=_expect)
     return app
-
-
-def _coroutine(call: Handler) -> Handler:
-    """A coroutine function around a callable object: aiohttp deprecates the latter
-    (a warning, which the tests turn into an error)."""
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        return await call(request)
-
-    return handle
 
 
 async def _channel(app: web.Application) -> AsyncIterator[None]:
@@ -242,96 +231,110 @@ async def list_usage(request: web.Request) -> web.Response:
 # route's path variables (by segment index), query parameters and JSON body.
 
 
-@dataclass(frozen=True)
-class _Call:
-    service: web.AppKey[Any]
-    rpc: str
-    message: type[Message]
-    # Request field <- index of the path segment ("/admin/v1/keys/x": 4 is "x").
-    path: tuple[tuple[str, int], ...] = ()
-    query: tuple[str, ...] = ()
-    body: bool = False
+def _call(
+    service: web.AppKey[Any],
+    rpc: str,
+    message_type: type[Message],
+    *,
+    path: tuple[tuple[str, int], ...] = (),
+    query: tuple[str, ...] = (),
+    body: str = "",
+) -> Handler:
+    """A handler calling `rpc` with a `message_type` made of the request's parts.
 
-    async def __call__(self, request: web.Request) -> web.Response:
-        message = self.message()
-        if self.body:
-            message = await _json_body(request, message)
+    path: request field <- index of the path segment ("/admin/v1/keys/x": 4 is "x");
+    query: the query parameters read; body: "*" the JSON body is the whole message,
+    a field's name that field (the proto's `body` of the HTTP rule), "" none.
+    """
+
+    async def handler(request: web.Request) -> web.Response:
+        message = message_type()
+        if body == "*":
+            await _json_body(request, message)
+        elif body:
+            await _json_body(request, getattr(message, body))
         segments = _path(request).split("/")
-        for name, index in self.path:
+        for name, index in path:
             setattr(message, name, http_input.path_param(segments[index]))
-        for name in self.query:
+        for name in query:
             setattr(message, name, _query(request, name))
-        stub = request.app[self.service]
-        reply = await getattr(stub, self.rpc)(message, **_call_options(request))
+        stub = request.app[service]
+        reply = await getattr(stub, rpc)(message, **_call_options(request))
         return _json(reply)
+
+    return handler
 
 
 ACCOUNT_ROUTES: tuple[tuple[str, str, Handler], ...] = (
     (
         "GET",
         "/v1/usage/daily",
-        _Call(STUB, "GetDailyUsage", images_pb2.GetDailyUsageRequest, query=("days",)),
+        _call(STUB, "GetDailyUsage", images_pb2.GetDailyUsageRequest, query=("days",)),
     ),
-    ("GET", "/v1/keys", _Call(STUB, "ListOwnKeys", images_pb2.ListOwnKeysRequest)),
-    ("POST", "/v1/keys", _Call(STUB, "CreateOwnKey", images_pb2.CreateOwnKeyRequest, body=True)),
+    ("GET", "/v1/keys", _call(STUB, "ListOwnKeys", images_pb2.ListOwnKeysRequest)),
+    ("POST", "/v1/keys", _call(STUB, "CreateOwnKey", images_pb2.CreateOwnKeyRequest, body="*")),
     (
         "DELETE",
         "/v1/keys/{key_id}",
-        _Call(STUB, "RevokeOwnKey", images_pb2.RevokeOwnKeyRequest, path=(("key_id", 3),)),
+        _call(STUB, "RevokeOwnKey", images_pb2.RevokeOwnKeyRequest, path=(("key_id", 3),)),
     ),
-    ("GET", "/admin/v1/accounts", _Call(ADMIN_STUB, "ListAccounts", admin_pb2.ListAccountsRequest)),
+    ("GET", "/admin/v1/accounts", _call(ADMIN_STUB, "ListAccounts", admin_pb2.ListAccountsRequest)),
     (
         "POST",
         "/admin/v1/accounts",
-        _Call(ADMIN_STUB, "CreateAccount", admin_pb2.CreateAccountRequest, body=True),
+        _call(ADMIN_STUB, "CreateAccount", admin_pb2.CreateAccountRequest, body="*"),
     ),
     (
         "GET",
         "/admin/v1/accounts/{account}",
-        _Call(ADMIN_STUB, "GetAccount", admin_pb2.GetAccountRequest, path=(("account", 4),)),
+        _call(ADMIN_STUB, "GetAccount", admin_pb2.GetAccountRequest, path=(("account", 4),)),
     ),
     (
         "POST",
         "/admin/v1/accounts/{account}/credit",
-        _Call(
+        _call(
             ADMIN_STUB,
             "CreditAccount",
             admin_pb2.CreditAccountRequest,
             path=(("account", 4),),
-            body=True,
+            body="credit",
         ),
     ),
     (
         "GET",
         "/admin/v1/keys",
-        _Call(ADMIN_STUB, "ListKeys", admin_pb2.ListKeysRequest, query=("account",)),
+        _call(ADMIN_STUB, "ListKeys", admin_pb2.ListKeysRequest, query=("account",)),
     ),
     (
         "POST",
         "/admin/v1/keys",
-        _Call(ADMIN_STUB, "CreateKey", admin_pb2.CreateKeyRequest, body=True),
+        _call(ADMIN_STUB, "CreateKey", admin_pb2.CreateKeyRequest, body="*"),
     ),
     (
         "PATCH",
         "/admin/v1/keys/{key_id}",
-        _Call(
-            ADMIN_STUB, "UpdateKey", admin_pb2.UpdateKeyRequest, path=(("key_id", 4),), body=True
+        _call(
+            ADMIN_STUB,
+            "UpdateKey",
+            admin_pb2.UpdateKeyRequest,
+            path=(("key_id", 4),),
+            body="update",
         ),
     ),
     (
         "DELETE",
         "/admin/v1/keys/{key_id}",
-        _Call(ADMIN_STUB, "RevokeKey", admin_pb2.RevokeKeyRequest, path=(("key_id", 4),)),
+        _call(ADMIN_STUB, "RevokeKey", admin_pb2.RevokeKeyRequest, path=(("key_id", 4),)),
     ),
     (
         "GET",
         "/admin/v1/usage",
-        _Call(ADMIN_STUB, "GetUsage", admin_pb2.GetUsageRequest, query=("account", "days")),
+        _call(ADMIN_STUB, "GetUsage", admin_pb2.GetUsageRequest, query=("account", "days")),
     ),
     (
         "GET",
         "/admin/v1/requests",
-        _Call(
+        _call(
             ADMIN_STUB,
             "ListRequests",
             admin_pb2.ListRequestsRequest,
@@ -341,7 +344,7 @@ ACCOUNT_ROUTES: tuple[tuple[str, str, Handler], ...] = (
     (
         "GET",
         "/admin/v1/models",
-        _Call(ADMIN_STUB, "ListModelRoutes", admin_pb2.ListModelRoutesRequest),
+        _call(ADMIN_STUB, "ListModelRoutes", admin_pb2.ListModelRoutesRequest),
     ),
 )
 

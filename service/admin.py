@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from service import keys
+from service import keys, observe
 from service.catalog import Catalog, ModelSpec, TokenPrices
 from service.core import Caller, page_size
 from service.errors import (
@@ -180,6 +180,8 @@ class Admin:
                 or record.revoked_at is not None
             ):
                 raise InvalidApiKey(INVALID_ADMIN)
+            # The access log line names the admin key (never the key) for an audit trail.
+            observe.current().key_id = record.id
             return record
         # 403 only for a key that is one: anything else is a 401 as on ImageService.
         key = keys.key_from_authorization(authorization)
@@ -315,10 +317,8 @@ class Admin:
         _check_limits(changes, allow_default=True)
         if await self._store.get_key(key_id) is None:
             raise _no_key(key_id)
-        if set_models:
-            await self._store.set_key_models(key_id, _models(models))
-        if changes:
-            await self._store.set_key_limits(key_id, changes)
+        allowed = _models(models) if set_models else None
+        await self._store.update_key(key_id, changes, allowed, set_models=set_models)
         return await self.get_key(key_id)
 
     async def revoke_key(self, key_id: str, account: str | None = None) -> KeyView:

@@ -10,6 +10,7 @@ import grpc
 from google.protobuf import struct_pb2
 from imagegate.v1 import accounts_pb2, admin_pb2, admin_pb2_grpc
 
+from service import observe
 from service.admin import Admin, KeyView, ModelInfo, route_text
 from service.errors import ImagegateError, InvalidParameter
 from service.grpc_errors import abort, internal_status, to_status
@@ -64,7 +65,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.CreditAccountRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.Account:
         async def call() -> admin_pb2.Account:
-            account = await self._admin.credit(request.account, request.amount_usd, request.note)
+            credit = request.credit
+            account = await self._admin.credit(request.account, credit.amount_usd, credit.note)
             return _account(account)
 
         return await self._run(context, call)
@@ -93,15 +95,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.UpdateKeyRequest, context: grpc.aio.ServicerContext
     ) -> accounts_pb2.KeyInfo:
         async def call() -> accounts_pb2.KeyInfo:
+            update = request.update
             limits = {
-                f: _limit(request.limits, f)
-                for f in LIMIT_FIELDS
-                if request.HasField("limits") and request.limits.HasField(f)
+                f: _limit(update.limits, f) for f in LIMIT_FIELDS if update.limits.HasField(f)
             }
             view = await self._admin.update_key(
                 request.key_id,
-                models=model_ids(request.models) if request.HasField("models") else None,
-                set_models=request.HasField("models"),
+                models=model_ids(update.models) if update.HasField("models") else None,
+                set_models=update.HasField("models"),
                 limits=limits,
             )
             return key_info(view)
@@ -159,7 +160,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         except ImagegateError as err:
             await abort(context, to_status(err))
         except Exception:
-            log.exception("admin request %s failed", _metadata(context, "x-request-id"))
+            log.exception("admin request %s failed", observe.current().request_id)
             await abort(context, internal_status())
 
 

@@ -20,7 +20,7 @@ from typing import Any, TypeAlias
 # The CLI is the one place the two halves meet: `serve` runs both in one process.
 from gateway.config import GatewayConfig
 from gateway.server import bound_port, drain_gateway, start_gateway
-from service import keys, logs, tracing
+from service import logs, tracing
 from service.admin import Admin, ModelInfo, model_infos, route_text
 from service.admin_http import Refresh, start_admin
 from service.catalog import load_catalog
@@ -455,9 +455,9 @@ async def _demo(service: Service, rest_url: str) -> None:
             flush=True,
         )
         return
-    await store.create_account(DEMO_ACCOUNT, usd_to_micros(DEMO_CREDIT))
-    key = keys.new_key()
-    await store.create_key(DEMO_ACCOUNT, keys.hash_key(key), keys.display_prefix(key), "demo", None)
+    admin = Admin(store)
+    await admin.create_account(DEMO_ACCOUNT, DEMO_CREDIT)
+    key, _ = await admin.create_key(DEMO_ACCOUNT, "demo")
     print(
         f"\nimagegate: created account '{DEMO_ACCOUNT}' with ${DEMO_CREDIT} of credit.\n"
         f"Your API key (shown once, keep it): {key}\n\nTry it:\n"
@@ -529,10 +529,10 @@ async def _accounts_show(args: argparse.Namespace) -> int:
 
 async def _credit_add(args: argparse.Namespace) -> int:
     async with _admin_api(args) as admin:
-        before = (await admin.show_account(args.name)).account.balance_micros
         account = await admin.credit(args.name, args.usd, "credit add")
+    # The amount was accepted, so it parses.
     print(
-        f"{account.name}: added {format_usd(account.balance_micros - before)}, "
+        f"{account.name}: added {format_usd(usd_to_micros(args.usd))}, "
         f"balance {format_usd(account.balance_micros)}"
     )
     return 0

@@ -20,7 +20,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from service import metrics, observe, tracing
-from service.lifecycle import SERVICE_NAME, InFlight
+from service.lifecycle import ADMIN_SERVICE_NAME, SERVICE_NAME, InFlight
 
 log = logging.getLogger("imagegate.request")
 tracer = trace.get_tracer("imagegate.service")
@@ -41,7 +41,10 @@ class Observer(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         service, _, method = details.method.lstrip("/").partition("/")
-        observed = _Call(self._drain, service, method, service == SERVICE_NAME)
+        # The admin API's calls too: logged (an audit trail naming the admin key),
+        # traced, and refused during a drain like ImageService's.
+        tracked = service in (SERVICE_NAME, ADMIN_SERVICE_NAME)
+        observed = _Call(self._drain, service, method, tracked)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 observed.unary(handler.unary_unary, "unary"),
@@ -62,7 +65,8 @@ class Observer(grpc.aio.ServerInterceptor):
 
 
 class _Call:
-    """One method's wrapping; `tracked` calls (ImageService) get the record, span and gate."""
+    """One method's wrapping; `tracked` calls (ImageService, AdminService) get the record,
+    span and gate."""
 
     def __init__(self, drain: InFlight, service: str, method: str, tracked: bool) -> None:
         self.drain, self.service, self.method, self.tracked = drain, service, method, tracked
@@ -140,7 +144,7 @@ class _Run:
         return self
 
     async def gate(self) -> None:
-        """During a drain, new ImageService calls are refused: the caller retries elsewhere."""
+        """During a drain, new calls are refused: the caller retries elsewhere."""
         if self.call.tracked and self.call.drain.draining:
             await self.context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 

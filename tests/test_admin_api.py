@@ -429,7 +429,12 @@ async def test_every_operation_over_grpc(astack: Stack, admin_key: str, tenant: 
             (stub.CreateAccount, admin_pb2.CreateAccountRequest(name=name, credit_usd="3")),
             (stub.ListAccounts, admin_pb2.ListAccountsRequest()),
             (stub.GetAccount, admin_pb2.GetAccountRequest(account=name)),
-            (stub.CreditAccount, admin_pb2.CreditAccountRequest(account=name, amount_usd="1")),
+            (
+                stub.CreditAccount,
+                admin_pb2.CreditAccountRequest(
+                    account=name, credit=admin_pb2.Credit(amount_usd="1")
+                ),
+            ),
             (stub.CreateKey, admin_pb2.CreateKeyRequest(account=name, name="g")),
             (stub.ListKeys, admin_pb2.ListKeysRequest(account=name)),
             (stub.GetUsage, admin_pb2.GetUsageRequest(days="2")),
@@ -455,8 +460,11 @@ async def test_every_operation_over_grpc(astack: Stack, admin_key: str, tenant: 
         created = (
             await stub.ListKeys(admin_pb2.ListKeysRequest(account=name), metadata=admin_auth)
         ).data[0]
-        update = admin_pb2.UpdateKeyRequest(key_id=created.id, limits=accounts_pb2.KeyLimits(rpm=7))
-        update.models.append(MODEL)
+        update = admin_pb2.UpdateKeyRequest(
+            key_id=created.id,
+            update=admin_pb2.KeyUpdate(limits=accounts_pb2.KeyLimits(rpm=7)),
+        )
+        update.update.models.append(MODEL)
         updated = await stub.UpdateKey(update, metadata=admin_auth)
         assert (list(updated.models), updated.limits.rpm) == ([MODEL], 7)
         revoked = await stub.RevokeKey(
@@ -567,3 +575,71 @@ async def test_bodies_refused_alike(url: str, admin_key: str) -> None:
             headers={"Content-Type": "application/json"},
         )
         assert_error(reply, 400, "invalid_request_error", "invalid_json")
+
+
+async def test_the_path_names_what_is_changed_not_the_body(
+    url: str, admin_key: str, astack: Stack
+) -> None:
+    first = (await make_tenant(astack.service)).account
+    second = await make_tenant(astack.service)
+    reply = await admin(
+        "POST",
+        url,
+        f"/admin/v1/accounts/{first}/credit",
+        admin_key,
+        {"account": second.account, "amount_usd": "1"},
+    )
+    assert (reply.status, reply.json().get("name")) == (200, first), reply.body
+    patched = await admin(
+        "PATCH",
+        url,
+        f"/admin/v1/keys/{second.key_id}",
+        admin_key,
+        {"key_id": "key_other", "limits": {"rpm": 9}},
+    )
+    assert (patched.status, patched.json().get("id")) == (200, second.key_id), patched.body
+
+
+async def test_answers_match_the_openapi_document(url: str, admin_key: str, tenant: Tenant) -> None:
+    from tests.test_openapi import _validator
+
+    await sdk(url, tenant.key).images.generate(model=MODEL, prompt="a kite", size="1024x1024")
+    for method, path, body, schema in (
+        ("GET", "/admin/v1/accounts", None, "AccountList"),
+        ("GET", f"/admin/v1/accounts/{tenant.account}", None, "AccountDetail"),
+        ("POST", f"/admin/v1/accounts/{tenant.account}/credit", {"amount_usd": "1"}, "Account"),
+        ("POST", "/admin/v1/keys", {"account": tenant.account, "limits": {"rpm": 1}}, "CreatedKey"),
+        ("GET", f"/admin/v1/keys?account={tenant.account}", None, "KeyList"),
+        ("PATCH", f"/admin/v1/keys/{tenant.key_id}", {"models": [MODEL]}, "KeyInfo"),
+        ("GET", "/admin/v1/usage", None, "UsageBucketList"),
+        ("GET", "/admin/v1/requests", None, "RequestList"),
+        ("GET", "/admin/v1/models", None, "ModelInfoList"),
+    ):
+        reply = await admin(method, url, path, admin_key, body)
+        assert reply.status == 200, (path, reply.body)
+        assert reply.json()  # not an empty object
+        _validator(schema).validate(reply.json())
+    for path, schema in (("/v1/keys", "KeyList"), ("/v1/usage/daily", "UsageBucketList")):
+        reply = await admin("GET", url, path, tenant.key)
+        _validator(schema).validate(reply.json())
+        assert reply.json()["data"]
+
+
+async def test_the_request_log_names_the_admin_key_never_the_key(
+    url: str, astack: Stack, tenant: Tenant
+) -> None:
+    from tests.test_request_logs import captured
+
+    key, record = await Admin(astack.service.store).create_admin_key("audited")
+    with captured() as capture:
+        reply = await call(
+            "POST",
+            f"{url}/admin/v1/accounts/{tenant.account}/credit",
+            key=key,
+            json_body={"amount_usd": "1"},
+            headers={"X-Request-ID": f"audit-{record.id}"},
+        )
+        assert reply.status == 200
+    [line] = capture.objects("imagegate.request", f"audit-{record.id}")
+    assert (line["rpc"], line["key_id"], line["status"]) == ("CreditAccount", record.id, "OK")
+    assert all(key not in text for _, text in capture.lines)

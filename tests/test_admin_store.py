@@ -125,11 +125,16 @@ async def test_keys_models_all_keys_and_last_use(store: Store) -> None:
     assert list(last) == [used] and last[used] > START
     assert await store.keys_last_used([]) == {}
     assert [k.id for k in await store.all_keys()] == [used, unused, theirs]
-    changed = await store.set_key_models(unused, ("a", "b"))
-    assert changed is not None and changed.models == ("a", "b")
-    cleared = await store.set_key_models(unused, None)
-    assert cleared is not None and cleared.models is None
-    assert await store.set_key_models("key_missing", None) is None
+    changed = await store.update_key(unused, {"rpm": 5}, ("a", "b"), set_models=True)
+    assert changed is not None and (changed.models, changed.limits.rpm) == (("a", "b"), 5)
+    limits_only = await store.update_key(unused, {"rpm": None, "ipm": 0})
+    assert limits_only is not None and limits_only.models == ("a", "b")
+    assert (limits_only.limits.rpm, limits_only.limits.ipm) == (None, 0)
+    cleared = await store.update_key(unused, {}, None, set_models=True)
+    assert cleared is not None and cleared.models is None and cleared.limits.ipm == 0
+    assert await store.update_key("key_missing", {"rpm": 1}) is None
+    with pytest.raises(ValueError):
+        await store.update_key(unused, {"models; DROP TABLE api_keys": 1})
     got = await store.get_key(used)
     assert got is not None and got.account_name == "ant"
     assert await store.get_key("key_missing") is None

@@ -170,6 +170,10 @@ async def test_health_and_reflection(stack: Stack) -> None:
             health_pb2.HealthCheckRequest(service="imagegate.v1.ImageService")
         )
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        admin = await health.Check(
+            health_pb2.HealthCheckRequest(service="imagegate.v1.AdminService")
+        )
+        assert admin.status == health_pb2.HealthCheckResponse.SERVING
         reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
         names: list[str] = []
         async for answer in reflect.ServerReflectionInfo(
@@ -177,4 +181,5 @@ async def test_health_and_reflection(stack: Stack) -> None:
         ):
             names += [s.name for s in answer.list_services_response.service]
         assert "imagegate.v1.ImageService" in names
+        assert "imagegate.v1.AdminService" in names
         assert "grpc.health.v1.Health" in names

@@ -323,8 +323,16 @@ class Store(Protocol):
         """Every account's keys, by account then creation."""
         ...
 
-    async def set_key_models(self, key_id: str, models: tuple[str, ...] | None) -> KeyRecord | None:
-        """Set a key's model allowlist (None: every model); None if no such key."""
+    async def update_key(
+        self,
+        key_id: str,
+        limits: dict[str, int | None],
+        models: tuple[str, ...] | None = None,
+        *,
+        set_models: bool = False,
+    ) -> KeyRecord | None:
+        """In one change: some of a key's LIMIT_FIELDS (None: back to the default) and,
+        with `set_models`, its model allowlist (None: every model). None if no such key."""
         ...
 
     async def keys_last_used(self, key_ids: list[str]) -> dict[str, float]:

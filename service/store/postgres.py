@@ -547,12 +547,25 @@ class PostgresStore:
     async def all_keys(self) -> list[KeyRecord]:
         return await self._keys("ORDER BY a.name, k.created_at, k.id")
 
-    async def set_key_models(self, key_id: str, models: tuple[str, ...] | None) -> KeyRecord | None:
-        await self._db.execute(
-            "UPDATE api_keys SET models = $2 WHERE id = $1",
-            key_id,
-            None if models is None else json.dumps(list(models)),
-        )
+    async def update_key(
+        self,
+        key_id: str,
+        limits: dict[str, int | None],
+        models: tuple[str, ...] | None = None,
+        *,
+        set_models: bool = False,
+    ) -> KeyRecord | None:
+        check_limit_changes(limits)
+        # Column names come from LIMIT_FIELDS only (checked above), never from input.
+        changes: dict[str, object] = dict(limits)
+        if set_models:
+            changes["models"] = None if models is None else json.dumps(list(models))
+        if changes:
+            # One statement: the models and limits change together or not at all.
+            assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(changes, 2))
+            await self._db.execute(
+                f"UPDATE api_keys SET {assignments} WHERE id = $1", key_id, *changes.values()
+            )
         return await self.get_key(key_id)
 
     async def keys_last_used(self, key_ids: list[str]) -> dict[str, float]:

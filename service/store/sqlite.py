@@ -455,13 +455,28 @@ class SqliteStore:
     async def all_keys(self) -> list[KeyRecord]:
         return await self._keys("ORDER BY a.name, k.created_at", ())
 
-    async def set_key_models(self, key_id: str, models: tuple[str, ...] | None) -> KeyRecord | None:
-        models_json = None if models is None else json.dumps(list(models))
+    async def update_key(
+        self,
+        key_id: str,
+        limits: dict[str, int | None],
+        models: tuple[str, ...] | None = None,
+        *,
+        set_models: bool = False,
+    ) -> KeyRecord | None:
+        check_limit_changes(limits)
+        # Column names come from LIMIT_FIELDS only (checked above), never from input.
+        changes: dict[str, object] = dict(limits)
+        if set_models:
+            changes["models"] = None if models is None else json.dumps(list(models))
+        if changes:
+            assignments = ", ".join(f"{name} = ?" for name in changes)
 
-        def update(db: sqlite3.Connection) -> None:
-            db.execute("UPDATE api_keys SET models = ? WHERE id = ?", (models_json, key_id))
+            def update(db: sqlite3.Connection) -> None:
+                db.execute(
+                    f"UPDATE api_keys SET {assignments} WHERE id = ?", (*changes.values(), key_id)
+                )
 
-        await self._tx(update)
+            await self._tx(update)
         return await self.get_key(key_id)
 
     async def keys_last_used(self, key_ids: list[str]) -> dict[str, float]:

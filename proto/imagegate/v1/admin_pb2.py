@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from imagegate.v1 import accounts_pb2 as imagegate_dot_v1_dot_accounts__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18imagegate/v1/admin.proto\x12\x0cimagegate.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1bimagegate/v1/accounts.proto\"U\n\x07\x41\x63\x63ount\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x62\x61lance_micros\x18\x02 \x01(\x03\x12\x13\n\x0bheld_micros\x18\x03 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x04 \x01(\r\"B\n\x0b\x41\x63\x63ountList\x12\x0e\n\x06object\x18\x01 \x01(\t\x12#\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x15.imagegate.v1.Account\"\x89\x01\n\x0bLedgerEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\r\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x15\n\ramount_micros\x18\x04 \x01(\x03\x12\x16\n\x0e\x62\x61lance_micros\x18\x05 \x01(\x03\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04note\x18\x07 \x01(\t\"b\n\rAccountDetail\x12&\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x15.imagegate.v1.Account\x12)\n\x06ledger\x18\x02 \x03(\x0b\x32\x19.imagegate.v1.LedgerEntry\"8\n\x14\x43reateAccountRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ncredit_usd\x18\x02 \x01(\t\"\x15\n\x13ListAccountsRequest\"$\n\x11GetAccountRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\"I\n\x14\x43reditAccountRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x12\n\namount_usd\x18\x02 \x01(\t\x12\x0c\n\x04note\x18\x03 \x01(\t\"j\n\x10\x43reateKeyRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\'\n\x06limits\x18\x04 \x01(\x0b\x32\x17.imagegate.v1.KeyLimits\"\"\n\x0fListKeysRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\"w\n\x10UpdateKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12*\n\x06models\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.ListValue\x12\'\n\x06limits\x18\x03 \x01(\x0b\x32\x17.imagegate.v1.KeyLimits\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"0\n\x0fGetUsageRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ys\x18\x02 \x01(\t\"D\n\x13ListRequestsRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x03 \x01(\t\"\x89\x02\n\rRequestRecord\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\r\n\x05route\x18\x07 \x01(\t\x12\t\n\x01n\x18\x08 \x01(\r\x12\x0c\n\x04size\x18\t \x01(\t\x12\x0f\n\x07quality\x18\n \x01(\t\x12\x13\n\x0b\x63ost_micros\x18\x0b \x01(\x03\x12\x15\n\rquoted_micros\x18\x0c \x01(\x03\x12\x12\n\nlatency_ms\x18\r \x01(\r\x12\x0e\n\x06status\x18\x0e \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x0f \x01(\t\"}\n\x0bRequestList\x12\x0e\n\x06object\x18\x01 \x01(\t\x12)\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x1b.imagegate.v1.RequestRecord\x12\x10\n\x08has_more\x18\x03 \x01(\x08\x12\x10\n\x08\x66irst_id\x18\x04 \x01(\t\x12\x0f\n\x07last_id\x18\x05 \x01(\t\"\x18\n\x16ListModelRoutesRequest\"6\n\x05Price\x12\x0c\n\x04size\x18\x01 \x01(\t\x12\x0f\n\x07quality\x18\x02 \x01(\t\x12\x0e\n\x06micros\x18\x03 \x01(\x03\"s\n\tRouteInfo\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x16\n\x0eupstream_model\x18\x03 \x01(\t\x12\x0c\n\x04live\x18\x04 \x01(\x08\x12\x0f\n\x07\x62reaker\x18\x05 \x01(\t\x12\x0f\n\x07missing\x18\x06 \x01(\t\"u\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x06prices\x18\x02 \x03(\x0b\x32\x13.imagegate.v1.Price\x12\'\n\x06routes\x18\x03 \x03(\x0b\x32\x17.imagegate.v1.RouteInfo\x12\x0e\n\x06\x66\x61mily\x18\x04 \x01(\t\"F\n\rModelInfoList\x12\x0e\n\x06object\x18\x01 \x01(\t\x12%\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x17.imagegate.v1.ModelInfo2\x97\t\n\x0c\x41\x64minService\x12i\n\rCreateAccount\x12\".imagegate.v1.CreateAccountRequest\x1a\x15.imagegate.v1.Account\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x12/admin/v1/accounts:\x01*\x12h\n\x0cListAccounts\x12!.imagegate.v1.ListAccountsRequest\x1a\x19.imagegate.v1.AccountList\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/admin/v1/accounts\x12p\n\nGetAccount\x12\x1f.imagegate.v1.GetAccountRequest\x1a\x1b.imagegate.v1.AccountDetail\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/admin/v1/accounts/{account}\x12z\n\rCreditAccount\x12\".imagegate.v1.CreditAccountRequest\x1a\x15.imagegate.v1.Account\".\x82\xd3\xe4\x93\x02(\"#/admin/v1/accounts/{account}/credit:\x01*\x12`\n\tCreateKey\x12\x1e.imagegate.v1.CreateKeyRequest\x1a\x18.imagegate.v1.CreatedKey\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/admin/v1/keys:\x01*\x12X\n\x08ListKeys\x12\x1d.imagegate.v1.ListKeysRequest\x1a\x15.imagegate.v1.KeyList\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/admin/v1/keys\x12\x66\n\tUpdateKey\x12\x1e.imagegate.v1.UpdateKeyRequest\x1a\x15.imagegate.v1.KeyInfo\"\"\x82\xd3\xe4\x93\x02\x1c\x32\x17/admin/v1/keys/{key_id}:\x01*\x12\x63\n\tRevokeKey\x12\x1e.imagegate.v1.RevokeKeyRequest\x1a\x15.imagegate.v1.KeyInfo\"\x1f\x82\xd3\xe4\x93\x02\x19*\x17/admin/v1/keys/{key_id}\x12\x61\n\x08GetUsage\x12\x1d.imagegate.v1.GetUsageRequest\x1a\x1d.imagegate.v1.UsageBucketList\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/admin/v1/usage\x12h\n\x0cListRequests\x12!.imagegate.v1.ListRequestsRequest\x1a\x19.imagegate.v1.RequestList\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/admin/v1/requests\x12n\n\x0fListModelRoutes\x12$.imagegate.v1.ListModelRoutesRequest\x1a\x1b.imagegate.v1.ModelInfoList\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/admin/v1/modelsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18imagegate/v1/admin.proto\x12\x0cimagegate.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1bimagegate/v1/accounts.proto\"U\n\x07\x41\x63\x63ount\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x62\x61lance_micros\x18\x02 \x01(\x03\x12\x13\n\x0bheld_micros\x18\x03 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x04 \x01(\r\"B\n\x0b\x41\x63\x63ountList\x12\x0e\n\x06object\x18\x01 \x01(\t\x12#\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x15.imagegate.v1.Account\"\x89\x01\n\x0bLedgerEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\r\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x15\n\ramount_micros\x18\x04 \x01(\x03\x12\x16\n\x0e\x62\x61lance_micros\x18\x05 \x01(\x03\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04note\x18\x07 \x01(\t\"b\n\rAccountDetail\x12&\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x15.imagegate.v1.Account\x12)\n\x06ledger\x18\x02 \x03(\x0b\x32\x19.imagegate.v1.LedgerEntry\"8\n\x14\x43reateAccountRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ncredit_usd\x18\x02 \x01(\t\"\x15\n\x13ListAccountsRequest\"$\n\x11GetAccountRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\"M\n\x14\x43reditAccountRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12$\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x14.imagegate.v1.Credit\"*\n\x06\x43redit\x12\x12\n\namount_usd\x18\x01 \x01(\t\x12\x0c\n\x04note\x18\x02 \x01(\t\"j\n\x10\x43reateKeyRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\'\n\x06limits\x18\x04 \x01(\x0b\x32\x17.imagegate.v1.KeyLimits\"\"\n\x0fListKeysRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\"K\n\x10UpdateKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\'\n\x06update\x18\x02 \x01(\x0b\x32\x17.imagegate.v1.KeyUpdate\"`\n\tKeyUpdate\x12*\n\x06models\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.ListValue\x12\'\n\x06limits\x18\x02 \x01(\x0b\x32\x17.imagegate.v1.KeyLimits\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"0\n\x0fGetUsageRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ys\x18\x02 \x01(\t\"D\n\x13ListRequestsRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x03 \x01(\t\"\x89\x02\n\rRequestRecord\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\r\n\x05route\x18\x07 \x01(\t\x12\t\n\x01n\x18\x08 \x01(\r\x12\x0c\n\x04size\x18\t \x01(\t\x12\x0f\n\x07quality\x18\n \x01(\t\x12\x13\n\x0b\x63ost_micros\x18\x0b \x01(\x03\x12\x15\n\rquoted_micros\x18\x0c \x01(\x03\x12\x12\n\nlatency_ms\x18\r \x01(\r\x12\x0e\n\x06status\x18\x0e \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x0f \x01(\t\"}\n\x0bRequestList\x12\x0e\n\x06object\x18\x01 \x01(\t\x12)\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x1b.imagegate.v1.RequestRecord\x12\x10\n\x08has_more\x18\x03 \x01(\x08\x12\x10\n\x08\x66irst_id\x18\x04 \x01(\t\x12\x0f\n\x07last_id\x18\x05 \x01(\t\"\x18\n\x16ListModelRoutesRequest\"6\n\x05Price\x12\x0c\n\x04size\x18\x01 \x01(\t\x12\x0f\n\x07quality\x18\x02 \x01(\t\x12\x0e\n\x06micros\x18\x03 \x01(\x03\"s\n\tRouteInfo\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x16\n\x0eupstream_model\x18\x03 \x01(\t\x12\x0c\n\x04live\x18\x04 \x01(\x08\x12\x0f\n\x07\x62reaker\x18\x05 \x01(\t\x12\x0f\n\x07missing\x18\x06 \x01(\t\"u\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x06prices\x18\x02 \x03(\x0b\x32\x13.imagegate.v1.Price\x12\'\n\x06routes\x18\x03 \x03(\x0b\x32\x17.imagegate.v1.RouteInfo\x12\x0e\n\x06\x66\x61mily\x18\x04 \x01(\t\"F\n\rModelInfoList\x12\x0e\n\x06object\x18\x01 \x01(\t\x12%\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x17.imagegate.v1.ModelInfo2\xa1\t\n\x0c\x41\x64minService\x12i\n\rCreateAccount\x12\".imagegate.v1.CreateAccountRequest\x1a\x15.imagegate.v1.Account\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x12/admin/v1/accounts:\x01*\x12h\n\x0cListAccounts\x12!.imagegate.v1.ListAccountsRequest\x1a\x19.imagegate.v1.AccountList\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/admin/v1/accounts\x12p\n\nGetAccount\x12\x1f.imagegate.v1.GetAccountRequest\x1a\x1b.imagegate.v1.AccountDetail\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/admin/v1/accounts/{account}\x12\x7f\n\rCreditAccount\x12\".imagegate.v1.CreditAccountRequest\x1a\x15.imagegate.v1.Account\"3\x82\xd3\xe4\x93\x02-\"#/admin/v1/accounts/{account}/credit:\x06\x63redit\x12`\n\tCreateKey\x12\x1e.imagegate.v1.CreateKeyRequest\x1a\x18.imagegate.v1.CreatedKey\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/admin/v1/keys:\x01*\x12X\n\x08ListKeys\x12\x1d.imagegate.v1.ListKeysRequest\x1a\x15.imagegate.v1.KeyList\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/admin/v1/keys\x12k\n\tUpdateKey\x12\x1e.imagegate.v1.UpdateKeyRequest\x1a\x15.imagegate.v1.KeyInfo\"\'\x82\xd3\xe4\x93\x02!2\x17/admin/v1/keys/{key_id}:\x06update\x12\x63\n\tRevokeKey\x12\x1e.imagegate.v1.RevokeKeyRequest\x1a\x15.imagegate.v1.KeyInfo\"\x1f\x82\xd3\xe4\x93\x02\x19*\x17/admin/v1/keys/{key_id}\x12\x61\n\x08GetUsage\x12\x1d.imagegate.v1.GetUsageRequest\x1a\x1d.imagegate.v1.UsageBucketList\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/admin/v1/usage\x12h\n\x0cListRequests\x12!.imagegate.v1.ListRequestsRequest\x1a\x19.imagegate.v1.RequestList\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/admin/v1/requests\x12n\n\x0fListModelRoutes\x12$.imagegate.v1.ListModelRoutesRequest\x1a\x1b.imagegate.v1.ModelInfoList\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/admin/v1/modelsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,13 +41,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADMINSERVICE'].methods_by_name['GetAccount']._loaded_options = None
   _globals['_ADMINSERVICE'].methods_by_name['GetAccount']._serialized_options = b'\202\323\344\223\002\036\022\034/admin/v1/accounts/{account}'
   _globals['_ADMINSERVICE'].methods_by_name['CreditAccount']._loaded_options = None
-  _globals['_ADMINSERVICE'].methods_by_name['CreditAccount']._serialized_options = b'\202\323\344\223\002(\"#/admin/v1/accounts/{account}/credit:\001*'
+  _globals['_ADMINSERVICE'].methods_by_name['CreditAccount']._serialized_options = b'\202\323\344\223\002-\"#/admin/v1/accounts/{account}/credit:\006credit'
   _globals['_ADMINSERVICE'].methods_by_name['CreateKey']._loaded_options = None
   _globals['_ADMINSERVICE'].methods_by_name['CreateKey']._serialized_options = b'\202\323\344\223\002\023\"\016/admin/v1/keys:\001*'
   _globals['_ADMINSERVICE'].methods_by_name['ListKeys']._loaded_options = None
   _globals['_ADMINSERVICE'].methods_by_name['ListKeys']._serialized_options = b'\202\323\344\223\002\020\022\016/admin/v1/keys'
   _globals['_ADMINSERVICE'].methods_by_name['UpdateKey']._loaded_options = None
-  _globals['_ADMINSERVICE'].methods_by_name['UpdateKey']._serialized_options = b'\202\323\344\223\002\0342\027/admin/v1/keys/{key_id}:\001*'
+  _globals['_ADMINSERVICE'].methods_by_name['UpdateKey']._serialized_options = b'\202\323\344\223\002!2\027/admin/v1/keys/{key_id}:\006update'
   _globals['_ADMINSERVICE'].methods_by_name['RevokeKey']._loaded_options = None
   _globals['_ADMINSERVICE'].methods_by_name['RevokeKey']._serialized_options = b'\202\323\344\223\002\031*\027/admin/v1/keys/{key_id}'
   _globals['_ADMINSERVICE'].methods_by_name['GetUsage']._loaded_options = None
@@ -71,33 +71,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETACCOUNTREQUEST']._serialized_start=607
   _globals['_GETACCOUNTREQUEST']._serialized_end=643
   _globals['_CREDITACCOUNTREQUEST']._serialized_start=645
-  _globals['_CREDITACCOUNTREQUEST']._serialized_end=718
-  _globals['_CREATEKEYREQUEST']._serialized_start=720
-  _globals['_CREATEKEYREQUEST']._serialized_end=826
-  _globals['_LISTKEYSREQUEST']._serialized_start=828
-  _globals['_LISTKEYSREQUEST']._serialized_end=862
-  _globals['_UPDATEKEYREQUEST']._serialized_start=864
-  _globals['_UPDATEKEYREQUEST']._serialized_end=983
-  _globals['_REVOKEKEYREQUEST']._serialized_start=985
-  _globals['_REVOKEKEYREQUEST']._serialized_end=1019
-  _globals['_GETUSAGEREQUEST']._serialized_start=1021
-  _globals['_GETUSAGEREQUEST']._serialized_end=1069
-  _globals['_LISTREQUESTSREQUEST']._serialized_start=1071
-  _globals['_LISTREQUESTSREQUEST']._serialized_end=1139
-  _globals['_REQUESTRECORD']._serialized_start=1142
-  _globals['_REQUESTRECORD']._serialized_end=1407
-  _globals['_REQUESTLIST']._serialized_start=1409
-  _globals['_REQUESTLIST']._serialized_end=1534
-  _globals['_LISTMODELROUTESREQUEST']._serialized_start=1536
-  _globals['_LISTMODELROUTESREQUEST']._serialized_end=1560
-  _globals['_PRICE']._serialized_start=1562
-  _globals['_PRICE']._serialized_end=1616
-  _globals['_ROUTEINFO']._serialized_start=1618
-  _globals['_ROUTEINFO']._serialized_end=1733
-  _globals['_MODELINFO']._serialized_start=1735
-  _globals['_MODELINFO']._serialized_end=1852
-  _globals['_MODELINFOLIST']._serialized_start=1854
-  _globals['_MODELINFOLIST']._serialized_end=1924
-  _globals['_ADMINSERVICE']._serialized_start=1927
-  _globals['_ADMINSERVICE']._serialized_end=3102
+  _globals['_CREDITACCOUNTREQUEST']._serialized_end=722
+  _globals['_CREDIT']._serialized_start=724
+  _globals['_CREDIT']._serialized_end=766
+  _globals['_CREATEKEYREQUEST']._serialized_start=768
+  _globals['_CREATEKEYREQUEST']._serialized_end=874
+  _globals['_LISTKEYSREQUEST']._serialized_start=876
+  _globals['_LISTKEYSREQUEST']._serialized_end=910
+  _globals['_UPDATEKEYREQUEST']._serialized_start=912
+  _globals['_UPDATEKEYREQUEST']._serialized_end=987
+  _globals['_KEYUPDATE']._serialized_start=989
+  _globals['_KEYUPDATE']._serialized_end=1085
+  _globals['_REVOKEKEYREQUEST']._serialized_start=1087
+  _globals['_REVOKEKEYREQUEST']._serialized_end=1121
+  _globals['_GETUSAGEREQUEST']._serialized_start=1123
+  _globals['_GETUSAGEREQUEST']._serialized_end=1171
+  _globals['_LISTREQUESTSREQUEST']._serialized_start=1173
+  _globals['_LISTREQUESTSREQUEST']._serialized_end=1241
+  _globals['_REQUESTRECORD']._serialized_start=1244
+  _globals['_REQUESTRECORD']._serialized_end=1509
+  _globals['_REQUESTLIST']._serialized_start=1511
+  _globals['_REQUESTLIST']._serialized_end=1636
+  _globals['_LISTMODELROUTESREQUEST']._serialized_start=1638
+  _globals['_LISTMODELROUTESREQUEST']._serialized_end=1662
+  _globals['_PRICE']._serialized_start=1664
+  _globals['_PRICE']._serialized_end=1718
+  _globals['_ROUTEINFO']._serialized_start=1720
+  _globals['_ROUTEINFO']._serialized_end=1835
+  _globals['_MODELINFO']._serialized_start=1837
+  _globals['_MODELINFO']._serialized_end=1954
+  _globals['_MODELINFOLIST']._serialized_start=1956
+  _globals['_MODELINFOLIST']._serialized_end=2026
+  _globals['_ADMINSERVICE']._serialized_start=2029
+  _globals['_ADMINSERVICE']._serialized_end=3214
 # @@protoc_insertion_point(module_scope)

@@ -74,14 +74,20 @@ class GetAccountRequest(_message.Message):
     def __init__(self, account: _Optional[str] = ...) -> None: ...
 
 class CreditAccountRequest(_message.Message):
-    __slots__ = ("account", "amount_usd", "note")
+    __slots__ = ("account", "credit")
     ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_FIELD_NUMBER: _ClassVar[int]
+    account: str
+    credit: Credit
+    def __init__(self, account: _Optional[str] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ...) -> None: ...
+
+class Credit(_message.Message):
+    __slots__ = ("amount_usd", "note")
     AMOUNT_USD_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
-    account: str
     amount_usd: str
     note: str
-    def __init__(self, account: _Optional[str] = ..., amount_usd: _Optional[str] = ..., note: _Optional[str] = ...) -> None: ...
+    def __init__(self, amount_usd: _Optional[str] = ..., note: _Optional[str] = ...) -> None: ...
 
 class CreateKeyRequest(_message.Message):
     __slots__ = ("account", "name", "models", "limits")
@@ -102,14 +108,20 @@ class ListKeysRequest(_message.Message):
     def __init__(self, account: _Optional[str] = ...) -> None: ...
 
 class UpdateKeyRequest(_message.Message):
-    __slots__ = ("key_id", "models", "limits")
+    __slots__ = ("key_id", "update")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    update: KeyUpdate
+    def __init__(self, key_id: _Optional[str] = ..., update: _Optional[_Union[KeyUpdate, _Mapping]] = ...) -> None: ...
+
+class KeyUpdate(_message.Message):
+    __slots__ = ("models", "limits")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
-    key_id: str
     models: _struct_pb2.ListValue
     limits: _accounts_pb2.KeyLimits
-    def __init__(self, key_id: _Optional[str] = ..., models: _Optional[_Union[_struct_pb2.ListValue, _Mapping]] = ..., limits: _Optional[_Union[_accounts_pb2.KeyLimits, _Mapping]] = ...) -> None: ...
+    def __init__(self, models: _Optional[_Union[_struct_pb2.ListValue, _Mapping]] = ..., limits: _Optional[_Union[_accounts_pb2.KeyLimits, _Mapping]] = ...) -> None: ...
 
 class RevokeKeyRequest(_message.Message):
     __slots__ = ("key_id",)
