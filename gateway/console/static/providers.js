@@ -25,7 +25,9 @@ export async function render(root) {
       h("td", {}, route.provider),
       h("td", {}, route.kind),
       h("td", {}, h("code", {}, route.upstream_model)),
-      h("td", {}, h("span", { class: `badge ${route.live ? "live" : "dead"}` }, route.live ? "live" : "not live")),
+      h("td", { class: "wrap" },
+        h("span", { class: `badge ${route.live ? "live" : "dead"}` }, route.live ? "live" : "not live"),
+        route.missing ? h("small", { class: "muted" }, ` ${route.missing}`) : null),
       h("td", {}, h("span", { class: `badge ${route.breaker}` }, route.breaker.replace("_", "-"))),
       h("td", { class: "num", title: priceList(model) }, i === 0 ? priceRange(model) : ""))),
     { id: "providers-table" })));
