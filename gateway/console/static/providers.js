@@ -15,19 +15,21 @@ export async function render(root) {
   h("p", { class: "muted" },
     "Breaker states are this service process's; an open breaker skips its route until its cooldown ends."));
   root.append(h("div", { class: "panel" }, table(
-    [["Model"], ["#", "num"], ["Provider"], ["Kind"], ["Upstream model"], ["Live"], ["Breaker"],
-      ["Price per image", "num"]],
+    [["Model"], ["#", "num"], ["Provider (kind)"], ["Upstream model"], ["Live"], ["Breaker"],
+      ["Per image", "num"]],
     routes.map(({ model, route, i }) => h("tr", {
       "data-model": model.id, "data-provider": route.provider, "data-breaker": route.breaker,
     },
       i === 0 ? h("th", { scope: "row" }, model.id) : h("td", { class: "muted" }, ""),
       h("td", { class: "num" }, String(i + 1)),
-      h("td", {}, route.provider),
-      h("td", {}, route.kind),
+      h("td", {}, route.provider,
+        route.kind !== route.provider ? h("small", { class: "muted" }, ` (${route.kind})`) : null),
       h("td", {}, h("code", {}, route.upstream_model)),
-      h("td", { class: "wrap" },
-        h("span", { class: `badge ${route.live ? "live" : "dead"}` }, route.live ? "live" : "not live"),
-        route.missing ? h("small", { class: "muted" }, ` ${route.missing}`) : null),
+      // Why a route is not live (a missing credential, ...): on hover and for screen readers.
+      h("td", {}, h("span", {
+        class: `badge ${route.live ? "live" : "dead"}`, title: route.missing || null,
+        "aria-label": route.live ? "live" : `not live: ${route.missing || "unknown"}`,
+      }, route.live ? "live" : "not live")),
       h("td", {}, h("span", { class: `badge ${route.breaker}` }, route.breaker.replace("_", "-"))),
       h("td", { class: "num", title: priceList(model) }, i === 0 ? priceRange(model) : ""))),
     { id: "providers-table" })));
