@@ -201,6 +201,7 @@ def test_key_created_in_the_console_works_with_the_sdk_until_revoked(console: Co
     browser.page("keys")
     browser.css("#key-name").send_keys("from-console")
     browser.css("#key-create").click()
+    assert browser.unlabelled_controls() == []
     key = text(browser, "#key-value")
     assert key.startswith(service_keys.PREFIX)
     console.secrets.append(key)
@@ -343,6 +344,16 @@ def test_keyboard_navigation(console: Console) -> None:
     else:
         pytest.fail(f"nav-usage never focused: {seen}")
     browser.wait_css("#page-usage[data-ready='true']")
+    # The theme toggle, from the keyboard: dark colours, then back.
+    background = "return getComputedStyle(document.body).backgroundColor;"
+    light = browser.js(background)
+    browser.css("#theme").send_keys(Keys.ENTER)
+    assert browser.js("return document.documentElement.dataset.theme;") == "dark"
+    assert browser.css("#theme").get_attribute("aria-pressed") == "true"
+    assert browser.js(background) != light
+    browser.css("#theme").send_keys(Keys.ENTER)
+    assert browser.js(background) == light
+    browser.js("localStorage.clear();")
 
 
 def test_sign_in_page_screenshot(console: Console) -> None:
