@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev run test proto docs envoy lint bench clean
+.PHONY: install install-dev run test proto docs envoy lint bench screenshots clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ lint: install-dev
 
 bench: install-dev
 	$(BIN)/python bench/bench_render.py
+
+# The web console's pages, light and dark and at 375 px, as its browser tests see them.
+screenshots: install-dev
+	IMAGEGATE_SCREENSHOTS=docs/console $(BIN)/pytest -q -p no:cacheprovider tests/test_console_browser.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -18,7 +18,17 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_status import rpc_status
 from imagegate.v1 import admin_pb2, admin_pb2_grpc, images_pb2, images_pb2_grpc
 
-from gateway import errors, health, http_input, json_text, response_json, sse, telemetry, uploads
+from gateway import (
+    console,
+    errors,
+    health,
+    http_input,
+    json_text,
+    response_json,
+    sse,
+    telemetry,
+    uploads,
+)
 from gateway.config import GatewayConfig
 from gateway.request_json import InvalidJson, parse_request
 
@@ -94,6 +104,8 @@ def create_app(config: GatewayConfig) -> web.Application:
     for method, path, handler in ACCOUNT_ROUTES:
         route(method, path, handler, expect_handler=_expect)
     route("GET", "/openapi.json", openapi, expect_handler=_expect)
+    # The web console (aiohttp front only; Envoy routes /console to this front).
+    console.add_routes(app, front_call, config.trusted_proxies)
     # Every other method and path: the middleware answers 404/405 from ROUTES,
     # and aiohttp's own fallback (which answers 417 to an unknown Expect) never runs.
     route("*", "/{path:.*}", _unrouted, expect_handler=_expect)
@@ -446,9 +458,26 @@ def _route_check(request: web.Request) -> None:
 @web.middleware
 async def request_id_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[REQUEST_ID_KEY] = http_input.request_id(request.headers)
+    # The console's paths are its own (gateway/console.py), outside the REST surface.
+    routed = not console.is_console(_path(request))
+    response = await _answer(request, handler, routed=routed)
+    if not response.prepared:  # a stream has sent its headers (x-request-id among them)
+        response.headers[REQUEST_ID] = request[REQUEST_ID_KEY]
+    return response
+
+
+async def front_call(request: web.Request) -> web.StreamResponse:
+    """The REST surface's answer to `request` (a clone the console made): the
+    route check, the handler, and the error table, as for a request from outside."""
+    match = await request.app.router.resolve(request)
+    return await _answer(request, match.handler, routed=True)
+
+
+async def _answer(request: web.Request, handler: Handler, *, routed: bool) -> web.StreamResponse:
     try:
-        _route_check(request)
-        response = await handler(request)
+        if routed:
+            _route_check(request)
+        return await handler(request)
     except _Failure as failure:
         body = errors.error_body(failure.row, failure.message)
         response = _json_bytes(
@@ -456,16 +485,14 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
         )
         if failure.close:
             response.force_close()
+        return response
     except grpc.aio.AioRpcError as err:
-        response = _from_grpc(err)
+        return _from_grpc(err)
     except web.HTTPException as exc:
-        response = _from_http(request, exc)
+        return _from_http(request, exc)
     except Exception:
         log.exception("request %s failed in the front", request[REQUEST_ID_KEY])
-        response = _json_bytes(errors.INTERNAL.status, errors.error_body(errors.INTERNAL))
-    if not response.prepared:  # a stream has sent its headers (x-request-id among them)
-        response.headers[REQUEST_ID] = request[REQUEST_ID_KEY]
-    return response
+        return _json_bytes(errors.INTERNAL.status, errors.error_body(errors.INTERNAL))
 
 
 def _from_grpc(err: grpc.aio.AioRpcError) -> web.Response:

@@ -10,6 +10,7 @@ from settings.fields import (
     address_or_off,
     between,
     grpc_target,
+    networks,
     not_empty,
     port,
     positive,
@@ -101,6 +102,15 @@ class GatewayConfig:
                 f"{self.max_upload_bytes} is not below max_message_bytes "
                 f"({self.max_message_bytes}): an upload travels in one gRPC message",
             )
+    # The same setting as the service's (one variable): the console reads it too.
+    trusted_proxies: str = setting(
+        "127.0.0.0/8,::1/128",
+        "peers (comma-separated CIDRs) whose forwarded `Host` may set image URL hosts: "
+        "the aiohttp front and an Envoy on the same host; for the aiohttp front, the peers "
+        "whose `X-Forwarded-Proto: https` marks the console's cookie `Secure`",
+        check=networks,
+        metavar="CIDRS",
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **flags: object) -> GatewayConfig:

@@ -83,7 +83,8 @@ class Config:
     trusted_proxies: str = setting(
         "127.0.0.0/8,::1/128",
         "peers (comma-separated CIDRs) whose forwarded `Host` may set image URL hosts: "
-        "the aiohttp front and an Envoy on the same host",
+        "the aiohttp front and an Envoy on the same host; for the aiohttp front, the peers "
+        "whose `X-Forwarded-Proto: https` marks the console's cookie `Secure`",
         check=networks,
         metavar="CIDRS",
     )

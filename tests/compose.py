@@ -21,7 +21,7 @@ COMPOSE = REPO / "docker-compose.yml"
 ENVOY_YAML = REPO / "envoy.yaml"
 REPLICAS = ("imagegate-1", "imagegate-2")
 # The services built from this repository's Dockerfile.
-OWN_IMAGE = ("create-bucket", "migrate", *REPLICAS)
+OWN_IMAGE = ("create-bucket", "migrate", *REPLICAS, "console")
 _VARIABLE = re.compile(r"\$\$|\$\{(\w+)(?:(:?[-?])([^}]*))?\}|\$(\w+)")
 
 
@@ -81,9 +81,9 @@ def envoy_config() -> dict[str, Any]:
     return data
 
 
-def cluster_endpoints(config: dict[str, Any]) -> list[dict[str, Any]]:
-    """The socket addresses of the `imagegate` cluster, in order."""
-    [cluster] = [c for c in config["static_resources"]["clusters"] if c["name"] == "imagegate"]
+def cluster_endpoints(config: dict[str, Any], name: str = "imagegate") -> list[dict[str, Any]]:
+    """The socket addresses of a cluster (the replicas' by default), in order."""
+    [cluster] = [c for c in config["static_resources"]["clusters"] if c["name"] == name]
     return [
         endpoint["endpoint"]["address"]["socket_address"]
         for locality in cluster["load_assignment"]["endpoints"]

@@ -81,7 +81,7 @@ async def start_stack(
     if envoy:
         from tests.envoy_harness import envoy_front
 
-        cm = envoy_front(service.port)
+        cm = envoy_front(service.port, rest_port=bound_port(runner))
         fronts["envoy"] = await cm.__aenter__()
         closers.insert(0, lambda: cm.__aexit__(None, None, None))
     return Stack(service, fronts), closers

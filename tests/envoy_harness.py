@@ -32,6 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 ENVOY_YAML = REPO / "envoy.yaml"
 LISTENER = "openai_rest"
 CLUSTER = "imagegate"
+# The aiohttp front, where /console goes. Without a port of the test's, a closed one:
+# never whatever else listens on the machine's 8080.
+CONSOLE_CLUSTER = "console"
+NO_CONSOLE_PORT = 1
 READY_TIMEOUT_S = 30.0
 ADMIN_ADDRESS = "admin-address"
 
@@ -68,8 +72,10 @@ def patched_config(
     source: Path = ENVOY_YAML,
     grpc_host: str = "127.0.0.1",
     route_timeout_s: float | None = None,
+    rest_port: int | None = None,
 ) -> dict[str, Any]:
-    """The committed config with ports moved; optionally a shorter route timeout (for 504 tests)."""
+    """The committed config with ports moved (the console's cluster to the aiohttp front
+    on `rest_port`); optionally a shorter route timeout (for 504 tests)."""
     config: dict[str, Any] = yaml.safe_load(source.read_text())
     config["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=0)
     resources = config["static_resources"]
@@ -80,6 +86,12 @@ def patched_config(
     [endpoint] = locality["lb_endpoints"]
     endpoint["endpoint"]["address"]["socket_address"].update(
         address=grpc_host, port_value=grpc_port
+    )
+    console = _only(resources["clusters"], CONSOLE_CLUSTER)
+    [locality] = console["load_assignment"]["endpoints"]
+    [endpoint] = locality["lb_endpoints"]
+    endpoint["endpoint"]["address"]["socket_address"].update(
+        address="127.0.0.1", port_value=NO_CONSOLE_PORT if rest_port is None else rest_port
     )
     if route_timeout_s is not None:
         for route in _routes(listener):
@@ -128,9 +140,14 @@ class EnvoyFront:
         grpc_host: str = "127.0.0.1",
         route_timeout_s: float | None = None,
         concurrency: int = 1,
+        rest_port: int | None = None,
     ) -> EnvoyFront:
         config = patched_config(
-            grpc_port, source=source, grpc_host=grpc_host, route_timeout_s=route_timeout_s
+            grpc_port,
+            source=source,
+            grpc_host=grpc_host,
+            route_timeout_s=route_timeout_s,
+            rest_port=rest_port,
         )
         return await cls.from_config(config, concurrency=concurrency)
 
@@ -238,10 +255,16 @@ async def envoy_front(
     source: Path = ENVOY_YAML,
     grpc_host: str = "127.0.0.1",
     route_timeout_s: float | None = None,
+    rest_port: int | None = None,
 ) -> AsyncIterator[str]:
-    """Envoy in front of grpc_host:grpc_port for the duration; yields its base URL."""
+    """Envoy in front of grpc_host:grpc_port (and of the aiohttp front on `rest_port`, for
+    /console) for the duration; yields its base URL."""
     front = await EnvoyFront.start(
-        grpc_port, source=source, grpc_host=grpc_host, route_timeout_s=route_timeout_s
+        grpc_port,
+        source=source,
+        grpc_host=grpc_host,
+        route_timeout_s=route_timeout_s,
+        rest_port=rest_port,
     )
     try:
         yield front.base_url

@@ -67,9 +67,13 @@ def _local(env: dict[str, str], postgres_url: str, s3: MotoServer) -> dict[str, 
     return moved
 
 
-def _envoy_config(replicas: list[Replica], listener_port: int) -> dict[str, Any]:
-    """Compose's Envoy config: its endpoints (imagegate-1, -2) at the replicas' ports."""
+def _envoy_config(replicas: list[Replica], listener_port: int, console_port: int) -> dict[str, Any]:
+    """Compose's Envoy config: its endpoints (imagegate-1, -2) at the replicas' ports,
+    the console's at the console front's."""
     config = compose.envoy_config()
+    [console] = compose.cluster_endpoints(config, "console")
+    assert console["address"] == "console"
+    console.update(address="127.0.0.1", port_value=console_port)
     config["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=0)
     [listener] = config["static_resources"]["listeners"]
     listener["address"]["socket_address"].update(address="127.0.0.1", port_value=listener_port)
@@ -136,7 +140,16 @@ async def test_compose_topology_on_loopback(
         _replicas(postgres_url, tmp_path, env) as replicas,
         contextlib.AsyncExitStack() as stack,
     ):
-        envoy = await EnvoyFront.from_config(_envoy_config(replicas, envoy_port))
+        # The `console` service: serve-rest to both replicas (compose names them by
+        # one DNS name; here, by their two addresses).
+        command = services["console"]["command"]
+        assert command[:3] == ["imagegate", "serve-rest", "--grpc-target"]
+        both = "ipv4:" + ",".join(r.grpc_target for r in replicas)
+        console_front = await start_gateway(GatewayConfig(grpc_target=both), port=0)
+        stack.push_async_callback(console_front.cleanup)
+        envoy = await EnvoyFront.from_config(
+            _envoy_config(replicas, envoy_port, bound_port(console_front))
+        )
         stack.push_async_callback(envoy.stop)
         assert envoy.base_url == public
         fronts = []
@@ -171,6 +184,18 @@ async def test_compose_topology_on_loopback(
                 assert (image.status, image.headers["Content-Type"]) == (200, "image/png")
                 bodies.add(image.body)
             assert len(bodies) == 1
+
+        # The web console through Envoy, on the console's front: sign in, then the API.
+        page = await call("GET", f"{public}/console/")
+        assert page.status == 200 and "Content-Security-Policy" in page.headers
+        console_header = {"X-Imagegate-Console": "1", "Origin": public}
+        session = await call(
+            "POST", f"{public}/console/session", json_body={"key": key}, headers=console_header
+        )
+        assert session.status == 200 and session.json()["role"] == "account"
+        cookie = {"Cookie": session.headers["Set-Cookie"].split(";")[0]}
+        balance = await call("GET", f"{public}/console/api/v1/balance", headers=cookie)
+        assert balance.json()["balance_micros"] == str(1_000_000 - REQUESTS * 1000)
     assert len(await _bucket_keys(s3_server, bucket)) == len(before) + REQUESTS
 
 

@@ -295,17 +295,21 @@ def load(path: Path) -> dict[str, Any]:
 def addresses(config: dict[str, Any]) -> dict[str, tuple[str, int]]:
     resources = config["static_resources"]
     [listener] = resources["listeners"]
-    [cluster] = resources["clusters"]
-    [locality] = cluster["load_assignment"]["endpoints"]
-    [endpoint] = locality["lb_endpoints"]
+    assert [c["name"] for c in resources["clusters"]] == ["imagegate", "console"]
 
     def pair(address: dict[str, Any]) -> tuple[str, int]:
         return address["socket_address"]["address"], address["socket_address"]["port_value"]
 
+    def endpoint(name: str) -> tuple[str, int]:
+        [locality] = _only(resources["clusters"], name)["load_assignment"]["endpoints"]
+        [one] = locality["lb_endpoints"]
+        return pair(one["endpoint"]["address"])
+
     return {
         "listener": pair(listener["address"]),
         "admin": pair(config["admin"]["address"]),
-        "cluster": pair(endpoint["endpoint"]["address"]),
+        "cluster": endpoint("imagegate"),
+        "console": endpoint("console"),
     }
 
 
@@ -335,6 +339,7 @@ def test_committed_addresses_and_limits() -> None:
         "listener": ("127.0.0.1", 10000),
         "admin": ("127.0.0.1", 9901),
         "cluster": ("127.0.0.1", Config().grpc_port),
+        "console": ("127.0.0.1", GatewayConfig().rest_port),
     }
     t = transcoder(config)
     descriptor = Path(t["proto_descriptor"])
@@ -416,11 +421,12 @@ def test_openapi_is_served_from_the_same_file() -> None:
 
 def test_harness_moves_only_addresses() -> None:
     original = load(ENVOY_YAML)
-    patched = patched_config(12345)
+    patched = patched_config(12345, rest_port=23456)
     assert addresses(patched) == {
         "listener": ("127.0.0.1", 0),
         "admin": ("127.0.0.1", 0),
         "cluster": ("127.0.0.1", 12345),
+        "console": ("127.0.0.1", 23456),
     }
     for config in (original, patched):
         for address in (
@@ -428,10 +434,10 @@ def test_harness_moves_only_addresses() -> None:
             config["static_resources"]["listeners"][0]["address"],
         ):
             address["socket_address"]["port_value"] = None
-        cluster = config["static_resources"]["clusters"][0]
-        cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
-            "socket_address"
-        ]["port_value"] = None
+        for cluster in config["static_resources"]["clusters"]:
+            cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+                "socket_address"
+            ]["port_value"] = None
     assert patched == original
 
 
@@ -489,6 +495,7 @@ def test_compose_starts_each_service_after_what_it_needs() -> None:
         "create-bucket",
         "migrate",
         *compose.REPLICAS,
+        "console",
         "envoy",
     }
     for name in compose.REPLICAS:
@@ -502,7 +509,19 @@ def test_compose_starts_each_service_after_what_it_needs() -> None:
     assert services["migrate"]["depends_on"] == {"postgres": {"condition": HEALTHY}}
     assert services["migrate"]["command"] == ["imagegate", "migrate"]
     assert services["create-bucket"]["depends_on"] == {"minio": {"condition": HEALTHY}}
-    assert services["envoy"]["depends_on"] == {r: {"condition": HEALTHY} for r in compose.REPLICAS}
+    replicas_up = {r: {"condition": HEALTHY} for r in compose.REPLICAS}
+    assert services["console"]["depends_on"] == replicas_up
+    assert services["envoy"]["depends_on"] == {**replicas_up, "console": {"condition": HEALTHY}}
+    # The console's front reaches both replicas by the name they share.
+    assert services["console"]["command"] == [
+        "imagegate",
+        "serve-rest",
+        "--grpc-target",
+        "dns:///imagegate-grpc:50051",
+    ]
+    for name in compose.REPLICAS:
+        assert services[name]["networks"] == {"default": {"aliases": ["imagegate-grpc"]}}
+    assert "8080/readyz" in " ".join(services["console"]["healthcheck"]["test"])
     for name, service in services.items():
         for needed, how in service.get("depends_on", {}).items():
             if how["condition"] == HEALTHY:
@@ -575,6 +594,9 @@ def test_compose_ports_match_configs() -> None:
     assert compose.cluster_endpoints(compose.envoy_config()) == [
         {"address": name, "port_value": grpc_port} for name in compose.REPLICAS
     ]
+    assert compose.cluster_endpoints(compose.envoy_config(), "console") == [
+        {"address": "console", "port_value": GatewayConfig().rest_port}
+    ]
     for name in compose.REPLICAS:
         assert f"127.0.0.1:{grpc_port}" in " ".join(services[name]["healthcheck"]["test"])
     dockerfile = DOCKERFILE.read_text()
@@ -600,13 +622,18 @@ def test_compose_envoy_config_is_envoy_yaml_with_both_replicas(tmp_path: Path) -
     [listener] = config["static_resources"]["listeners"]
     assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 10000}
     assert config["admin"]["address"] == original["admin"]["address"]  # private to Envoy
-    [cluster] = config["static_resources"]["clusters"]
+    cluster = _only(config["static_resources"]["clusters"], "imagegate")
     # Found by name through compose's DNS; round robin over both (Envoy's default).
     assert cluster["type"] == "STRICT_DNS" and "lb_policy" not in cluster
+    # The console's cluster: compose's `console` service, the aiohttp front.
+    console = _only(config["static_resources"]["clusters"], "console")
+    [locality] = console["load_assignment"]["endpoints"]
+    assert [e["endpoint"]["address"]["socket_address"] for e in locality["lb_endpoints"]] == [
+        {"address": "console", "port_value": GatewayConfig().rest_port}
+    ]
     # Nothing else differs from what `make envoy` and the tests run.
     [listener["address"], original["static_resources"]["listeners"][0]["address"]] = [{}, {}]
-    [original_cluster] = original["static_resources"]["clusters"]
-    for c in (cluster, original_cluster):
+    for c in (*config["static_resources"]["clusters"], *original["static_resources"]["clusters"]):
         c.pop("type")
         c["load_assignment"]["endpoints"] = []
     assert config == original
