@@ -39,6 +39,9 @@ class GatewayConfig:
     rest_metrics_address: str = "127.0.0.1:9465"
     # After SIGTERM: how long requests in flight may take before they are cancelled.
     drain_grace_s: float = 25.0
+    # Spread calls over every address of grpc_target (`serve --workers N` gives each
+    # front all the service workers), rather than the first that answers.
+    grpc_round_robin: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> GatewayConfig:

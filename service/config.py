@@ -71,6 +71,9 @@ class Config:
     drain_grace_s: float = 25.0
     # Log lines as JSON objects, or "text" for a terminal.
     log_format: str = "json"
+    # `serve`: service and REST front processes of each kind (0: one per core; 1: both
+    # in this one process, no supervisor).
+    workers: int = 0
 
     @property
     def uses_postgres(self) -> bool:
