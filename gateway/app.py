@@ -82,7 +82,10 @@ def create_app(config: GatewayConfig) -> web.Application:
 async def _channel(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     size = config.max_message_bytes
-    options: list[tuple[str, object]] = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+    options: list[tuple[str, object]] = [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+    ]
     if config.grpc_round_robin:
         options.append(("grpc.lb_policy_name", "round_robin"))
     channel = grpc.aio.insecure_channel(config.grpc_target, options=options)

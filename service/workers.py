@@ -34,10 +34,11 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 from gateway.config import GatewayConfig
 from gateway.server import drain_gateway, start_gateway
@@ -189,8 +190,11 @@ class Supervisor:
         if ready:
             print(
                 f"imagegate: {worker.name} pid {process.pid} ready"
-                + (f" on 127.0.0.1:{self.plan.private_ports[worker.slot]}"
-                   if worker.role == SERVICE else ""),
+                + (
+                    f" on 127.0.0.1:{self.plan.private_ports[worker.slot]}"
+                    if worker.role == SERVICE
+                    else ""
+                ),
                 flush=True,
             )
         elif not self.stopping:
@@ -232,11 +236,13 @@ class Supervisor:
             task.cancel()
         live = [w for w in self.workers if w.alive]
         self._signal(live, signal.SIGTERM)
-        everyone = asyncio.gather(*(w.exited.wait() for w in live))
-        forced = asyncio.ensure_future(force.wait())
+        everyone: asyncio.Future[Any] = asyncio.gather(*(w.exited.wait() for w in live))
+        forced: asyncio.Future[Any] = asyncio.ensure_future(force.wait())
         deadline = self.plan.config.drain_grace_s + STOP_MARGIN_S
         try:
-            done, _ = await asyncio.wait({everyone, forced}, timeout=deadline, return_when="FIRST_COMPLETED")
+            done, _ = await asyncio.wait(
+                {everyone, forced}, timeout=deadline, return_when="FIRST_COMPLETED"
+            )
             if forced in done:
                 self._signal([w for w in live if w.alive], signal.SIGTERM)
                 await asyncio.wait({everyone}, timeout=STOP_MARGIN_S)
@@ -244,7 +250,9 @@ class Supervisor:
             forced.cancel()
         late = [w for w in live if w.alive]
         if late:
-            log.warning("killing %s: still running after the drain", ", ".join(w.name for w in late))
+            log.warning(
+                "killing %s: still running after the drain", ", ".join(w.name for w in late)
+            )
             self._signal(late, signal.SIGKILL)
             await asyncio.wait_for(everyone, STOP_MARGIN_S)
 
@@ -285,7 +293,7 @@ def _detach() -> None:
         sys.exit(1)
 
 
-def _run(plan: Plan, main: Callable[[], Awaitable[None]]) -> None:
+def _run(plan: Plan, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     _detach()
     logs.setup(plan.log_level, plan.config.log_format)
     shutdown = tracing.configure()
