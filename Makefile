@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev run test proto envoy lint bench clean
+.PHONY: install install-dev run test proto envoy lint bench bench-render clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,12 @@ lint: install-dev
 	$(BIN)/ruff check service gateway tests bench proto/generate.py
 	$(BIN)/mypy
 
+# Side by side on 127.0.0.1: the direct upstream, both fronts, gRPC and LiteLLM (about
+# 5 minutes; installs LiteLLM into bench/.venv on first use). Rewrites docs/benchmarks.md.
 bench: install-dev
+	$(BIN)/python bench/bench.py
+
+bench-render: install-dev
 	$(BIN)/python bench/bench_render.py
 
 clean:
