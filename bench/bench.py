@@ -53,7 +53,7 @@ class Timing:
 
 
 FULL = Timing(3.0, 2.5, 3.0, 3.0, (100, 250, 500, 1000, 1500, 2000, 3000, 4000, 6000, 8000))
-QUICK = Timing(0.5, 0.5, 0.5, 0.5, (100, 500))
+QUICK = Timing(0.5, 0.5, 0.5, 1.0, (100, 500))
 
 
 @dataclass
@@ -215,24 +215,24 @@ def run(targets: list[str], timing: Timing, workers: int) -> tuple[list[Result],
 def _bodies(work: Path) -> dict[str, Path]:
     from imagegate.v1 import images_pb2
 
-    def rest(model: str, n: int = 1) -> bytes:
-        body = {"model": model, "prompt": PROMPT, "size": "1024x1024", "n": n,
+    def rest(model: str, size: str = stack.SMALL_SIZE, n: int = 1) -> bytes:
+        body = {"model": model, "prompt": PROMPT, "size": size, "n": n,
                 "response_format": "b64_json"}  # fmt: skip
         return json.dumps(body).encode()
 
-    def grpc(model: str, n: int = 1) -> bytes:
+    def grpc(model: str, size: str = stack.SMALL_SIZE, n: int = 1) -> bytes:
         message: bytes = images_pb2.GenerateImagesRequest(
-            model=model, prompt=PROMPT, size="1024x1024", n=n, response_format="b64_json"
+            model=model, prompt=PROMPT, size=size, n=n, response_format="b64_json"
         ).SerializeToString()
         return struct.pack(">BI", 0, len(message)) + message
 
     contents = {
-        "fake": rest("bench-small"),
-        "fake_large": rest("bench-large", 4),
+        "fake": rest("bench-upstream"),
+        "fake_large": rest("bench-upstream", stack.LARGE_SIZE, 4),
         "rest": rest(stack.BENCH_MODEL),
-        "rest_large": rest(stack.LARGE_MODEL, 4),
+        "rest_large": rest(stack.BENCH_MODEL, stack.LARGE_SIZE, 4),
         "grpc": grpc(stack.BENCH_MODEL),
-        "grpc_large": grpc(stack.LARGE_MODEL, 4),
+        "grpc_large": grpc(stack.BENCH_MODEL, stack.LARGE_SIZE, 4),
     }
     paths = {}
     for name, content in contents.items():
@@ -255,14 +255,18 @@ def measure(target: Target, timing: Timing, cpus: str | None) -> Result:
     result = Result(target.key, target.label)
 
     def load(
-        request: Request, clients: int, seconds: float, rps_per_client: float | None = None
+        request: Request,
+        clients: int,
+        seconds: float,
+        rps_per_client: float | None = None,
+        count: int | None = None,
     ) -> Run:
         before = target.settled() if target.settled else 0
         # h2c: a few calls in flight per connection at fixed rates, as a gRPC client has.
         streams = 4 if not request.h1 and rps_per_client is not None else 1
         run = loadgen.h2load(
             request, clients=clients, seconds=seconds, rps_per_client=rps_per_client,
-            streams=streams, cpus=cpus,
+            streams=streams, cpus=cpus, count=count,
         )  # fmt: skip
         if target.settled is not None:
             settled = target.settled() - before
@@ -271,7 +275,8 @@ def measure(target: Target, timing: Timing, cpus: str | None) -> Result:
         result.errors += run.failed
         return run
 
-    load(target.small, clients=4, seconds=0.5)  # warm-up: connections, caches, JIT-less Python
+    # Warm-up: every worker's first requests (LiteLLM's first takes seconds).
+    load(target.small, clients=8, seconds=60, count=80)
     result.errors = 0
     seq = load(target.small, clients=1, seconds=timing.sequential_s)
     result.sequential = {"p50_ms": seq.p50_ms, "p99_ms": seq.p99_ms, "rps": seq.rps}

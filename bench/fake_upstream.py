@@ -1,9 +1,10 @@
 """A zero-latency upstream in OpenAI's images wire format, for the bench.
 
 `POST /v1/images/generations` answers at once with n copies of a fixed PNG,
-whatever the size asked: about 1 KB, or about 1.5 MB for the upstream model
-`bench-large` (the large-payload case). The answers are encoded once at start,
-so the figures measure the gateway in front, not this server. `GET /ping` is a
+whatever the model: about 1 KB, or about 1.5 MB when the size asked is
+1792x1024 (the large-payload case; every other size gets the small one). The
+answers are encoded once at start, so the figures measure the gateway in front,
+not this server. `GET /ping` is a
 bare aiohttp handler: the load generator's ceiling against a Python server.
 
     python bench/fake_upstream.py PORT
@@ -22,7 +23,7 @@ from PIL import Image
 
 SMALL_SIDE = 16  # 16x16 noise: a PNG of about 1 KB
 LARGE_SIDE = 700  # 700x700 noise: about 1.5 MB (noise does not compress)
-LARGE_MODEL = "bench-large"
+LARGE_SIZE = "1792x1024"
 
 
 def noise_png(side: int, seed: int) -> bytes:
@@ -50,7 +51,7 @@ def app() -> web.Application:
 
     async def generations(request: web.Request) -> web.Response:
         asked = await request.json()
-        size = "large" if asked.get("model") == LARGE_MODEL else "small"
+        size = "large" if asked.get("size") == LARGE_SIZE else "small"
         n = min(10, max(1, int(asked.get("n") or 1)))
         return web.Response(body=bodies[(size, n)], content_type="application/json")
 

@@ -63,9 +63,11 @@ def h2load(
     rps_per_client: float | None = None,
     streams: int = 1,
     cpus: str | None = None,
+    count: int | None = None,
 ) -> Run:
     """Closed loop (each client sends its next request when the last is answered), or at
-    `rps_per_client` per client; for `seconds` after a short warm-up."""
+    `rps_per_client` per client; for `seconds` after a short warm-up, or `count`
+    requests (then `seconds` only bounds the wait)."""
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "requests.log"
         args = [
@@ -73,10 +75,12 @@ def h2load(
             "h2load",
             "-c", str(clients),
             "-m", str(streams),
-            "-D", f"{round(seconds * 1000)}ms",
-            "--warm-up-time", "300ms",
             f"--log-file={log}",
         ]  # fmt: skip
+        if count is not None:
+            args += ["-n", str(count)]
+        else:
+            args += ["-D", f"{round(seconds * 1000)}ms", "--warm-up-time", "300ms"]
         if request.h1:
             args.append("--h1")
         if rps_per_client is not None:

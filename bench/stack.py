@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH_MODEL, LARGE_MODEL = "bench", "bench-large"
+BENCH_MODEL = "bench"
+# The fake answers this size with ~1.5 MB images, any other with ~1 KB.
+SMALL_SIZE, LARGE_SIZE = "1024x1024", "1792x1024"
 PRICE_MICROS = 1000
 CREDIT_MICROS = 10**12  # $1M: the most one operation may add
 READY_RE = re.compile(r"imagegate: (service|front)-(\d+) pid (\d+) ready(?: on (\S+))?")
@@ -31,42 +33,40 @@ def free_port() -> int:
 
 
 def catalog_toml(fake_port: int) -> str:
-    """The fake as an `openai_compatible` provider; `bench` answers ~1 KB, `bench-large`
-    ~1.5 MB per image. Priced, so that every call reserves and settles."""
-    models = []
-    for model, upstream in ((BENCH_MODEL, "bench-small"), (LARGE_MODEL, "bench-large")):
-        models.append(f"""
-[models.{model}]
-routes = [{{ provider = "fake", upstream_model = "{upstream}" }}]
-sizes = ["1024x1024"]
-default_size = "1024x1024"
-qualities = ["standard"]
-default_quality = "standard"
-n_max = 10
-prompt_max_chars = 1000
-output_formats = ["png"]
-prices = {{ standard = {{ "1024x1024" = {PRICE_MICROS} }} }}
-""")
+    """The fake as an `openai_compatible` provider, for the model `bench`. Priced, so
+    that every call reserves and settles."""
     return f"""
 [providers.fake]
 kind = "openai_compatible"
 base_url = "http://127.0.0.1:{fake_port}/v1"
 max_n = 10
 timeout_s = 30
-{"".join(models)}"""
+
+[models.{BENCH_MODEL}]
+routes = [{{ provider = "fake", upstream_model = "bench-upstream" }}]
+sizes = ["{SMALL_SIZE}", "{LARGE_SIZE}"]
+default_size = "{SMALL_SIZE}"
+qualities = ["standard"]
+default_quality = "standard"
+n_max = 10
+prompt_max_chars = 1000
+output_formats = ["png"]
+prices = {{ standard = {{ "{SMALL_SIZE}" = {PRICE_MICROS}, "{LARGE_SIZE}" = {PRICE_MICROS} }} }}
+"""
 
 
 def litellm_yaml(fake_port: int) -> str:
-    entries = "".join(
-        f"""  - model_name: {model}
+    """LiteLLM's `bench` passes through to the fake as OpenAI's dall-e-2 (a model it knows
+    takes response_format, n and size; the fake answers any model the same)."""
+    return f"""model_list:
+  - model_name: {BENCH_MODEL}
     litellm_params:
-      model: openai/{upstream}
+      model: openai/dall-e-2
       api_base: http://127.0.0.1:{fake_port}/v1
       api_key: unused
+general_settings:
+  master_key: {LITELLM_KEY}
 """
-        for model, upstream in ((BENCH_MODEL, "bench-small"), (LARGE_MODEL, "bench-large"))
-    )
-    return f"model_list:\n{entries}general_settings:\n  master_key: {LITELLM_KEY}\n"
 
 
 LITELLM_KEY = "sk-bench-litellm-master"

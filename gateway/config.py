@@ -51,6 +51,9 @@ class GatewayConfig:
         for name, default in config.__dict__.items():
             raw = env.get(f"IMAGEGATE_{name.upper()}")
             if raw:
-                values[name] = type(default)(raw)
+                is_bool = isinstance(default, bool)
+                values[name] = (
+                    raw.lower() in ("1", "true", "yes", "on") if is_bool else type(default)(raw)
+                )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return replace(config, **values)

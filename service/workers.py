@@ -131,6 +131,12 @@ async def supervise(
     )
     if prepare is not None:
         await prepare(rest_url)
+    if not config.redis_url:
+        log.info(
+            "per-key limits are counted in each of the %d service workers: "
+            "IMAGEGATE_REDIS_URL shares them",
+            count,
+        )
     stop, force = stop_signals()
     with multiprocess_metrics():
         supervisor = Supervisor(plan, count)
