@@ -114,6 +114,7 @@ def chart(out: Path, results: Sequence[Result]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     for r in results:
@@ -125,6 +126,9 @@ def chart(out: Path, results: Sequence[Result]) -> None:
     for ax, q in zip(axes, ("p50", "p99"), strict=True):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(ticker.ScalarFormatter())
+            axis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel("offered load, req/s")
         ax.set_ylabel(f"{q} latency, ms")
         ax.axhline(50, color="grey", linestyle=":", linewidth=1)
@@ -169,8 +173,10 @@ run by `make bench` ([bench/bench.py](../bench/bench.py)).{quick}
   at saturation the latencies are understated, and the achieved rate says so).
   Percentiles from h2load's per-request log. "Sequential" is one client, one
   request at a time. The highest rate with p99 < 50 ms is the highest step of
-  {_rates(results)} req/s that held p99 under 50 ms with the achieved rate within
-  10% of the offered one. Closed loop: 32 connections.
+  {_rates(results)} req/s up to which every step held p99 under 50 ms with the
+  achieved rate within 10% of the offered one; the steps go on past it (for the
+  chart) until the achieved rate falls under 70% of the offered one or p99
+  passes 1 s. Closed loop: 32 connections.
 - CPU per request: user + system time of each process group (all its workers
   summed) over the fixed-rate step named, divided by the requests answered.
   Peak RSS: the largest VmHWM among a group's processes, reset before the
