@@ -20,7 +20,11 @@ import grpc
 from imagegate.v1 import images_pb2, images_pb2_grpc
 
 from service.catalog import load_catalog
+from tests.fakes.base import Fault
 from tests.ops_kit import held_count, poll, scrape
+from tests.providers_harness import UNIT_PRICE
+from tests.test_drain import CREDIT, Setup, generate, money
+from tests.test_drain import setup as setup  # the fixture: a slow upstream, an account
 
 KEY_RE = re.compile(r"sk-[A-Za-z0-9_-]{20,}")
 READY_RE = re.compile(r"imagegate: (service|front)-(\d+) pid (\d+) ready(?: on (\S+))?")
@@ -59,8 +63,11 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def serve_workers(tmp: Path) -> AsyncIterator[Served]:
-    """`imagegate serve --workers 2 --demo`; the test ends it (SIGTERM), else it is killed."""
+async def serve_workers(
+    tmp: Path, *flags: str, data_dir: Path | None = None, demo: bool = True
+) -> AsyncIterator[Served]:
+    """`imagegate serve --workers 2 [--demo]`; the test ends it (SIGTERM), else it is killed."""
+    data_dir = data_dir or tmp / "data"
     rest, grpc_port, metrics = _free_port(), _free_port(), _free_port()
     with (tmp / "serve.log").open("wb") as err:
         process = await asyncio.create_subprocess_exec(
@@ -70,9 +77,10 @@ async def serve_workers(tmp: Path) -> AsyncIterator[Served]:
             "serve",
             "--workers",
             "2",
-            "--demo",
+            *(["--demo"] if demo else []),
+            *flags,
             "--data-dir",
-            str(tmp / "data"),
+            str(data_dir),
             "--rest-port",
             str(rest),
             "--grpc-port",
@@ -87,7 +95,7 @@ async def serve_workers(tmp: Path) -> AsyncIterator[Served]:
     stdout = process.stdout
     served = Served(
         process, f"http://127.0.0.1:{rest}", f"http://127.0.0.1:{metrics}/metrics",
-        tmp / "data" / "imagegate.db", "",
+        data_dir / "imagegate.db", "",
     )  # fmt: skip
 
     async def read() -> None:
@@ -102,9 +110,10 @@ async def serve_workers(tmp: Path) -> AsyncIterator[Served]:
             return any("Ctrl-C stops" in line for line in served.output)
 
         await poll(started, timeout_s=90)
-        key = KEY_RE.search("".join(served.output))
-        assert key, served.output
-        served.key = key.group()
+        if demo:
+            key = KEY_RE.search("".join(served.output))
+            assert key, served.output
+            served.key = key.group()
         yield served
     finally:
         if process.returncode is None:
@@ -216,3 +225,21 @@ async def test_one_scrape_counts_every_worker(tmp_path: Path) -> None:
         assert scraped.value("imagegate_images_generated_total", model="local") == 8
         assert scraped.value("imagegate_ready") == 1
         await _sigterm_exits_0(served)
+
+
+async def test_sigterm_lets_every_worker_finish_its_request(setup: Setup, tmp_path: Path) -> None:
+    setup.fake.stall_s = 3.0
+    setup.fake.inject(Fault.STALL)  # the upstream answers after 3 s
+    flags = ("--catalog", str(setup.catalog), "--drain-grace", "30")
+    async with serve_workers(tmp_path, *flags, data_dir=setup.data_dir, demo=False) as served:
+        pending = [generate(setup, served.rest) for _ in range(4)]
+
+        async def all_held() -> bool:  # every request in a worker before the signal
+            return await asyncio.to_thread(held_count, setup.db) == 4
+
+        await poll(all_held)
+        served.process.send_signal(signal.SIGTERM)
+        replies = await asyncio.gather(*pending)
+        assert [r.status for r in replies] == [200] * 4, [r.body[:200] for r in replies]
+        assert await asyncio.wait_for(served.process.wait(), 60) == 0
+    assert money(setup.db) == (CREDIT - 4 * UNIT_PRICE, CREDIT - 4 * UNIT_PRICE, 0)
