@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -199,7 +200,14 @@ def run(targets: list[str], timing: Timing, workers: int) -> tuple[list[Result],
                     lambda: {"envoy": [envoy_pid], "service": gate.services, "fake": [fake.pid]},
                 )  # fmt: skip
         if "litellm" in targets:
-            litellm, litellm_url = stack.start_litellm(work, fake_port, workers)
+            try:
+                litellm, litellm_url = stack.start_litellm(work, fake_port, workers)
+            except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+                # No registry, or it would not start: the others are still worth a report.
+                print(f"bench: LiteLLM not measured: {exc}", file=sys.stderr, flush=True)
+                machine["skipped"] = f"LiteLLM: {str(exc).splitlines()[0]}"
+                targets = [t for t in targets if t != "litellm"]
+        if "litellm" in targets:
             ex.callback(litellm.stop)
             pin(stack.descendants(litellm.pid), server_cpus)
             lite_h = (*json_h, f"authorization: Bearer {stack.LITELLM_KEY}")

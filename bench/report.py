@@ -193,7 +193,7 @@ Run {machine.get("date")}, {machine.get("duration_s")} s. The machine may be sha
 compare the rows of one run with each other, not with another run's.
 
 ## Results
-
+{_skipped(machine)}
 {table(machine, results)}
 
 ![p50 and p99 latency against offered load]({CHART})
@@ -237,3 +237,8 @@ def _pinned(cpus: str | None) -> str:
     if cpus:
         return f"pinned to cpu {cpus}" if "," not in cpus else f"pinned to cpus {cpus}"
     return "not pinned (with fewer than 4 cores, the servers share them all)"
+
+
+def _skipped(machine: dict[str, Any]) -> str:
+    skipped = machine.get("skipped")
+    return f"\nNot measured in this run: {skipped}\n" if skipped else ""
