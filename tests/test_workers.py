@@ -243,3 +243,23 @@ async def test_sigterm_lets_every_worker_finish_its_request(setup: Setup, tmp_pa
         assert [r.status for r in replies] == [200] * 4, [r.body[:200] for r in replies]
         assert await asyncio.wait_for(served.process.wait(), 60) == 0
     assert money(setup.db) == (CREDIT - 4 * UNIT_PRICE, CREDIT - 4 * UNIT_PRICE, 0)
+
+
+async def test_a_busy_port_stops_them_all_with_a_message(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        args = [
+            sys.executable, "-m", "service.cli", "serve", "--workers", "2",
+            "--data-dir", str(tmp_path), "--rest-port", str(busy.getsockname()[1]),
+            "--grpc-port", str(_free_port()), "--metrics-address", "off",
+        ]  # fmt: skip
+        process = await asyncio.create_subprocess_exec(
+            *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 1, out.decode()
+    assert "address already in use" in err.decode() and "Traceback" not in err.decode()
+    # The service workers that did start were stopped with the supervisor.
+    for m in READY_RE.finditer(out.decode()):
+        assert _gone(int(m[3]))
