@@ -229,7 +229,7 @@ async def test_one_scrape_counts_every_worker(tmp_path: Path) -> None:
 
 async def test_sigterm_lets_every_worker_finish_its_request(setup: Setup, tmp_path: Path) -> None:
     setup.fake.stall_s = 3.0
-    setup.fake.inject(Fault.STALL)  # the upstream answers after 3 s
+    setup.fake.inject(*[Fault.STALL] * 4)  # the upstream answers each after 3 s
     flags = ("--catalog", str(setup.catalog), "--drain-grace", "30")
     async with serve_workers(tmp_path, *flags, data_dir=setup.data_dir, demo=False) as served:
         pending = [generate(setup, served.rest) for _ in range(4)]
