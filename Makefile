@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev run test proto docs envoy lint bench screenshots clean
+.PHONY: install install-dev run test proto docs envoy lint bench bench-render screenshots clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,7 +45,12 @@ lint: install-dev
 	$(BIN)/ruff check service gateway settings tests bench proto/generate.py
 	$(BIN)/mypy
 
+# Side by side on 127.0.0.1: the direct upstream, both fronts, gRPC and LiteLLM (about
+# 5 minutes; installs LiteLLM into bench/.venv on first use). Rewrites docs/benchmarks.md.
 bench: install-dev
+	$(BIN)/python bench/bench.py
+
+bench-render: install-dev
 	$(BIN)/python bench/bench_render.py
 
 # The web console's pages, light and dark and at 375 px, as its browser tests see them.

@@ -115,10 +115,13 @@ def create_app(config: GatewayConfig) -> web.Application:
 async def _channel(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     size = config.max_message_bytes
-    channel = grpc.aio.insecure_channel(
-        config.grpc_target,
-        options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
-    )
+    options: list[tuple[str, object]] = [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+    ]
+    if config.grpc_round_robin:
+        options.append(("grpc.lb_policy_name", "round_robin"))
+    channel = grpc.aio.insecure_channel(config.grpc_target, options=options)
     app[STUB] = images_pb2_grpc.ImageServiceStub(channel)
     app[ADMIN_STUB] = admin_pb2_grpc.AdminServiceStub(channel)
     app[health.STUB] = health_pb2_grpc.HealthStub(channel)

@@ -93,15 +93,6 @@ class GatewayConfig:
         "cancelled and released",
         check=between(0),
     )
-
-    def conflicts(self) -> Iterator[tuple[str, str]]:
-        """Settings valid alone but not together."""
-        if self.max_upload_bytes >= self.max_message_bytes:
-            yield (
-                "max_upload_bytes",
-                f"{self.max_upload_bytes} is not below max_message_bytes "
-                f"({self.max_message_bytes}): an upload travels in one gRPC message",
-            )
     # The same setting as the service's (one variable): the console reads it too.
     trusted_proxies: str = setting(
         "127.0.0.0/8,::1/128",
@@ -111,6 +102,22 @@ class GatewayConfig:
         check=networks,
         metavar="CIDRS",
     )
+    # `serve --workers N` sets it for its fronts, which dial every service worker.
+    grpc_round_robin: bool = setting(
+        False,
+        "`serve-rest`: spread calls over every address `grpc_target` resolves to, rather "
+        "than the first that answers",
+        commands=REST_ONLY,
+    )
+
+    def conflicts(self) -> Iterator[tuple[str, str]]:
+        """Settings valid alone but not together."""
+        if self.max_upload_bytes >= self.max_message_bytes:
+            yield (
+                "max_upload_bytes",
+                f"{self.max_upload_bytes} is not below max_message_bytes "
+                f"({self.max_message_bytes}): an upload travels in one gRPC message",
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **flags: object) -> GatewayConfig:

@@ -13,12 +13,17 @@ from gateway.protocol import make_runner
 from gateway.telemetry import LIFECYCLE
 
 
-async def start_gateway(config: GatewayConfig, port: int | None = None) -> web.AppRunner:
-    """Start on config.host:port (config.rest_port by default; 0 picks a free port)."""
+async def start_gateway(
+    config: GatewayConfig, port: int | None = None, *, reuse_port: bool = False
+) -> web.AppRunner:
+    """Start on config.host:port (config.rest_port by default; 0 picks a free port).
+    `reuse_port`: several front processes of `serve --workers N` share the port."""
     log_redaction.install()
     runner = make_runner(create_app(config), config)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.rest_port if port is None else port)
+    site = web.TCPSite(
+        runner, config.host, config.rest_port if port is None else port, reuse_port=reuse_port
+    )
     await site.start()
     return runner
 

@@ -9,7 +9,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -18,17 +17,18 @@ from typing import Any, TypeAlias
 
 # The CLI is the one place the two halves meet: `serve` runs both in one process.
 from gateway.server import bound_port, drain_gateway, start_gateway
-from service import logs, tracing
+from service import logs, tracing, workers
 from service.admin import Admin, ModelInfo, model_infos, route_text
 from service.admin_http import Refresh, start_admin
 from service.catalog import load_catalog
 from service.config import Config
 from service.config_commands import add_config_commands, load_config, load_front, settings_table
 from service.errors import ImagegateError
+from service.lifecycle import stop_signals
 from service.links import url_host
 from service.money import format_usd, usd_to_micros
 from service.providers.registry import build_registry
-from service.server import Service, open_store, start_service
+from service.server import open_store, start_service
 from service.store.base import (
     AccountExists,
     KeyLimits,
@@ -103,7 +103,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.set_defaults(front=False, environment=True)
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    serve = _command(sub, "serve", _serve, "Run gRPC and the REST front in one process.")
+    serve = _command(
+        sub,
+        "serve",
+        _serve,
+        "Run gRPC and the REST front: N processes of each under one supervisor, or both "
+        "in one process with --workers 1.",
+    )
     add_flags(serve, table, "serve")
     serve.set_defaults(front=True)
     serve.add_argument(
@@ -295,8 +301,23 @@ async def _store(args: argparse.Namespace) -> AsyncIterator[Store]:
 
 async def _serve(args: argparse.Namespace) -> int:
     config, gateway_config = _config(args), args.front_config
+    count = config.workers or workers.default_workers()
+    if count > 1:
+
+        async def prepare(rest_url: str) -> None:
+            if args.demo:
+                async with _store(args) as store:
+                    await _demo(store, rest_url)
+
+        return await workers.supervise(
+            config,
+            replace(gateway_config, drain_grace_s=config.drain_grace_s),
+            count,
+            config.log_level,
+            prepare,
+        )
     rest_url = f"http://{url_host(gateway_config.host)}:{gateway_config.rest_port}"
-    stop, force = _signals()
+    stop, force = stop_signals()
     async with contextlib.AsyncExitStack() as stack:
         stack.enter_context(_tracing())
         service = await start_service(config, rest_url=rest_url)
@@ -312,7 +333,7 @@ async def _serve(args: argparse.Namespace) -> int:
         rest_url = f"http://{url_host(gateway_config.host)}:{bound_port(runner)}"
         service.links.fallback_url = rest_url
         if args.demo:
-            await _demo(service, rest_url)
+            await _demo(service.store, rest_url)
         print(
             f"imagegate: REST on {rest_url}, gRPC on {config.host}:{service.port}. Ctrl-C stops.",
             flush=True,
@@ -325,7 +346,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 async def _serve_grpc(args: argparse.Namespace) -> int:
     config = _config(args)
-    stop, force = _signals()
+    stop, force = stop_signals()
     async with contextlib.AsyncExitStack() as stack:
         stack.enter_context(_tracing())
         # No front in this process: image URLs for gRPC callers point at the default
@@ -341,7 +362,7 @@ async def _serve_grpc(args: argparse.Namespace) -> int:
 
 async def _serve_rest(args: argparse.Namespace) -> int:
     config = args.front_config
-    stop, force = _signals()
+    stop, force = stop_signals()
     async with contextlib.AsyncExitStack() as stack:
         stack.enter_context(_tracing())
         runner = await start_gateway(config)
@@ -357,22 +378,6 @@ async def _serve_rest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _signals() -> tuple[asyncio.Event, asyncio.Event]:
-    """(stop, force): the first SIGTERM or SIGINT starts the drain, the next one ends it."""
-    stop, force = asyncio.Event(), asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def received(name: str) -> None:
-        if stop.is_set():
-            log.warning("%s again: cancelling what is still in flight", name)
-            force.set()
-        else:
-            log.info("%s: draining", name)
-            stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, received, sig.name)
-    return stop, force
 
 
 @contextlib.contextmanager
@@ -395,8 +400,7 @@ async def _admin(
         stack.push_async_callback(runner.cleanup)
 
 
-async def _demo(service: Service, rest_url: str) -> None:
-    store = service.store
+async def _demo(store: Store, rest_url: str) -> None:
     if await store.get_account(DEMO_ACCOUNT) is not None:
         print(
             f"imagegate: the '{DEMO_ACCOUNT}' account exists already; its key was shown when "

@@ -202,6 +202,13 @@ class Config:
         commands=EVERY_COMMAND,
         metavar="{" + ",".join(LOG_LEVELS) + "}",
     )
+    workers: int = setting(
+        0,
+        "`serve`: service and REST front processes of each kind under one supervisor; "
+        "`0`: one per core; `1`: both in this one process, no supervisor",
+        check=between(0),
+        commands=("serve",),
+    )
 
     def conflicts(self) -> Iterator[tuple[str, str]]:
         """Settings valid alone but not together."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 
 from grpc_health.v1 import health, health_pb2
 from imagegate.v1 import admin_pb2, images_pb2
@@ -108,3 +109,21 @@ class InFlight:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*calls, return_exceptions=True)
+
+
+def stop_signals() -> tuple[asyncio.Event, asyncio.Event]:
+    """(stop, force): the first SIGTERM or SIGINT starts the drain, the next one ends it."""
+    stop, force = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def received(name: str) -> None:
+        if stop.is_set():
+            log.warning("%s again: cancelling what is still in flight", name)
+            force.set()
+        else:
+            log.info("%s: draining", name)
+            stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, received, sig.name)
+    return stop, force

@@ -138,6 +138,8 @@ async def start_service(
     *,
     env: Mapping[str, str] | None = None,
     kind_modules: Mapping[str, str] = KIND_MODULES,
+    private_port: int | None = None,
+    reuse_port: bool = False,
 ) -> Service:
     """Start on config.host:port (config.grpc_port by default; 0 picks a free port).
 
@@ -145,6 +147,8 @@ async def start_service(
     public URL nor a trusted proxy says otherwise. `env` is where provider
     credentials come from (os.environ by default), read once here;
     `kind_modules` maps provider kinds to adapter modules (tests add fakes).
+    A worker of `serve --workers N` shares its port with the others (`reuse_port`)
+    and also listens on 127.0.0.1:`private_port`, its own, for the REST fronts.
     """
     catalog = load_catalog(config.catalog)
     links = LinkBase(config.public_url, parse_networks(config.trusted_proxies), rest_url)
@@ -204,6 +208,8 @@ async def start_service(
             readiness,
             calls,
             AdminServicer(admin),
+            private_port=private_port,
+            reuse_port=reuse_port,
         )
         await server.start()
     except BaseException:
@@ -321,10 +327,15 @@ async def create_server(
     readiness: Readiness | None = None,
     calls: InFlight | None = None,
     admin: AdminServicer | None = None,
+    *,
+    private_port: int | None = None,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
     readiness = readiness or Readiness()
+    # Several workers on one port: the kernel spreads connections over them.
+    reuse = [("grpc.so_reuseport", 1)] if reuse_port else []
     server = grpc.aio.server(
-        options=message_size_options(config.max_message_bytes),
+        options=message_size_options(config.max_message_bytes) + reuse,
         # The observer outermost: it also records calls the codec refuses.
         interceptors=[Observer(calls or InFlight()), MessageCodec()],
     )
@@ -346,6 +357,8 @@ async def create_server(
     bound = server.add_insecure_port(bind_address(config.host, port))
     if bound == 0:
         raise OSError(f"cannot bind gRPC to {config.host}:{port}")
+    if private_port is not None and server.add_insecure_port(f"127.0.0.1:{private_port}") == 0:
+        raise OSError(f"cannot bind gRPC to 127.0.0.1:{private_port}")
     return server, bound
 
 

@@ -31,6 +31,8 @@ _names = itertools.count()
 # port: several run at once, and the machine's 9464/9465 may be taken.
 os.environ.setdefault("IMAGEGATE_METRICS_ADDRESS", "127.0.0.1:0")
 os.environ.setdefault("IMAGEGATE_REST_METRICS_ADDRESS", "127.0.0.1:0")
+# `serve` in one process (service and front together) unless a test asks for workers.
+os.environ.setdefault("IMAGEGATE_WORKERS", "1")
 
 
 def service_config(data_dir: Path, **overrides: object) -> Config:

@@ -13,6 +13,8 @@ GRPC_EDGE = {
     "grpc_errors.py",
     "server.py",
     "cli.py",
+    # `serve --workers N`: spawns service and front processes, as cli.py runs both.
+    "workers.py",
     # The interceptor, the health service and the /metrics listener (aiohttp).
     "grpc_observe.py",
     "lifecycle.py",

@@ -1,0 +1,265 @@
+"""`imagegate serve --workers 2`, as a user runs it: two service processes and two REST
+fronts on shared ports under one supervisor, on one SQLite database."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import sqlite3
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import grpc
+from imagegate.v1 import images_pb2, images_pb2_grpc
+
+from service.catalog import load_catalog
+from tests.fakes.base import Fault
+from tests.ops_kit import held_count, poll, scrape
+from tests.providers_harness import UNIT_PRICE
+from tests.test_drain import CREDIT, Setup, generate, money
+from tests.test_drain import setup as setup  # the fixture: a slow upstream, an account
+
+KEY_RE = re.compile(r"sk-[A-Za-z0-9_-]{20,}")
+READY_RE = re.compile(r"imagegate: (service|front)-(\d+) pid (\d+) ready(?: on (\S+))?")
+DEMO_CREDIT = 5_000_000
+PRICE = load_catalog(None).models["local"].prices[("256x256", "standard")]
+BODY = {
+    "model": "local",
+    "prompt": "a lighthouse",
+    "size": "256x256",
+    "response_format": "b64_json",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Served:
+    process: asyncio.subprocess.Process
+    rest: str
+    metrics: str
+    db: Path
+    key: str
+    output: list[str] = field(default_factory=list)
+
+    def ready(self) -> dict[str, tuple[int, str | None]]:
+        """The latest ready line of each worker: name -> (pid, private address)."""
+        found: dict[str, tuple[int, str | None]] = {}
+        for line in self.output:
+            if m := READY_RE.search(line):
+                found[f"{m[1]}-{m[2]}"] = (int(m[3]), m[4])
+        return found
+
+
+@contextlib.asynccontextmanager
+async def serve_workers(
+    tmp: Path, *flags: str, data_dir: Path | None = None, demo: bool = True
+) -> AsyncIterator[Served]:
+    """`imagegate serve --workers 2 [--demo]`; the test ends it (SIGTERM), else it is killed."""
+    data_dir = data_dir or tmp / "data"
+    rest, grpc_port, metrics = _free_port(), _free_port(), _free_port()
+    with (tmp / "serve.log").open("wb") as err:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--workers",
+            "2",
+            *(["--demo"] if demo else []),
+            *flags,
+            "--data-dir",
+            str(data_dir),
+            "--rest-port",
+            str(rest),
+            "--grpc-port",
+            str(grpc_port),
+            "--metrics-address",
+            f"127.0.0.1:{metrics}",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=err,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    assert process.stdout is not None
+    stdout = process.stdout
+    served = Served(
+        process, f"http://127.0.0.1:{rest}", f"http://127.0.0.1:{metrics}/metrics",
+        data_dir / "imagegate.db", "",
+    )  # fmt: skip
+
+    async def read() -> None:
+        while line := await stdout.readline():
+            served.output.append(line.decode())
+
+    reader = asyncio.create_task(read())
+    try:
+
+        async def started() -> bool:
+            assert process.returncode is None, (tmp / "serve.log").read_text()[-3000:]
+            return any("Ctrl-C stops" in line for line in served.output)
+
+        await poll(started, timeout_s=90)
+        if demo:
+            key = KEY_RE.search("".join(served.output))
+            assert key, served.output
+            served.key = key.group()
+        yield served
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        reader.cancel()
+
+
+async def _generate(session: aiohttp.ClientSession, served: Served) -> int:
+    async with session.post(
+        served.rest + "/v1/images/generations",
+        json=BODY,
+        headers={"Authorization": f"Bearer {served.key}"},
+    ) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def _burst(served: Served, count: int) -> list[int]:
+    """`count` generations at once, each on its own connection (so both fronts get some)."""
+    connector = aiohttp.TCPConnector(force_close=True, limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        return list(await asyncio.gather(*(_generate(session, served) for _ in range(count))))
+
+
+def _money(db: Path) -> tuple[int, int, int, int]:
+    """(balance, ledger sum, settled reservations, their cost) of the demo account."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        (balance,) = conn.execute(
+            "SELECT balance_micros FROM accounts WHERE name='demo'"
+        ).fetchone()
+        (ledger,) = conn.execute("SELECT SUM(delta_micros) FROM ledger").fetchone()
+        settled, cost = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(cost_micros), 0) FROM reservations "
+            "WHERE status = 'settled'"
+        ).fetchone()
+    return int(balance), int(ledger), int(settled), int(cost)
+
+
+async def _sigterm_exits_0(served: Served) -> None:
+    served.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(served.process.wait(), 60) == 0
+    # Every worker ended with the supervisor.
+    for pid, _ in served.ready().values():
+        assert _gone(pid), pid
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+async def test_concurrent_generations_are_charged_once_each(tmp_path: Path) -> None:
+    async with serve_workers(tmp_path) as served:
+        assert set(served.ready()) == {"service-0", "service-1", "front-0", "front-1"}
+        statuses = await _burst(served, 60)
+        assert statuses == [200] * 60
+        balance, ledger, settled, cost = await asyncio.to_thread(_money, served.db)
+        assert settled == 60 and cost == 60 * PRICE
+        assert balance == ledger == DEMO_CREDIT - 60 * PRICE
+        assert await asyncio.to_thread(held_count, served.db) == 0
+        # Both fronts' requests, and both services' calls, in the supervisor's one scrape.
+        scraped = await scrape(served.metrics)
+        assert scraped.value("imagegate_http_requests_total", status="200") == 60
+        assert scraped.value("imagegate_requests_total", rpc="GenerateImages", status="OK") == 60
+        await _sigterm_exits_0(served)
+
+
+async def test_a_killed_worker_is_started_again(tmp_path: Path) -> None:
+    async with serve_workers(tmp_path) as served:
+        before = served.ready()
+        for name in ("service-0", "front-1"):
+            os.kill(before[name][0], signal.SIGKILL)
+
+        async def restarted() -> bool:
+            now = served.ready()
+            return all(now[n][0] != before[n][0] for n in ("service-0", "front-1"))
+
+        await poll(restarted, timeout_s=60)
+        # The service worker is back on its private port, where the fronts find it.
+        assert served.ready()["service-0"][1] == before["service-0"][1]
+        statuses = await _burst(served, 30)
+        assert statuses == [200] * 30
+        balance, ledger, settled, _ = await asyncio.to_thread(_money, served.db)
+        assert settled == 30 and balance == ledger == DEMO_CREDIT - 30 * PRICE
+        await _sigterm_exits_0(served)
+
+
+async def test_one_scrape_counts_every_worker(tmp_path: Path) -> None:
+    async with serve_workers(tmp_path) as served:
+        ready = served.ready()
+        sent = {"service-0": 3, "service-1": 5}
+        for name, count in sent.items():
+            # Straight to each worker's own port: both surely serve some.
+            address = ready[name][1]
+            assert address
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = images_pb2_grpc.ImageServiceStub(channel)
+                for _ in range(count):
+                    await stub.GenerateImages(
+                        images_pb2.GenerateImagesRequest(**BODY),
+                        metadata=(("authorization", f"Bearer {served.key}"),),
+                    )
+        scraped = await scrape(served.metrics)
+        assert scraped.value("imagegate_requests_total", rpc="GenerateImages", status="OK") == 8
+        assert scraped.value("imagegate_images_generated_total", model="local") == 8
+        assert scraped.value("imagegate_ready") == 1
+        await _sigterm_exits_0(served)
+
+
+async def test_sigterm_lets_every_worker_finish_its_request(setup: Setup, tmp_path: Path) -> None:
+    setup.fake.stall_s = 3.0
+    setup.fake.inject(*[Fault.STALL] * 4)  # the upstream answers each after 3 s
+    flags = ("--catalog", str(setup.catalog), "--drain-grace", "30")
+    async with serve_workers(tmp_path, *flags, data_dir=setup.data_dir, demo=False) as served:
+        pending = [generate(setup, served.rest) for _ in range(4)]
+
+        async def all_held() -> bool:  # every request in a worker before the signal
+            return await asyncio.to_thread(held_count, setup.db) == 4
+
+        await poll(all_held)
+        served.process.send_signal(signal.SIGTERM)
+        replies = await asyncio.gather(*pending)
+        assert [r.status for r in replies] == [200] * 4, [r.body[:200] for r in replies]
+        assert await asyncio.wait_for(served.process.wait(), 60) == 0
+    assert money(setup.db) == (CREDIT - 4 * UNIT_PRICE, CREDIT - 4 * UNIT_PRICE, 0)
+
+
+async def test_a_busy_port_stops_them_all_with_a_message(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        args = [
+            sys.executable, "-m", "service.cli", "serve", "--workers", "2",
+            "--data-dir", str(tmp_path), "--rest-port", str(busy.getsockname()[1]),
+            "--grpc-port", str(_free_port()), "--metrics-address", "off",
+        ]  # fmt: skip
+        process = await asyncio.create_subprocess_exec(
+            *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 1, out.decode()
+    assert "address already in use" in err.decode() and "Traceback" not in err.decode()
+    # The service workers that did start were stopped with the supervisor.
+    for m in READY_RE.finditer(out.decode()):
+        assert _gone(int(m[3]))
