@@ -176,9 +176,9 @@ def test_balance_and_usage_pages(console: Console) -> None:
     }
     assert all(line["model"] == "local" and line["route"] == "local/local" for line in lines)
     exported.unlink()
+    browser.shot("usage")
     browser.css("#usage-text").send_keys("no-such-route")
     browser.wait(lambda _: text(browser, "#usage-count").startswith("0 of 3"))
-    browser.shot("usage")
 
 
 def _settled_rows(browser: Browser, count: int) -> list[Any] | bool:
