@@ -11,6 +11,7 @@ overhead over (a), and the serve process's CPU ms per request of each target.
     .venv/bin/python bench/profile_path.py [--requests 2000] [--envoy]
         [--profile DIR]   # py-spy flame graphs (SVG) of serve under (b) and (c)
         [--env NAME=VALUE ...]   # IMAGEGATE_* settings for serve, e.g. IMAGEGATE_UVLOOP=false
+        [--compare NAME=VALUE ...]  # a second serve with these, (b) and (c) interleaved
 
 This is a tool for profiling the single request path; `make bench` is the benchmark.
 """
@@ -107,14 +108,12 @@ prices = {{ standard = {{ "256x256" = 100, "512x512" = 100, "1024x1024" = 100 }}
     )
 
 
-async def _new_key(data_dir: Path) -> str:
+async def _new_key(data_dir: Path, key: str) -> None:
     store = open_store(Config(data_dir=data_dir))
     await store.open(migrate=True)
     try:
         await store.create_account("bench", 10**12)
-        key = keys.new_key()
         await store.create_key("bench", keys.hash_key(key), "bench", "", None)
-        return key
     finally:
         await store.close()
 
@@ -138,61 +137,68 @@ def _cpu_s(pid: int) -> float:
 
 
 Call = Callable[[], Awaitable[None]]
+# A target: what to call, and the pid whose CPU it is charged to (0: none of ours).
+Target = tuple[Call, int]
 
 
-async def _targets(
-    key: str, upstream_url: str, rest_url: str, grpc_port: int, envoy_url: str | None
-) -> tuple[dict[str, Call], list[object]]:
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
-    body = json.dumps(BODY).encode()
-    auth = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+class Client:
+    """One keep-alive HTTP connection per URL and one gRPC channel per service."""
 
-    def post(url: str, headers: dict[str, str]) -> Call:
+    def __init__(self, key: str) -> None:
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        self.channels: list[grpc.aio.Channel] = []
+        self.body = json.dumps(BODY).encode()
+        self.auth = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        self.metadata = (("authorization", f"Bearer {key}"),)
+
+    def post(self, url: str, *, auth: bool = True) -> Call:
+        headers = self.auth if auth else {}
+        url = f"{url}/v1/images/generations"
+
         async def call() -> None:
-            async with session.post(url, data=body, headers=headers) as response:
+            async with self.session.post(url, data=self.body, headers=headers) as response:
                 data = await response.read()
                 if response.status != 200:
                     raise RuntimeError(f"{url}: {response.status} {data[:300]!r}")
 
         return call
 
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
-    stub = images_pb2_grpc.ImageServiceStub(channel)
-    request = images_pb2.GenerateImagesRequest(
-        model=MODEL, prompt="bench", size="256x256", response_format="b64_json"
-    )
-    metadata = (("authorization", f"Bearer {key}"),)
+    def grpc(self, port: int) -> Call:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.channels.append(channel)
+        stub = images_pb2_grpc.ImageServiceStub(channel)
+        request = images_pb2.GenerateImagesRequest(
+            model=MODEL, prompt="bench", size="256x256", response_format="b64_json"
+        )
 
-    async def grpc_call() -> None:
-        await stub.GenerateImages(request, metadata=metadata, timeout=10)
+        async def call() -> None:
+            await stub.GenerateImages(request, metadata=self.metadata, timeout=10)
 
-    targets = {
-        "a. upstream direct": post(f"{upstream_url}/v1/images/generations", {}),
-        "b. aiohttp front": post(f"{rest_url}/v1/images/generations", auth),
-        "c. gRPC direct": grpc_call,
-    }
-    if envoy_url:
-        targets["d. Envoy front"] = post(f"{envoy_url}/v1/images/generations", auth)
-    return targets, [session, channel]
+        return call
+
+    async def close(self) -> None:
+        await self.session.close()
+        for channel in self.channels:
+            await channel.close()
 
 
 async def _measure(
-    targets: dict[str, Call], requests: int, serve_pid: int
+    targets: dict[str, Target], requests: int
 ) -> dict[str, tuple[list[float], float]]:
     samples: dict[str, list[float]] = {name: [] for name in targets}
     cpu: dict[str, float] = dict.fromkeys(targets, 0.0)
-    for call in targets.values():  # warm up connections, caches, the JIT of nothing
+    for call, _ in targets.values():  # warm up connections and caches
         for _ in range(50):
             await call()
     batch = 100
     for _ in range(max(1, requests // batch)):
-        for name, call in targets.items():
-            before = _cpu_s(serve_pid)
+        for name, (call, pid) in targets.items():
+            before = _cpu_s(pid) if pid else 0.0
             for _ in range(batch):
                 start = time.perf_counter()
                 await call()
                 samples[name].append(time.perf_counter() - start)
-            cpu[name] += _cpu_s(serve_pid) - before
+            cpu[name] += (_cpu_s(pid) if pid else 0.0) - before
     return {name: (samples[name], cpu[name] / len(samples[name])) for name in targets}
 
 
@@ -214,7 +220,7 @@ def _report(results: dict[str, tuple[list[float], float]]) -> str:
 
 
 async def _profile(
-    out: Path, serve_pid: int, targets: dict[str, Call], label: str, seconds: int
+    out: Path, serve_pid: int, targets: dict[str, Target], label: str, seconds: int
 ) -> None:
     """py-spy flame graphs (and collapsed stacks) of serve while (b), then (c), run alone."""
     runs = [(n, f) for n in ("b. aiohttp front", "c. gRPC direct") for f in ("flamegraph", "raw")]
@@ -225,54 +231,74 @@ async def _profile(
             [str(BIN / "py-spy"), "record", "--pid", str(serve_pid), "--rate", "500", "--gil"],
             ["--duration", str(seconds), "--format", form, "-o", str(svg)],
         )
-        call = targets[name]
+        call = targets[name][0]
         while spy.poll() is None:
             await call()
         print(f"flame graph: {svg}", flush=True)
 
 
+async def _serve(
+    tmp: Path, name: str, catalog: Path, key: str, extra: list[str]
+) -> tuple[subprocess.Popen[bytes], int, int]:
+    """`imagegate serve` on its own database (holding `key`): (process, gRPC port, REST port)."""
+    data = tmp / name
+    await _new_key(data, key)
+    grpc_port, rest_port = _free_port(), _free_port()
+    env = os.environ | {
+        "IMAGEGATE_DATA_DIR": str(data),
+        "IMAGEGATE_CATALOG": str(catalog),
+        "IMAGEGATE_GRPC_PORT": str(grpc_port),
+        "IMAGEGATE_REST_PORT": str(rest_port),
+        "IMAGEGATE_METRICS_ADDRESS": "off",
+    }
+    env |= dict(pair.split("=", 1) for pair in extra)
+    serve = _spawn([str(BIN / "imagegate"), "serve"], env=env, log=tmp / f"{name}.log")
+    await _wait_port(rest_port, serve, "imagegate serve")
+    return serve, grpc_port, rest_port
+
+
 async def main(args: argparse.Namespace) -> None:
     procs: list[subprocess.Popen[bytes]] = []
     envoy = None
-    with tempfile.TemporaryDirectory() as tmp:
+    key = keys.new_key()
+    client = Client(key)
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
         try:
-            up_port, grpc_port, rest_port = _free_port(), _free_port(), _free_port()
+            up_port = _free_port()
             procs.append(_spawn([sys.executable, __file__, "--upstream", str(up_port)]))
             await _wait_port(up_port, procs[0], "fake upstream")
             upstream_url = f"http://127.0.0.1:{up_port}"
-            data = Path(tmp) / "data"
-            catalog = Path(tmp) / "catalog.toml"
+            catalog = tmp / "catalog.toml"
             _catalog(catalog, upstream_url)
-            key = await _new_key(data)
-            env = os.environ | {
-                "IMAGEGATE_DATA_DIR": str(data),
-                "IMAGEGATE_CATALOG": str(catalog),
-                "IMAGEGATE_GRPC_PORT": str(grpc_port),
-                "IMAGEGATE_REST_PORT": str(rest_port),
-                "IMAGEGATE_METRICS_ADDRESS": "off",
-            }
-            env |= dict(pair.split("=", 1) for pair in args.env)
-            serve = _spawn([str(BIN / "imagegate"), "serve"], env=env, log=Path(tmp) / "serve.log")
+            serve, grpc_port, rest_port = await _serve(tmp, "a", catalog, key, args.env)
             procs.append(serve)
-            await _wait_port(rest_port, serve, "imagegate serve")
-            envoy_url = None
+            targets: dict[str, Target] = {
+                "a. upstream direct": (client.post(upstream_url, auth=False), 0),
+                "b. aiohttp front": (client.post(f"http://127.0.0.1:{rest_port}"), serve.pid),
+                "c. gRPC direct": (client.grpc(grpc_port), serve.pid),
+            }
             if args.envoy:
                 from tests.envoy_harness import EnvoyFront
 
                 envoy = await EnvoyFront.start(grpc_port)
-                envoy_url = envoy.base_url
-            targets, closers = await _targets(
-                key, upstream_url, f"http://127.0.0.1:{rest_port}", grpc_port, envoy_url
-            )
-            try:
-                results = await _measure(targets, args.requests, serve.pid)
-                print(_report(results), flush=True)
-                if args.profile:
-                    await _profile(Path(args.profile), serve.pid, targets, args.label, 15)
-            finally:
-                for closer in closers:
-                    await closer.close()  # type: ignore[attr-defined]
+                targets["d. Envoy front"] = (client.post(envoy.base_url), serve.pid)
+            if args.compare:
+                # The same, on a second serve with other settings, interleaved with the first.
+                other, grpc2, rest2 = await _serve(tmp, "b", catalog, key, args.compare)
+                procs.append(other)
+                with_ = " ".join(args.compare)
+                targets[f"b. aiohttp front, {with_}"] = (
+                    client.post(f"http://127.0.0.1:{rest2}"),
+                    other.pid,
+                )
+                targets[f"c. gRPC direct, {with_}"] = (client.grpc(grpc2), other.pid)
+            results = await _measure(targets, args.requests)
+            print(_report(results), flush=True)
+            if args.profile:
+                await _profile(Path(args.profile), serve.pid, targets, args.label, 15)
         finally:
+            await client.close()
             if envoy is not None:
                 await envoy.stop()
             for proc in reversed(procs):
@@ -288,6 +314,9 @@ if __name__ == "__main__":
     parser.add_argument("--profile", help="folder for py-spy flame graphs")
     parser.add_argument("--label", default="profile", help="flame graph file name prefix")
     parser.add_argument("--env", nargs="*", default=[], help="NAME=VALUE for imagegate serve")
+    parser.add_argument(
+        "--compare", nargs="*", default=[], help="NAME=VALUE for a second serve measured beside"
+    )
     args = parser.parse_args()
     if args.upstream:
         upstream(args.upstream)

@@ -45,8 +45,10 @@ DEMO_CREDIT = "5.00"
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        logs.setup(args.log_level, Config.from_env(log_format=args.log_format).log_format)
-        return int(asyncio.run(args.func(args)) or 0)
+        config = Config.from_env(log_format=args.log_format)
+        logs.setup(args.log_level, config.log_format)
+        with asyncio.Runner(loop_factory=_loop_factory(config.uvloop)) as runner:
+            return int(runner.run(args.func(args)) or 0)
     except (UnknownAccount, UnknownCursor, AccountExists, StoreError, ValueError) as exc:
         print(f"imagegate: {exc}", file=sys.stderr)
         return 1
@@ -55,6 +57,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _loop_factory(uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when asked for and installed (not on Windows); else asyncio's."""
+    if not uvloop:
+        return None
+    try:
+        import uvloop as fast
+    except ImportError:
+        return None
+    return fast.new_event_loop
 
 
 Func = Callable[[argparse.Namespace], Awaitable[int]]

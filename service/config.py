@@ -71,6 +71,8 @@ class Config:
     drain_grace_s: float = 25.0
     # Log lines as JSON objects, or "text" for a terminal.
     log_format: str = "json"
+    # Run the servers on uvloop (faster than asyncio's loop); false: asyncio's own.
+    uvloop: bool = True
 
     @property
     def uses_postgres(self) -> bool:
