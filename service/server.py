@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from imagegate.v1 import images_pb2_grpc
 
 from service import metrics
+from service.aio import INLINE_BYTES, REPLY_SIZE, ReplySize, off_loop
 from service.catalog import Catalog, InputRules, load_catalog
 from service.config import Config
 from service.core import Caller, ImageCore
@@ -229,7 +230,8 @@ def url_secret(config: Config) -> bytes:
 
 
 # Replies that may carry megabytes of images: serialised in a thread (upb holds
-# the GIL while it copies them; grpc's own send of them holds it again).
+# the GIL while it copies them; grpc's own send of them holds it again), unless
+# the servicer says the reply is small (service/aio.py REPLY_SIZE).
 _LARGE_REPLIES = frozenset(f"/{SERVICE_NAME}/{method}" for method in ("GenerateImages", "GetImage"))
 
 
@@ -286,8 +288,15 @@ def _codec(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler
         encode = serialize
 
         async def large_reply(arg: Any, context: grpc.aio.ServicerContext) -> Any:
-            reply = await behavior(await request(arg, context), context)
-            return await asyncio.to_thread(encode, reply)
+            size = ReplySize()
+            token = REPLY_SIZE.set(size)
+            try:
+                reply = await behavior(await request(arg, context), context)
+            finally:
+                REPLY_SIZE.reset(token)
+            # Unknown (a replay, an image file): a thread, as it may be megabytes.
+            known = INLINE_BYTES + 1 if size.bytes is None else size.bytes
+            return await off_loop(known, encode, reply)
 
         wrapped, serialize = large_reply, None  # grpc sends our bytes as they are
     else:
