@@ -71,6 +71,10 @@ class Config:
     drain_grace_s: float = 25.0
     # Log lines as JSON objects, or "text" for a terminal.
     log_format: str = "json"
+    # How long a found API key is trusted before it is read again (at most 1 s): how
+    # long a revocation, or a change of its models or limits, takes to reach every
+    # replica. 0: read the database on every request.
+    key_cache_ttl_s: float = 1.0
     # Run the servers on uvloop (faster than asyncio's loop); false: asyncio's own.
     uvloop: bool = True
 

@@ -29,6 +29,7 @@ from service.images import ImageStore, load_or_create_secret
 from service.imagestore import is_s3, open_backend
 from service.inputs import InputLoader
 from service.instances import Liveness
+from service.key_cache import KeyCache
 from service.lifecycle import SERVICE_NAME, InFlight, Readiness
 from service.limits import Limiter, Limits
 from service.links import DEFAULT_REST_URL, LinkBase, bind_address, parse_networks
@@ -184,6 +185,7 @@ async def start_service(
             max_n=config.limit_max_n,
         ),
         idempotency_ttl_s=config.idempotency_ttl_s,
+        key_cache=KeyCache(config.key_cache_ttl_s),
     )
     servicer = ImageServicer(core, links, config.max_message_bytes)
     readiness, calls = Readiness(), InFlight()
