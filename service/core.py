@@ -138,14 +138,14 @@ class ImageCore:
     async def authenticate(self, authorization: str | None) -> Caller:
         key = keys.key_from_authorization(authorization)
         digest = keys.hash_key(key)
-        record = self._keys.get(digest)
-        if record is None:
-            # Taken before the read: the entry expires ttl_s after what it saw.
-            read_at = self._keys.now()
-            with observe.stage("auth"):
+        with observe.stage("auth"):
+            record = self._keys.get(digest)
+            if record is None:
+                # Taken before the read: the entry expires ttl_s after what it saw.
+                read_at = self._keys.now()
                 record = await self._store.find_key(digest)
-            if record is not None and record.revoked_at is None:
-                self._keys.put(digest, record, read_at)
+                if record is not None and record.revoked_at is None:
+                    self._keys.put(digest, record, read_at)
         # The lookup is by hash; the constant-time compare keeps the final check
         # free of timing differences whatever the index did.
         if (
