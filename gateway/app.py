@@ -243,6 +243,9 @@ def _json(message: Message) -> web.Response:
 def _parts(parts: list[bytes]) -> web.Response:
     if len(parts) == 1:
         return _json_bytes(200, parts[0])
+    if sum(len(part) for part in parts) <= response_json.INLINE_BYTES:
+        # One write with the headers, rather than a socket write per part.
+        return _json_bytes(200, b"".join(parts))
     return web.Response(
         body=response_json.PartsPayload(parts), headers={"Content-Type": "application/json"}
     )
