@@ -566,7 +566,7 @@ def _note_served(request: ImageRequest, served: Served, images: int, cost: int) 
     record.route = ",".join(f"{p}/{m}" for p, m in routes if p)
     record.images, record.cost_micros = images, cost
     record.upstream_cost_micros = served.upstream_cost_micros
-    metrics.IMAGES.labels(request.model.id).inc(images)
+    metrics.child(metrics.IMAGES, request.model.id).inc(images)
 
 
 def _generation(

@@ -110,7 +110,7 @@ class _Run:
 
     def __enter__(self) -> _Run:
         call = self.call
-        metrics.GRPC_STARTED.labels(self.kind, call.service, call.method).inc()
+        metrics.child(metrics.GRPC_STARTED, self.kind, call.service, call.method).inc()
         if not call.tracked:
             return self
         metadata = _metadata(self.context)
@@ -157,8 +157,8 @@ class _Run:
         code = self._code(kind)
         elapsed = time.monotonic() - self.started
         call = self.call
-        metrics.GRPC_HANDLED.labels(self.kind, call.service, call.method, code).inc()
-        metrics.GRPC_SECONDS.labels(self.kind, call.service, call.method).observe(elapsed)
+        metrics.child(metrics.GRPC_HANDLED, self.kind, call.service, call.method, code).inc()
+        metrics.child(metrics.GRPC_SECONDS, self.kind, call.service, call.method).observe(elapsed)
         if not call.tracked:
             return
         if self.task is not None:
@@ -167,8 +167,8 @@ class _Run:
         record.status = code
         record.reason = _reason(self.context) if code != "OK" else None
         model = record.model or ""
-        metrics.REQUESTS.labels(call.method, model, code, record.reason or "").inc()
-        metrics.REQUEST_SECONDS.labels(call.method, model).observe(elapsed)
+        metrics.child(metrics.REQUESTS, call.method, model, code, record.reason or "").inc()
+        metrics.child(metrics.REQUEST_SECONDS, call.method, model).observe(elapsed)
         if self.span is not None:
             self._finish_span(self.span, code)
             self.span_cm.__exit__(None, None, None)
