@@ -259,7 +259,7 @@ async def _serve(
 
 async def main(args: argparse.Namespace) -> None:
     procs: list[subprocess.Popen[bytes]] = []
-    envoy = None
+    envoy = envoy2 = None
     key = keys.new_key()
     client = Client(key)
     with tempfile.TemporaryDirectory() as name:
@@ -293,14 +293,20 @@ async def main(args: argparse.Namespace) -> None:
                     other.pid,
                 )
                 targets[f"c. gRPC direct, {with_}"] = (client.grpc(grpc2), other.pid)
+                if args.envoy:
+                    from tests.envoy_harness import EnvoyFront
+
+                    envoy2 = await EnvoyFront.start(grpc2)
+                    targets[f"d. Envoy front, {with_}"] = (client.post(envoy2.base_url), other.pid)
             results = await _measure(targets, args.requests)
             print(_report(results), flush=True)
             if args.profile:
                 await _profile(Path(args.profile), serve.pid, targets, args.label, 15)
         finally:
             await client.close()
-            if envoy is not None:
-                await envoy.stop()
+            for front in (envoy, envoy2):
+                if front is not None:
+                    await front.stop()
             for proc in reversed(procs):
                 proc.terminate()
                 proc.wait(10)
