@@ -33,6 +33,8 @@ REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 class Observer(grpc.aio.ServerInterceptor):
     def __init__(self, drain: InFlight) -> None:
         self._drain = drain
+        # Per method: the handler wrapped last time, and its wrapping (made once).
+        self._made: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self, continuation: Continuation, details: grpc.HandlerCallDetails
@@ -40,7 +42,14 @@ class Observer(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        service, _, method = details.method.lstrip("/").partition("/")
+        made = self._made.get(details.method)
+        if made is None or made[0] is not handler:
+            made = (handler, self._wrap(handler, details.method))
+            self._made[details.method] = made
+        return made[1]
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, name: str) -> grpc.RpcMethodHandler:
+        service, _, method = name.lstrip("/").partition("/")
         observed = _Call(self._drain, service, method, service == SERVICE_NAME)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(

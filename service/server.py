@@ -245,6 +245,10 @@ class MessageCodec(grpc.aio.ServerInterceptor):
     each handler takes raw bytes and decodes them here, for every service.
     """
 
+    def __init__(self) -> None:
+        # Per method: the handler wrapped last time, and its wrapping (made once).
+        self._made: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
@@ -253,7 +257,11 @@ class MessageCodec(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        return _codec(handler, details.method)
+        made = self._made.get(details.method)
+        if made is None or made[0] is not handler:
+            made = (handler, _codec(handler, details.method))
+            self._made[details.method] = made
+        return made[1]
 
 
 def _codec(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
