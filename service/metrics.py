@@ -168,7 +168,7 @@ def ready(serving: bool) -> None:
 def breakers(states: Iterable[tuple[str, str, str]]) -> None:
     """(provider, upstream_model, state) of every route with a breaker."""
     for provider, upstream_model, state in states:
-        BREAKER_STATE.labels(provider, upstream_model).set(BREAKER_VALUES.get(state, 2))
+        child(BREAKER_STATE, provider, upstream_model).set(BREAKER_VALUES.get(state, 2))
 
 
 def mark_dead(pid: int) -> None:
