@@ -12,6 +12,7 @@ overhead over (a), and the serve process's CPU ms per request of each target.
         [--profile DIR]   # py-spy flame graphs (SVG) of serve under (b) and (c)
         [--env NAME=VALUE ...]   # IMAGEGATE_* settings for serve, e.g. IMAGEGATE_UVLOOP=false
         [--compare NAME=VALUE ...]  # a second serve with these, (b) and (c) interleaved
+    .venv/bin/python bench/profile_path.py --grpc-client   # CPU per call of gRPC clients
 
 This is a tool for profiling the single request path; `make bench` is the benchmark.
 """
@@ -31,7 +32,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -312,9 +315,114 @@ async def main(args: argparse.Namespace) -> None:
                 proc.wait(10)
 
 
+def health_server(port: int) -> None:
+    """A grpc.aio server whose Health.Check answers at once (for --grpc-client)."""
+    import uvloop
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    class Health(health_pb2_grpc.HealthServicer):
+        async def Check(self, request: Any, context: Any) -> Any:
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(Health(), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        server.add_insecure_port(f"unix:/tmp/imagegate-profile-{port}.sock")
+        await server.start()
+        await server.wait_for_termination()
+
+    uvloop.run(serve())
+
+
+async def client_variants(port: int, calls: int) -> None:
+    """CPU and wall time per unary call of each way the front could call the service."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    request = health_pb2.HealthCheckRequest()
+    # What the front sends: the key, a request id, the forwarded host and scheme.
+    metadata = (
+        ("authorization", "Bearer sk-" + "a" * 43),
+        ("x-request-id", "req_0123456789abcdef0123"),
+        ("x-forwarded-host", "127.0.0.1:8080"),
+        ("x-forwarded-proto", "http"),
+    )
+    loop = asyncio.get_running_loop()
+    tcp, uds = f"127.0.0.1:{port}", f"unix:/tmp/imagegate-profile-{port}.sock"
+
+    def aio(target: str, options: list[tuple[str, Any]], **kw: Any) -> Call:
+        stub = health_pb2_grpc.HealthStub(grpc.aio.insecure_channel(target, options=options))
+
+        async def call() -> None:
+            await stub.Check(request, **kw)
+
+        return call
+
+    sync = health_pb2_grpc.HealthStub(grpc.insecure_channel(tcp))
+
+    async def in_thread() -> None:
+        await loop.run_in_executor(None, partial(sync.Check, request, metadata=metadata))
+
+    async def with_future() -> None:
+        done: asyncio.Future[Any] = loop.create_future()
+        call = sync.Check.future(request, metadata=metadata)
+        call.add_done_callback(lambda f: loop.call_soon_threadsafe(done.set_result, f.result()))
+        await done
+
+    limits = [
+        ("grpc.max_receive_message_length", 64 << 20),
+        ("grpc.max_send_message_length", 64 << 20),
+    ]
+    variants: dict[str, Call] = {
+        "grpc.aio, no metadata, no deadline": aio(tcp, []),
+        "grpc.aio as the front calls (4 metadata, deadline, size limits)": aio(
+            tcp, limits, metadata=metadata, timeout=300.0
+        ),
+        "  + retries off": aio(
+            tcp, [*limits, ("grpc.enable_retries", 0)], metadata=metadata, timeout=300.0
+        ),
+        "  + minimal stack": aio(
+            tcp, [*limits, ("grpc.minimal_stack", 1)], metadata=metadata, timeout=300.0
+        ),
+        "  over a Unix socket": aio(uds, limits, metadata=metadata, timeout=300.0),
+        "sync stub in a thread (run_in_executor)": in_thread,
+        "sync stub .future() + call_soon_threadsafe": with_future,
+    }
+    for name, call in variants.items():
+        for _ in range(200):
+            await call()
+        cpu, wall = time.process_time(), time.perf_counter()
+        for _ in range(calls):
+            await call()
+        cpu_ms = (time.process_time() - cpu) / calls * 1000
+        wall_ms = (time.perf_counter() - wall) / calls * 1000
+        print(f"| {name} | {cpu_ms:.3f} | {wall_ms:.3f} |", flush=True)
+
+
+async def grpc_client(calls: int) -> None:
+    port = _free_port()
+    server = _spawn([sys.executable, __file__, "--health-server", str(port)])
+    try:
+        await _wait_port(port, server, "health server")
+        print("| client | CPU ms/call | wall ms/call |\n|---|---|---|", flush=True)
+        await client_variants(port, calls)
+    finally:
+        server.terminate()
+        server.wait(10)
+        _remove(f"/tmp/imagegate-profile-{port}.sock")
+
+
+def _remove(path: str) -> None:
+    Path(path).unlink(missing_ok=True)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--health-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--grpc-client", action="store_true", help="CPU per call of grpc client variants"
+    )
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--envoy", action="store_true")
     parser.add_argument("--profile", help="folder for py-spy flame graphs")
@@ -326,6 +434,12 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.upstream:
         upstream(args.upstream)
+    elif args.health_server:
+        health_server(args.health_server)
+    elif args.grpc_client:
+        import uvloop
+
+        uvloop.run(grpc_client(args.requests))
     else:
         if args.profile:
             Path(args.profile).mkdir(parents=True, exist_ok=True)
