@@ -12,6 +12,7 @@ overhead over (a), and the serve process's CPU ms per request of each target.
         [--profile DIR]   # py-spy flame graphs (SVG) of serve under (b) and (c)
         [--env NAME=VALUE ...]   # IMAGEGATE_* settings for serve, e.g. IMAGEGATE_UVLOOP=false
         [--compare NAME=VALUE ...]  # a second serve with these, (b) and (c) interleaved
+        [--wrk SECONDS]   # then wrk req/s through each aiohttp front (serve on core 0)
     .venv/bin/python bench/profile_path.py --grpc-client   # CPU per call of gRPC clients
 
 This is a tool for profiling the single request path; `make bench` is the benchmark.
@@ -25,6 +26,7 @@ import base64
 import io
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -240,6 +242,52 @@ async def _profile(
         print(f"flame graph: {svg}", flush=True)
 
 
+_WRK_POST = """wrk.method = "POST"
+wrk.body = '%s'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %s"
+"""
+
+
+async def _throughput(
+    tmp: Path, key: str, fronts: dict[str, tuple[int, int]], seconds: int
+) -> None:
+    """wrk (16 connections) on core 1, each serve pinned to core 0: req/s of the aiohttp front."""
+    post = tmp / "post.lua"
+    post.write_text(_WRK_POST % (json.dumps(BODY), key))
+    print("| aiohttp front, one serve process on one core | req/s | p50 ms | p99 ms |")
+    print("|---|---|---|---|", flush=True)
+    for label, (port, pid) in fronts.items():
+        _run(["taskset", "-a", "-p", "-c", "0", str(pid)])
+        url = f"http://127.0.0.1:{port}"
+        cases = {
+            "GET /v1/models": ["-H", f"Authorization: Bearer {key}", f"{url}/v1/models"],
+            "POST generations": ["-s", str(post), f"{url}/v1/images/generations"],
+        }
+        for case, argv in cases.items():
+            out = await asyncio.to_thread(
+                _run,
+                ["taskset", "-c", "1", "wrk", "-t1", "-c16", f"-d{seconds}s", "--latency", *argv],
+            )
+            rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+            p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
+            p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+            per_s = float(rate[1]) if rate else 0.0
+            print(f"| {case}{label} | {per_s:,.0f} | {_ms(p50)} | {_ms(p99)} |", flush=True)
+        _run(["taskset", "-a", "-p", "-c", "0,1", str(pid)])
+
+
+def _ms(match: re.Match[str] | None) -> str:
+    if match is None:
+        return "?"
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[match[2]]
+    return f"{float(match[1]) * scale:.2f}"
+
+
+def _run(argv: list[str]) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+
 async def _serve(
     tmp: Path, name: str, catalog: Path, key: str, extra: list[str]
 ) -> tuple[subprocess.Popen[bytes], int, int]:
@@ -303,6 +351,11 @@ async def main(args: argparse.Namespace) -> None:
                     targets[f"d. Envoy front, {with_}"] = (client.post(envoy2.base_url), other.pid)
             results = await _measure(targets, args.requests)
             print(_report(results), flush=True)
+            if args.wrk:
+                rest = {"": (rest_port, serve.pid)}
+                if args.compare:
+                    rest[", " + " ".join(args.compare)] = (rest2, other.pid)
+                await _throughput(tmp, key, rest, args.wrk)
             if args.profile:
                 await _profile(Path(args.profile), serve.pid, targets, args.label, 15)
         finally:
@@ -425,6 +478,7 @@ if __name__ == "__main__":
     )
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--envoy", action="store_true")
+    parser.add_argument("--wrk", type=int, default=0, help="seconds of wrk per case (0: none)")
     parser.add_argument("--profile", help="folder for py-spy flame graphs")
     parser.add_argument("--label", default="profile", help="flame graph file name prefix")
     parser.add_argument("--env", nargs="*", default=[], help="NAME=VALUE for imagegate serve")
