@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.resources
 import logging
 import re
@@ -39,6 +40,8 @@ ADMIN_STUB: web.AppKey[admin_pb2_grpc.AdminServiceStub] = web.AppKey("admin_stub
 UPLOADS: web.AppKey[uploads.UploadCalls] = web.AppKey("uploads")
 # GenerateImages returning the raw reply, which response_json parses off the loop.
 GENERATE: web.AppKey[grpc.aio.UnaryUnaryMultiCallable] = web.AppKey("generate")
+# ListModels returning the raw reply, whose JSON is remembered (_models_json).
+LIST_MODELS: web.AppKey[grpc.aio.UnaryUnaryMultiCallable] = web.AppKey("list_models")
 CONFIG: web.AppKey[GatewayConfig] = web.AppKey("config")
 REQUEST_ID = "x-request-id"
 REQUEST_ID_KEY: web.RequestKey[str] = web.RequestKey("request_id")
@@ -126,9 +129,14 @@ async def _channel(app: web.Application) -> AsyncIterator[None]:
     app[ADMIN_STUB] = admin_pb2_grpc.AdminServiceStub(channel)
     app[health.STUB] = health_pb2_grpc.HealthStub(channel)
     app[UPLOADS] = uploads.UploadCalls(channel)
+    service = images_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
     app[GENERATE] = channel.unary_unary(
-        f"/{images_pb2.DESCRIPTOR.services_by_name['ImageService'].full_name}/GenerateImages",
+        f"/{service}/GenerateImages",
         request_serializer=images_pb2.GenerateImagesRequest.SerializeToString,
+    )
+    app[LIST_MODELS] = channel.unary_unary(
+        f"/{service}/ListModels",
+        request_serializer=images_pb2.ListModelsRequest.SerializeToString,
     )
     yield
     await channel.close()
@@ -191,10 +199,15 @@ async def _upload(
 
 
 async def list_models(request: web.Request) -> web.Response:
-    reply = await request.app[STUB].ListModels(
-        images_pb2.ListModelsRequest(), **_call_options(request)
-    )
-    return _json(reply)
+    raw = await request.app[LIST_MODELS](images_pb2.ListModelsRequest(), **_call_options(request))
+    return _json_bytes(200, _models_json(raw))
+
+
+@functools.lru_cache(maxsize=64)
+def _models_json(raw: bytes) -> bytes:
+    """The JSON of a serialised ModelList. A key sees the same list every time, and
+    printing nineteen models takes 0.2 ms: printed once per distinct reply."""
+    return json_text.message_json(images_pb2.ModelList.FromString(raw))
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -417,6 +430,9 @@ def _json(message: Message) -> web.Response:
 def _parts(parts: list[bytes]) -> web.Response:
     if len(parts) == 1:
         return _json_bytes(200, parts[0])
+    if sum(len(part) for part in parts) <= response_json.INLINE_BYTES:
+        # One write with the headers, rather than a socket write per part.
+        return _json_bytes(200, b"".join(parts))
     return web.Response(
         body=response_json.PartsPayload(parts), headers={"Content-Type": "application/json"}
     )

@@ -22,6 +22,9 @@ from gateway import json_text
 
 # Bytes per base64 slice: a multiple of 3, so the slices' base64 joins without padding.
 _SLICE = 3 * 128 * 1024
+# A reply this small is printed on the loop: tens of microseconds, less than the
+# hop to a thread and back costs.
+INLINE_BYTES = 64 * 1024
 # What an emptied b64_json prints as; a JSON string value can never contain it
 # (its inner quotes would be escaped), so it only ever marks an emptied field.
 _MARK = b'"b64_json":""'
@@ -33,6 +36,8 @@ async def images_parts(raw: bytes) -> list[bytes]:
     Parsing it, reading its images and encoding them all hold the GIL for as
     long as they copy megabytes: everything happens in a thread, in steps.
     """
+    if len(raw) <= INLINE_BYTES:
+        return _image_parts(raw)
     return await asyncio.to_thread(_image_parts, raw)
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from opentelemetry import propagate, trace
@@ -169,8 +171,8 @@ def _finish(
     request: web.Request, response: web.StreamResponse, span: trace.Span | None, elapsed: float
 ) -> None:
     route, status, code = _route(request), response.status, error_code(response)
-    HTTP_REQUESTS.labels(route, request.method, str(status), code or "").inc()
-    HTTP_SECONDS.labels(route, request.method).observe(elapsed)
+    _child(HTTP_REQUESTS, (route, request.method, str(status), code or "")).inc()
+    _child(HTTP_SECONDS, (route, request.method)).observe(elapsed)
     if span is not None:
         span.set_attribute("http.route", route)
         span.set_attribute("http.response.status_code", status)
@@ -188,6 +190,12 @@ def _finish(
     }
     level = logging.DEBUG if _path(request) in PROBES else logging.INFO
     log.log(level, "%s %s %d", request.method, _path(request), status, extra={"fields": fields})
+
+
+@functools.lru_cache(maxsize=1024)
+def _child(metric: Any, labels: tuple[str, ...]) -> Any:
+    """metric.labels(*labels), remembered: prometheus_client takes 6 us to find it."""
+    return metric.labels(*labels)
 
 
 def error_code(response: web.StreamResponse) -> str | None:

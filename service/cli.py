@@ -17,7 +17,7 @@ from typing import Any, TypeAlias
 
 # The CLI is the one place the two halves meet: `serve` runs both in one process.
 from gateway.server import bound_port, drain_gateway, start_gateway
-from service import logs, tracing, workers
+from service import aio, logs, tracing, workers
 from service.admin import Admin, ModelInfo, model_infos, route_text
 from service.admin_http import Refresh, start_admin
 from service.catalog import load_catalog
@@ -58,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         logs.setup(args.config.log_level, args.config.log_format)
-        return int(asyncio.run(args.func(args)) or 0)
+        with asyncio.Runner(loop_factory=aio.loop_factory(args.config.uvloop)) as runner:
+            return int(runner.run(args.func(args)) or 0)
     except SettingError as exc:
         print(f"imagegate: {exc}", file=sys.stderr)
         return 2

@@ -209,6 +209,20 @@ class Config:
         check=between(0),
         commands=("serve",),
     )
+    # How long a revocation, or a change of a key's models or limits, takes to reach
+    # every replica: a found key is trusted this long before it is read again.
+    key_cache_ttl_s: float = setting(
+        1.0,
+        "how long (seconds, at most 1) a found API key is trusted before it is read again; "
+        "`0`: read the database on every request",
+        check=between(0, 1),
+        commands=SERVICE,
+    )
+    uvloop: bool = setting(
+        True,
+        "run the servers on uvloop (faster than asyncio's own loop); off: asyncio's loop",
+        commands=(*SERVICE, "serve-rest"),
+    )
 
     def conflicts(self) -> Iterator[tuple[str, str]]:
         """Settings valid alone but not together."""

@@ -18,6 +18,7 @@ from service.idempotency import HEADER as IDEMPOTENCY_HEADER
 from service.idempotency import Idempotency, Keeper, check_key
 from service.images import ImageStore
 from service.inputs import InputLoader
+from service.key_cache import KeyCache
 from service.limits import Limiter, Limits, check_n, in_force
 from service.providers.base import GeneratedImage, Provider, TokenUsage
 from service.providers.dispatch import Dispatched, Dispatcher
@@ -109,6 +110,7 @@ class ImageCore:
         limiter: Limiter | None = None,
         limit_defaults: Limits | None = None,
         idempotency_ttl_s: float = 86400.0,
+        key_cache: KeyCache | None = None,
     ) -> None:
         self._catalog = catalog
         # Edits' and variations' input images: pixel cap, remote URL policy.
@@ -123,6 +125,8 @@ class ImageCore:
         self._limiter = limiter or Limiter()
         self._limit_defaults = limit_defaults or Limits()
         self._idempotency_ttl_s = idempotency_ttl_s
+        # Off unless given: a revocation then takes effect on the next request.
+        self._keys = key_cache or KeyCache(0)
         self._keeper = Keeper(store, reservation_ttl_s, owner, clock)
         self.dispatcher = dispatcher or Dispatcher(
             providers,
@@ -135,7 +139,13 @@ class ImageCore:
         key = keys.key_from_authorization(authorization)
         digest = keys.hash_key(key)
         with observe.stage("auth"):
-            record = await self._store.find_key(digest)
+            record = self._keys.get(digest)
+            if record is None:
+                # Taken before the read: the entry expires ttl_s after what it saw.
+                read_at = self._keys.now()
+                record = await self._store.find_key(digest)
+                if record is not None and record.revoked_at is None:
+                    self._keys.put(digest, record, read_at)
         # The lookup is by hash; the constant-time compare keeps the final check
         # free of timing differences whatever the index did.
         if (
@@ -557,7 +567,7 @@ def _note_served(request: ImageRequest, served: Served, images: int, cost: int) 
     record.route = ",".join(f"{p}/{m}" for p, m in routes if p)
     record.images, record.cost_micros = images, cost
     record.upstream_cost_micros = served.upstream_cost_micros
-    metrics.IMAGES.labels(request.model.id).inc(images)
+    metrics.child(metrics.IMAGES, request.model.id).inc(images)
 
 
 def _generation(

@@ -33,6 +33,8 @@ REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 class Observer(grpc.aio.ServerInterceptor):
     def __init__(self, drain: InFlight) -> None:
         self._drain = drain
+        # Per method: the handler wrapped last time, and its wrapping (made once).
+        self._made: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self, continuation: Continuation, details: grpc.HandlerCallDetails
@@ -40,7 +42,14 @@ class Observer(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        service, _, method = details.method.lstrip("/").partition("/")
+        made = self._made.get(details.method)
+        if made is None or made[0] is not handler:
+            made = (handler, self._wrap(handler, details.method))
+            self._made[details.method] = made
+        return made[1]
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, name: str) -> grpc.RpcMethodHandler:
+        service, _, method = name.lstrip("/").partition("/")
         # The admin API's calls too: logged (an audit trail naming the admin key),
         # traced, and refused during a drain like ImageService's.
         tracked = service in (SERVICE_NAME, ADMIN_SERVICE_NAME)
@@ -114,7 +123,7 @@ class _Run:
 
     def __enter__(self) -> _Run:
         call = self.call
-        metrics.GRPC_STARTED.labels(self.kind, call.service, call.method).inc()
+        metrics.child(metrics.GRPC_STARTED, self.kind, call.service, call.method).inc()
         if not call.tracked:
             return self
         metadata = _metadata(self.context)
@@ -161,8 +170,8 @@ class _Run:
         code = self._code(kind)
         elapsed = time.monotonic() - self.started
         call = self.call
-        metrics.GRPC_HANDLED.labels(self.kind, call.service, call.method, code).inc()
-        metrics.GRPC_SECONDS.labels(self.kind, call.service, call.method).observe(elapsed)
+        metrics.child(metrics.GRPC_HANDLED, self.kind, call.service, call.method, code).inc()
+        metrics.child(metrics.GRPC_SECONDS, self.kind, call.service, call.method).observe(elapsed)
         if not call.tracked:
             return
         if self.task is not None:
@@ -171,8 +180,8 @@ class _Run:
         record.status = code
         record.reason = _reason(self.context) if code != "OK" else None
         model = record.model or ""
-        metrics.REQUESTS.labels(call.method, model, code, record.reason or "").inc()
-        metrics.REQUEST_SECONDS.labels(call.method, model).observe(elapsed)
+        metrics.child(metrics.REQUESTS, call.method, model, code, record.reason or "").inc()
+        metrics.child(metrics.REQUEST_SECONDS, call.method, model).observe(elapsed)
         if self.span is not None:
             self._finish_span(self.span, code)
             self.span_cm.__exit__(None, None, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -74,10 +75,16 @@ class LinkBase:
     def is_trusted(self, peer_ip: str | None) -> bool:
         if not peer_ip:
             return False
-        try:
-            address = ipaddress.ip_address(peer_ip)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.trusted)
+        return _trusted(self.trusted, peer_ip)
+
+
+# Every request asks for its peer (most often one of a few fronts): parsed once.
+@functools.lru_cache(maxsize=1024)
+def _trusted(trusted: tuple[Network, ...], peer_ip: str) -> bool:
+    try:
+        address = ipaddress.ip_address(peer_ip)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in network for network in trusted)

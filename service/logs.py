@@ -8,11 +8,11 @@ span is recording, so logs and traces join up.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
 
+import orjson
 from opentelemetry import trace
 
 FORMATS = ("json", "text")
@@ -32,10 +32,15 @@ def _trace_ids() -> dict[str, str]:
 
 
 class JsonFormatter(logging.Formatter):
+    # The time's text up to the second, made once per second (strftime is slow).
+    _second: tuple[int, str] = (-1, "")
+
     def format(self, record: logging.LogRecord) -> str:
-        seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        whole = int(record.created)
+        if self._second[0] != whole:
+            self._second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
         line: dict[str, Any] = {
-            "time": f"{seconds}.{int(record.msecs):03d}Z",
+            "time": f"{self._second[1]}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -47,7 +52,8 @@ class JsonFormatter(logging.Formatter):
             line["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:
             line["exception"] = record.exc_text
-        return json.dumps(line, ensure_ascii=False, default=str)
+        # orjson: a tenth of json.dumps' time; UTF-8 as ensure_ascii=False wrote it.
+        return orjson.dumps(line, default=str).decode()
 
 
 class TextFormatter(logging.Formatter):
@@ -72,6 +78,13 @@ def formatter(kind: str) -> logging.Formatter:
 
 def setup(level: str, kind: str) -> None:
     """The root logger writes to stderr in `kind` (json or text) from `level` up."""
+    # Neither format prints the thread, the process or the caller's file and line;
+    # finding them costs more than the rest of a record (Python's logging HOWTO,
+    # "Optimization").
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None
     handler = logging.StreamHandler()
     handler.setFormatter(formatter(kind))
     root = logging.getLogger()

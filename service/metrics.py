@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -98,19 +99,30 @@ GRPC_SECONDS = Histogram(
 )
 
 BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+def child(metric: M, *labels: str) -> M:
+    """metric.labels(*labels), remembered: prometheus_client takes 6 us to find it."""
+    return cast(M, _child(metric, labels))
+
+
+@functools.lru_cache(maxsize=4096)
+def _child(metric: Counter | Gauge | Histogram, labels: tuple[str, ...]) -> object:
+    return metric.labels(*labels)
 
 
 def reserved(model: str, amount: int) -> None:
     """A reservation committed."""
-    RESERVED.labels(model).inc(amount)
+    child(RESERVED, model).inc(amount)
 
 
 def resolved(model: str, amount: int, cost: int) -> None:
     """A held reservation of `amount` committed as settled for `cost` (0: released)."""
     if cost:
-        SETTLED.labels(model).inc(cost)
+        child(SETTLED, model).inc(cost)
     if amount - cost:
-        RELEASED.labels(model).inc(amount - cost)
+        child(RELEASED, model).inc(amount - cost)
 
 
 @dataclass(frozen=True)
@@ -156,7 +168,7 @@ def ready(serving: bool) -> None:
 def breakers(states: Iterable[tuple[str, str, str]]) -> None:
     """(provider, upstream_model, state) of every route with a breaker."""
     for provider, upstream_model, state in states:
-        BREAKER_STATE.labels(provider, upstream_model).set(BREAKER_VALUES.get(state, 2))
+        child(BREAKER_STATE, provider, upstream_model).set(BREAKER_VALUES.get(state, 2))
 
 
 def mark_dead(pid: int) -> None:

@@ -107,7 +107,7 @@ def stage(name: str) -> Iterator[None]:
             yield
         finally:
             elapsed = time.monotonic() - started
-            metrics.STAGE_SECONDS.labels(name).observe(elapsed)
+            metrics.child(metrics.STAGE_SECONDS, name).observe(elapsed)
             if name == "upstream":
                 record = current()
                 record.upstream_s = (record.upstream_s or 0.0) + elapsed

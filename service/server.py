@@ -20,6 +20,7 @@ from imagegate.v1 import admin_pb2_grpc, images_pb2_grpc
 from service import metrics
 from service.admin import Admin
 from service.admin_servicer import AdminServicer
+from service.aio import INLINE_BYTES, REPLY_SIZE, ReplySize, off_loop
 from service.catalog import Catalog, InputRules, load_catalog
 from service.config import Config
 from service.core import Caller, ImageCore
@@ -30,6 +31,7 @@ from service.images import ImageStore, load_or_create_secret
 from service.imagestore import is_s3, open_backend
 from service.inputs import InputLoader
 from service.instances import Liveness
+from service.key_cache import KeyCache
 from service.lifecycle import ADMIN_SERVICE_NAME, SERVICE_NAME, InFlight, Readiness
 from service.limits import Limiter, Limits
 from service.links import DEFAULT_REST_URL, LinkBase, bind_address, parse_networks
@@ -189,6 +191,7 @@ async def start_service(
             max_n=config.limit_max_n,
         ),
         idempotency_ttl_s=config.idempotency_ttl_s,
+        key_cache=KeyCache(config.key_cache_ttl_s),
     )
     # The admin API sees every model of the catalog (served or not) and this
     # process's providers and breakers.
@@ -245,7 +248,8 @@ def url_secret(config: Config) -> bytes:
 
 
 # Replies that may carry megabytes of images: serialised in a thread (upb holds
-# the GIL while it copies them; grpc's own send of them holds it again).
+# the GIL while it copies them; grpc's own send of them holds it again), unless
+# the servicer says the reply is small (service/aio.py REPLY_SIZE).
 _LARGE_REPLIES = frozenset(f"/{SERVICE_NAME}/{method}" for method in ("GenerateImages", "GetImage"))
 
 
@@ -257,6 +261,10 @@ class MessageCodec(grpc.aio.ServerInterceptor):
     each handler takes raw bytes and decodes them here, for every service.
     """
 
+    def __init__(self) -> None:
+        # Per method: the handler wrapped last time, and its wrapping (made once).
+        self._made: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
@@ -265,7 +273,11 @@ class MessageCodec(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        return _codec(handler, details.method)
+        made = self._made.get(details.method)
+        if made is None or made[0] is not handler:
+            made = (handler, _codec(handler, details.method))
+            self._made[details.method] = made
+        return made[1]
 
 
 def _codec(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
@@ -302,8 +314,15 @@ def _codec(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler
         encode = serialize
 
         async def large_reply(arg: Any, context: grpc.aio.ServicerContext) -> Any:
-            reply = await behavior(await request(arg, context), context)
-            return await asyncio.to_thread(encode, reply)
+            size = ReplySize()
+            token = REPLY_SIZE.set(size)
+            try:
+                reply = await behavior(await request(arg, context), context)
+            finally:
+                REPLY_SIZE.reset(token)
+            # Unknown (a replay, an image file): a thread, as it may be megabytes.
+            known = INLINE_BYTES + 1 if size.bytes is None else size.bytes
+            return await off_loop(known, encode, reply)
 
         wrapped, serialize = large_reply, None  # grpc sends our bytes as they are
     else:

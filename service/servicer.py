@@ -19,6 +19,7 @@ from imagegate.v1 import accounts_pb2, images_pb2, images_pb2_grpc
 from service import observe
 from service.admin import Admin, route_text
 from service.admin_servicer import bucket_list, key_info, key_list, model_ids
+from service.aio import REPLY_SIZE, off_loop
 from service.catalog import ModelSpec
 from service.core import Caller, Generation, ImageCore, RequestContext
 from service.errors import ImagegateError, InvalidParameter
@@ -175,8 +176,11 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
     async def _render(self, gen: Generation) -> images_pb2.ImagesResponse:
         """The response as it will be sent; the core charges only once this succeeded."""
         # Copying megabytes of images into the message, and measuring it (upb
-        # encodes it to know), hold the GIL: not on the loop.
-        response, size = await asyncio.to_thread(_sized_response, gen)
+        # encodes it to know), hold the GIL: not on the loop (small ones are).
+        images = sum(len(image.data) for image in gen.images if image.data is not None)
+        response, size = await off_loop(images, _sized_response, gen)
+        if (reply_size := REPLY_SIZE.get()) is not None:
+            reply_size.bytes = size
         if size > self._max_message_bytes:
             # The caller's choice of n and format made it too big: a 400 they can act
             # on, not a 5xx that SDKs would retry into the same wall.

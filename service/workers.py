@@ -42,7 +42,7 @@ from typing import Any
 
 from gateway.config import GatewayConfig
 from gateway.server import drain_gateway, start_gateway
-from service import logs, metrics, tracing
+from service import aio, logs, metrics, tracing
 from service.admin_http import multiprocess_metrics, start_admin
 from service.config import Config
 from service.lifecycle import stop_signals
@@ -304,7 +304,8 @@ def _run(plan: Plan, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     logs.setup(plan.log_level, plan.config.log_format)
     shutdown = tracing.configure()
     try:
-        asyncio.run(main())
+        with asyncio.Runner(loop_factory=aio.loop_factory(plan.config.uvloop)) as runner:
+            runner.run(main())
     except (OSError, ValueError) as exc:
         print(f"imagegate: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -450,6 +450,8 @@ async def test_revoked_key_is_401(base_url: str, stack: Stack) -> None:
     client = sdk(base_url, tenant.key)
     await client.images.generate(model="local", prompt=PROMPT, size="256x256")
     assert await stack.service.store.revoke_key(tenant.key_id)
+    # Found keys are trusted for up to key_cache_ttl_s (1 s): refused after it.
+    await asyncio.sleep(stack.service.config.key_cache_ttl_s)
     with pytest.raises(openai.AuthenticationError) as raised:
         await client.images.generate(model="local", prompt=PROMPT, size="256x256")
     assert raised.value.code == "invalid_api_key"

@@ -59,10 +59,10 @@ def upstream_observed(
         finally:
             elapsed = time.monotonic() - started
             labels = (provider, call.upstream_model)
-            metrics.UPSTREAM_CALLS.labels(*labels, outcome).inc()
-            metrics.UPSTREAM_SECONDS.labels(*labels, outcome).observe(elapsed)
+            metrics.child(metrics.UPSTREAM_CALLS, *labels, outcome).inc()
+            metrics.child(metrics.UPSTREAM_SECONDS, *labels, outcome).observe(elapsed)
             if seen.images:
-                metrics.UPSTREAM_IMAGES.labels(*labels).inc(seen.images)
+                metrics.child(metrics.UPSTREAM_IMAGES, *labels).inc(seen.images)
             if span is not None:
                 span.set_attribute("imagegate.outcome", outcome)
                 span.set_attribute("imagegate.images", seen.images)

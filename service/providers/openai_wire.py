@@ -22,6 +22,7 @@ from urllib.parse import urljoin
 
 import aiohttp
 
+from service.aio import off_loop
 from service.errors import ContentPolicy, ImagegateError, UpstreamError, UpstreamRejected
 from service.providers import sse
 from service.providers.base import (
@@ -277,7 +278,7 @@ class Upstream:
                 )
             raw = await read_body(response, self.provider_id)
         # Parsing and decoding megabytes of base64 would stall the event loop.
-        items, usage = await asyncio.to_thread(self._parse, raw, n)
+        items, usage = await off_loop(len(raw), self._parse, raw, n)
         images = await self._images(items, url)
         return ProviderResult(images=images, usage=usage)
 
@@ -316,7 +317,7 @@ class Upstream:
                 )
             if response.content_type != "text/event-stream":
                 raw = await read_body(response, self.provider_id)
-                items, usage = await asyncio.to_thread(self._parse, raw, n)
+                items, usage = await off_loop(len(raw), self._parse, raw, n)
                 for i, image in enumerate(await self._images(items, url)):
                     yield CompletedImage(image, usage if i == 0 else TokenUsage())
                 return

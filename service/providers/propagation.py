@@ -6,7 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import aiohttp
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
 
 
 async def _inject(
@@ -21,7 +21,11 @@ async def _inject(
         params.headers[name] = value
 
 
-def trace_config() -> aiohttp.TraceConfig:
+def trace_configs() -> list[aiohttp.TraceConfig]:
+    """The hook that sends the trace context, when tracing is on (it is set up before
+    the providers); none otherwise, as hooks cost every upstream request a few signals."""
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return []
     config = aiohttp.TraceConfig()
     config.on_request_start.append(_inject)
-    return config
+    return [config]

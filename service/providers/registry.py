@@ -109,7 +109,7 @@ async def _build(
         return ProviderStatus(settings.id, settings.kind, False, why)
     http = aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=settings.timeout_s),
-        trace_configs=[propagation.trace_config()],
+        trace_configs=propagation.trace_configs(),
     )
     download = SafeDownloader(
         settings.id, settings.download_hosts, timeout_s=min(settings.timeout_s, DOWNLOAD_TIMEOUT_S)
