@@ -156,8 +156,11 @@ class Admin:
         status: Mapping[str, ProviderStatus] | None = None,
         health: Callable[[], Sequence[RouteHealth]] = list,
         clock: Callable[[], float] = time.time,
+        key_changed: Callable[[str], None] = lambda key_id: None,
     ) -> None:
         self._store = store
+        # Told the id of a key revoked or changed here (the service's key cache).
+        self._key_changed = key_changed
         self._catalog = catalog
         self._status = status or {}
         self._health = health
@@ -319,6 +322,7 @@ class Admin:
             raise _no_key(key_id)
         allowed = _models(models) if set_models else None
         await self._store.update_key(key_id, changes, allowed, set_models=set_models)
+        self._key_changed(key_id)
         return await self.get_key(key_id)
 
     async def revoke_key(self, key_id: str, account: str | None = None) -> KeyView:
@@ -327,6 +331,7 @@ class Admin:
         if record is None or (account is not None and record.account_name != account):
             raise _no_key(key_id)
         await self._store.revoke_key(key_id)
+        self._key_changed(key_id)
         return await self.get_key(key_id)
 
     async def _views(self, records: list[KeyRecord]) -> list[KeyView]:

@@ -52,5 +52,11 @@ class KeyCache:
         while len(self._found) > self._max:
             self._found.popitem(last=False)
 
+    def forget(self, key_id: str) -> None:
+        """Drop the key with this id: a change made through this process (the admin
+        API) takes effect here at once; other replicas see it within ttl_s."""
+        for digest in [d for d, (_, record) in self._found.items() if record.id == key_id]:
+            del self._found[digest]
+
     def now(self) -> float:
         return self._clock()

@@ -173,6 +173,7 @@ async def start_service(
         await store.close()
         raise
     await limiter.open()
+    key_cache = KeyCache(config.key_cache_ttl_s)
     core = ImageCore(
         catalog=servable(catalog, registry),
         store=store,
@@ -191,11 +192,17 @@ async def start_service(
             max_n=config.limit_max_n,
         ),
         idempotency_ttl_s=config.idempotency_ttl_s,
-        key_cache=KeyCache(config.key_cache_ttl_s),
+        key_cache=key_cache,
     )
     # The admin API sees every model of the catalog (served or not) and this
-    # process's providers and breakers.
-    admin = Admin(store, catalog=catalog, status=registry.status, health=core.dispatcher.health)
+    # process's providers and breakers; what it revokes is refused here at once.
+    admin = Admin(
+        store,
+        catalog=catalog,
+        status=registry.status,
+        health=core.dispatcher.health,
+        key_changed=key_cache.forget,
+    )
     servicer = ImageServicer(core, links, config.max_message_bytes, admin)
     readiness, calls = Readiness(), InFlight()
     try:

@@ -10,6 +10,7 @@ import pytest
 from imagegate.v1 import images_pb2, images_pb2_grpc
 
 from service import keys
+from service.admin import Admin
 from service.catalog import load_catalog
 from service.core import ImageCore
 from service.errors import InvalidApiKey
@@ -142,5 +143,26 @@ async def test_a_key_revoked_on_one_replica_is_refused_by_the_other_within_a_sec
                 assert (
                     await _list_models(replica.grpc_target, key) == grpc.StatusCode.UNAUTHENTICATED
                 )
+    finally:
+        await store.close()
+
+
+async def test_a_key_revoked_through_this_process_is_refused_at_once(tmp_path: Path) -> None:
+    """The admin API tells the cache: no second of grace where the revocation was made."""
+    store = CountingStore(tmp_path / "db.sqlite")
+    await store.open()
+    try:
+        cache = KeyCache(1.0, clock=Clock())
+        core = await _core(tmp_path, store, cache)
+        key, key_id = await open_account(store, "a", 1000)
+        other, other_id = await open_account(store, "b", 1000)
+        await core.authenticate(f"Bearer {key}")
+        await core.authenticate(f"Bearer {other}")
+        await Admin(store, key_changed=cache.forget).revoke_key(key_id)
+        with pytest.raises(InvalidApiKey):
+            await core.authenticate(f"Bearer {key}")
+        # Only that key was dropped: the other is still served from the cache.
+        assert (await core.authenticate(f"Bearer {other}")).key_id == other_id
+        assert store.lookups == 3
     finally:
         await store.close()
