@@ -6,12 +6,11 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+from settings import shared
 from settings.fields import (
     address_or_off,
     between,
     grpc_target,
-    networks,
-    not_empty,
     port,
     positive,
     setting,
@@ -35,7 +34,7 @@ class GatewayConfig:
         commands=REST_ONLY,
         metavar="HOST:PORT",
     )
-    host: str = setting("127.0.0.1", "address the servers bind", check=not_empty)
+    host: str = shared.host()
     rest_port: int = setting(8080, "REST port of the aiohttp front", check=port)
     # Generation requests are small JSON; Envoy's front enforces the same limit.
     max_body_bytes: int = setting(
@@ -49,12 +48,7 @@ class GatewayConfig:
         "in); Envoy's upload routes use the same 60 MiB; below `max_message_bytes`",
         check=between(1024),
     )
-    # Must match the service's limit: responses carry whole images.
-    max_message_bytes: int = setting(
-        64 * MiB,
-        "gRPC message limit (service and front): n=10 large images, or one upload",
-        check=between(MiB),
-    )
+    max_message_bytes: int = shared.max_message_bytes()
     # Envoy's route timeout is the same, and slow models need minutes.
     timeout_s: float = setting(
         300.0,
@@ -87,21 +81,8 @@ class GatewayConfig:
         commands=REST_ONLY,
         metavar="HOST:PORT",
     )
-    drain_grace_s: float = setting(
-        25.0,
-        "after SIGTERM, how long (seconds) requests in flight may take before they are "
-        "cancelled and released",
-        check=between(0),
-    )
-    # The same setting as the service's (one variable): the console reads it too.
-    trusted_proxies: str = setting(
-        "127.0.0.0/8,::1/128",
-        "peers (comma-separated CIDRs) whose forwarded `Host` may set image URL hosts: "
-        "the aiohttp front and an Envoy on the same host; for the aiohttp front, the peers "
-        "whose `X-Forwarded-Proto: https` marks the console's cookie `Secure`",
-        check=networks,
-        metavar="CIDRS",
-    )
+    drain_grace_s: float = shared.drain_grace_s()
+    trusted_proxies: str = shared.trusted_proxies()
     # `serve --workers N` sets it for its fronts, which dial every service worker.
     grpc_round_robin: bool = setting(
         False,

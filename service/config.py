@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.logs import FORMATS as LOG_FORMATS
+from settings import shared
 from settings.fields import (
     EVERY_COMMAND,
     NO_FLAG,
@@ -16,7 +17,6 @@ from settings.fields import (
     between,
     existing_file,
     hosts,
-    networks,
     not_empty,
     one_of,
     port,
@@ -38,7 +38,7 @@ class Config:
     """The service's settings (and the log settings of every command). Adding one is
     one `setting()` here: the loader, the flags and docs/configuration.md follow."""
 
-    host: str = setting("127.0.0.1", "address the servers bind", check=not_empty)
+    host: str = shared.host()
     grpc_port: int = setting(50051, "gRPC port", check=port)
     data_dir: Path = setting(
         Path(".imagegate"),
@@ -79,15 +79,7 @@ class Config:
         check=url("http", "https"),
         metavar="URL",
     )
-    # Loopback covers the aiohttp front and an Envoy on the same host.
-    trusted_proxies: str = setting(
-        "127.0.0.0/8,::1/128",
-        "peers (comma-separated CIDRs) whose forwarded `Host` may set image URL hosts: "
-        "the aiohttp front and an Envoy on the same host; for the aiohttp front, the peers "
-        "whose `X-Forwarded-Proto: https` marks the console's cookie `Secure`",
-        check=networks,
-        metavar="CIDRS",
-    )
+    trusted_proxies: str = shared.trusted_proxies()
     image_ttl_s: int = setting(
         3600, "lifetime of image links (seconds); images are deleted after it", check=between(1)
     )
@@ -108,13 +100,7 @@ class Config:
         default_text="the data dir's `images/` folder",
         metavar="URL",
     )
-    # gRPC messages carry whole images: n=10 large PNGs need far more than 4 MB.
-    # An edit's whole upload travels in one too (the REST fronts' max_upload_bytes).
-    max_message_bytes: int = setting(
-        64 * MiB,
-        "gRPC message limit (service and front): n=10 large images, or one upload",
-        check=between(MiB),
-    )
+    max_message_bytes: int = shared.max_message_bytes()
     # Decompression bombs are refused by their header, before decoding.
     max_upload_pixels: int = setting(
         40_000_000,
@@ -181,13 +167,7 @@ class Config:
         check=address_or_off,
         metavar="HOST:PORT",
     )
-    # Below Kubernetes' default 30 s before SIGKILL.
-    drain_grace_s: float = setting(
-        25.0,
-        "after SIGTERM, how long (seconds) requests in flight may take before they are "
-        "cancelled and released",
-        check=between(0),
-    )
+    drain_grace_s: float = shared.drain_grace_s()
     log_format: str = setting(
         "json",
         "`json`: one JSON object per line; `text` for a terminal",
