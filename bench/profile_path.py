@@ -13,6 +13,7 @@ overhead over (a), and the serve process's CPU ms per request of each target.
         [--env NAME=VALUE ...]   # IMAGEGATE_* settings for serve, e.g. IMAGEGATE_UVLOOP=false
         [--compare NAME=VALUE ...]  # a second serve with these, (b) and (c) interleaved
         [--wrk SECONDS]   # then wrk req/s through each aiohttp front (serve on core 0)
+        [--envoy-b CONFIG]  # a second Envoy from CONFIG beside the committed one
     .venv/bin/python bench/profile_path.py --grpc-client   # CPU per call of gRPC clients
 
 This is a tool for profiling the single request path; `make bench` is the benchmark.
@@ -53,6 +54,8 @@ BIN = Path(sys.executable).parent
 MODEL = "fast"
 BODY = {"model": MODEL, "prompt": "bench", "size": "256x256", "response_format": "b64_json"}
 TICK = os.sysconf("SC_CLK_TCK")
+WORKERS = 1  # --workers
+ENVOY_CONCURRENCY = 1  # --envoy-concurrency
 
 
 def _png() -> bytes:
@@ -137,8 +140,14 @@ async def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> Non
 
 
 def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    """User + system seconds of pid and its live descendants (serve --workers N)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return 0.0
+    own = (int(fields[11]) + int(fields[12])) / TICK
+    return own + sum(_cpu_s(int(child)) for child in children)
 
 
 Call = Callable[[], Awaitable[None]]
@@ -188,39 +197,47 @@ class Client:
 
 
 async def _measure(
-    targets: dict[str, Target], requests: int
-) -> dict[str, tuple[list[float], float]]:
+    targets: dict[str, Target], requests: int, envoy_pids: dict[str, int]
+) -> dict[str, tuple[list[float], float, float]]:
+    """Per target: the latencies, serve's CPU per request, Envoy's CPU per request."""
     samples: dict[str, list[float]] = {name: [] for name in targets}
     cpu: dict[str, float] = dict.fromkeys(targets, 0.0)
+    envoy_cpu: dict[str, float] = dict.fromkeys(targets, 0.0)
     for call, _ in targets.values():  # warm up connections and caches
         for _ in range(50):
             await call()
     batch = 100
     for _ in range(max(1, requests // batch)):
         for name, (call, pid) in targets.items():
+            envoy = envoy_pids.get(name, 0)
             before = _cpu_s(pid) if pid else 0.0
+            envoy_before = _cpu_s(envoy) if envoy else 0.0
             for _ in range(batch):
                 start = time.perf_counter()
                 await call()
                 samples[name].append(time.perf_counter() - start)
             cpu[name] += (_cpu_s(pid) if pid else 0.0) - before
-    return {name: (samples[name], cpu[name] / len(samples[name])) for name in targets}
+            envoy_cpu[name] += (_cpu_s(envoy) if envoy else 0.0) - envoy_before
+    return {
+        name: (samples[name], cpu[name] / len(samples[name]), envoy_cpu[name] / len(samples[name]))
+        for name in targets
+    }
 
 
-def _report(results: dict[str, tuple[list[float], float]]) -> str:
+def _report(results: dict[str, tuple[list[float], float, float]]) -> str:
     floor = statistics.median(results["a. upstream direct"][0])
     lines = [
-        "| target | p50 ms | p99 ms | overhead p50 ms | serve CPU ms/req |",
-        "|---|---|---|---|---|",
+        "| target | p50 ms | p99 ms | overhead p50 ms | serve CPU ms/req | Envoy CPU ms/req |",
+        "|---|---|---|---|---|---|",
     ]
-    for name, (samples, cpu) in results.items():
+    for name, (samples, cpu, envoy_cpu) in results.items():
         ordered = sorted(samples)
         p50 = statistics.median(ordered)
         p99 = ordered[int(len(ordered) * 0.99) - 1]
         over = "" if name.startswith("a.") else f"{(p50 - floor) * 1000:.2f}"
-        lines.append(
-            f"| {name} | {p50 * 1000:.2f} | {p99 * 1000:.2f} | {over} | {cpu * 1000:.2f} |"
-        )
+        envoy = f"{envoy_cpu * 1000:.2f}" if envoy_cpu else ""
+        figures = f"{p50 * 1000:.2f} | {p99 * 1000:.2f} | {over} | {cpu * 1000:.2f} | {envoy}"
+        lines.append(f"| {name} | {figures} |")
     return "\n".join(lines)
 
 
@@ -301,6 +318,8 @@ async def _serve(
         "IMAGEGATE_GRPC_PORT": str(grpc_port),
         "IMAGEGATE_REST_PORT": str(rest_port),
         "IMAGEGATE_METRICS_ADDRESS": "off",
+        # One process by default: the front and the service.
+        "IMAGEGATE_WORKERS": str(WORKERS),
     }
     env |= dict(pair.split("=", 1) for pair in extra)
     serve = _spawn([str(BIN / "imagegate"), "serve"], env=env, log=tmp / f"{name}.log")
@@ -310,7 +329,8 @@ async def _serve(
 
 async def main(args: argparse.Namespace) -> None:
     procs: list[subprocess.Popen[bytes]] = []
-    envoy = envoy2 = None
+    envoy = envoy2 = envoy_b = None
+    envoy_pids: dict[str, int] = {}
     key = keys.new_key()
     client = Client(key)
     with tempfile.TemporaryDirectory() as name:
@@ -332,8 +352,19 @@ async def main(args: argparse.Namespace) -> None:
             if args.envoy:
                 from tests.envoy_harness import EnvoyFront
 
-                envoy = await EnvoyFront.start(grpc_port)
+                envoy = await EnvoyFront.start(grpc_port, concurrency=ENVOY_CONCURRENCY)
                 targets["d. Envoy front"] = (client.post(envoy.base_url), serve.pid)
+                envoy_pids["d. Envoy front"] = envoy.pid
+            if args.envoy_b:
+                from tests.envoy_harness import EnvoyFront
+
+                # Another Envoy config in front of the same serve, interleaved.
+                envoy_b = await EnvoyFront.start(
+                    grpc_port, source=Path(args.envoy_b), concurrency=ENVOY_CONCURRENCY
+                )
+                name = f"d. Envoy front, {Path(args.envoy_b).name}"
+                targets[name] = (client.post(envoy_b.base_url), serve.pid)
+                envoy_pids[name] = envoy_b.pid
             if args.compare:
                 # The same, on a second serve with other settings, interleaved with the first.
                 other, grpc2, rest2 = await _serve(tmp, "b", catalog, key, args.compare)
@@ -347,9 +378,10 @@ async def main(args: argparse.Namespace) -> None:
                 if args.envoy:
                     from tests.envoy_harness import EnvoyFront
 
-                    envoy2 = await EnvoyFront.start(grpc2)
+                    envoy2 = await EnvoyFront.start(grpc2, concurrency=ENVOY_CONCURRENCY)
                     targets[f"d. Envoy front, {with_}"] = (client.post(envoy2.base_url), other.pid)
-            results = await _measure(targets, args.requests)
+                    envoy_pids[f"d. Envoy front, {with_}"] = envoy2.pid
+            results = await _measure(targets, args.requests, envoy_pids)
             print(_report(results), flush=True)
             if args.wrk:
                 rest = {"": (rest_port, serve.pid)}
@@ -360,7 +392,7 @@ async def main(args: argparse.Namespace) -> None:
                 await _profile(Path(args.profile), serve.pid, targets, args.label, 15)
         finally:
             await client.close()
-            for front in (envoy, envoy2):
+            for front in (envoy, envoy2, envoy_b):
                 if front is not None:
                     await front.stop()
             for proc in reversed(procs):
@@ -478,6 +510,9 @@ if __name__ == "__main__":
     )
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--envoy", action="store_true")
+    parser.add_argument("--workers", type=int, default=1, help="imagegate serve --workers")
+    parser.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy --concurrency")
+    parser.add_argument("--envoy-b", help="a second Envoy from this config, beside --envoy's")
     parser.add_argument("--wrk", type=int, default=0, help="seconds of wrk per case (0: none)")
     parser.add_argument("--profile", help="folder for py-spy flame graphs")
     parser.add_argument("--label", default="profile", help="flame graph file name prefix")
@@ -486,6 +521,7 @@ if __name__ == "__main__":
         "--compare", nargs="*", default=[], help="NAME=VALUE for a second serve measured beside"
     )
     args = parser.parse_args()
+    WORKERS, ENVOY_CONCURRENCY = args.workers, args.envoy_concurrency
     if args.upstream:
         upstream(args.upstream)
     elif args.health_server:
