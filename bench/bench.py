@@ -361,16 +361,17 @@ def measure_large(target: Target, timing: Timing, result: Result, load: Callable
     time.sleep(1)  # at rest; and the stall watch's lines start afresh again
     reset_peak_rss(groups)
     rest = rss_kb(groups)
-    start = time.time()
+    start, busy_before = time.time(), machine_busy_s()
     with cpu_meter(groups) as cpu:
         large = load(target.large, clients=target.large_clients, seconds=timing.large_s)
-    end = time.time()
+    end, busy_after = time.time(), machine_busy_s()
     peaks = hwm_kb(groups)
     response_bytes = large.bytes_per_s / large.rps if large.rps else 0.0
     result.large = {"mb_per_s": large.bytes_per_s / 1e6, "rps": large.rps,
                     "p50_ms": large.p50_ms, "p99_ms": large.p99_ms,
                     "one_p50_ms": one.p50_ms, "in_flight": target.large_clients,
-                    "response_mb": response_bytes / 1e6}  # fmt: skip
+                    "response_mb": response_bytes / 1e6,
+                    "machine_cores_busy": (busy_after - busy_before) / (end - start)}  # fmt: skip
     result.large_cpu_ms = {g: ms / max(large.succeeded, 1) for g, ms in cpu.items()}
     result.peak_rss_mb = {g: max(kb.values()) / 1024 for g, kb in peaks.items() if kb}
     if response_bytes:
@@ -388,6 +389,12 @@ def measure_large(target: Target, timing: Timing, result: Result, load: Callable
 
 
 TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every process on the machine has used (all but idle and iowait)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    return (sum(fields) - fields[3] - fields[4]) * TICK_MS / 1000
 
 
 def cpu_ms(pid: int) -> float:

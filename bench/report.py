@@ -111,13 +111,18 @@ def table(machine: dict[str, Any], results: Sequence[Result]) -> str:
             f"{_cell(r.peak_rss_mb, '.0f')} | {_cell(r.cpu_ms, '.2f')} ({r.cpu_at_rate:g}) |"
         )
     busy = ", ".join(
-        f"{r.label.split(' ', 1)[0]} {_cores_busy(r):.1f}" for r in results if r.large_cpu_ms
+        f"{r.label.split(' ', 1)[0]} {_cores_busy(r):.1f} of "
+        f"{r.large.get('machine_cores_busy', NAN):.1f}"
+        for r in results
+        if r.large_cpu_ms
     )
     ceiling = machine.get("ceiling", {})
     rows += [
         "",
-        f"Cores kept busy by the servers during the large-payload run (CPU ms per large "
-        f"request summed over the processes x req/s): {busy}, of {machine.get('cores')}.",
+        "Cores kept busy during the large-payload run by the servers (CPU ms per large "
+        "request summed over their processes x req/s) of those busy on the whole machine "
+        f"(the generator and anything else running included), of {machine.get('cores')}: "
+        f"{busy}.",
         "",
         f"Load generator ceiling against a bare aiohttp handler (`GET /ping` of the fake): "
         f"wrk {ceiling.get('wrk_rps', 0):,.0f} req/s, h2load {ceiling.get('h2load_rps', 0):,.0f} "
@@ -217,13 +222,13 @@ run by `make bench` ([bench/bench.py](../bench/bench.py)).{quick}
 - Large payload: first one request at a time (its p50, and the longest
   event-loop stall), then {_in_flight(results)} requests in flight (closed loop,
   {machine.get("large_per_worker")} per worker): MB/s of responses, req/s, CPU per
-  request, memory, and the longest stall again. This run is CPU-bound in the servers: the cores-busy
-  line below the table shows the servers' CPU per large request x req/s
-  filling the machine's cores, so more connections do not raise it (checked
-  through the aiohttp front: 4 and 8 give about the same req/s); the MB/s is
-  the gateway's, for this CPU. imagegate
-  and LiteLLM came out alike (24.3 req/s each in the run before this
-  measurement was reworked) because each spends about 80 ms of CPU per 7.9 MB
+  request, memory, and the longest stall again. This run is CPU-bound: the
+  cores-busy line below the table shows the whole machine's cores full and
+  the servers' share of them (CPU per large request x req/s), so more
+  connections do not raise it (checked through the aiohttp front: 4 and 8
+  give about the same req/s); the MB/s is the gateway's, for the CPU it got.
+  imagegate and LiteLLM came out alike (24.3 req/s each in the run before this
+  measurement was reworked) because each spends 80-90 ms of CPU per 8 MB
   answer, not because the generator or the fake held them back: the fake
   answers the same request directly at several hundred per second for 3-4 ms
   of CPU each.
