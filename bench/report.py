@@ -222,16 +222,18 @@ run by `make bench` ([bench/bench.py](../bench/bench.py)).{quick}
 - Large payload: first one request at a time (its p50, and the longest
   event-loop stall), then {_in_flight(results)} requests in flight (closed loop,
   {machine.get("large_per_worker")} per worker): MB/s of responses, req/s, CPU per
-  request, memory, and the longest stall again. This run is CPU-bound: the
-  cores-busy line below the table shows the whole machine's cores full and
-  the servers' share of them (CPU per large request x req/s), so more
-  connections do not raise it (checked through the aiohttp front: 4 and 8
-  give about the same req/s); the MB/s is the gateway's, for the CPU it got.
-  imagegate and LiteLLM came out alike (24.3 req/s each in the run before this
-  measurement was reworked) because each spends 80-90 ms of CPU per 8 MB
-  answer, not because the generator or the fake held them back: the fake
-  answers the same request directly at several hundred per second for 3-4 ms
-  of CPU each.
+  request, memory, and the longest stall again. The cores-busy line below
+  the table says whether it was CPU-bound. When the whole machine's cores are
+  full, more connections do not raise req/s (checked through the aiohttp
+  front: 4 and 8 give about the same) and the MB/s is what the gateway makes
+  of the CPU it got. When they are not, the limit is in the server (each
+  worker is one process on one core at most, and the kernel need not spread
+  the connections evenly over the workers). imagegate and LiteLLM came out
+  alike (24.3 req/s each in the run before this measurement was reworked)
+  because each spends 70-90 ms of CPU per 8 MB answer and the machine has 2
+  cores, not because the generator or the fake held them back: the fake
+  answers the same request directly at several hundred per second for about
+  3 ms of CPU each.
 - Memory added per request in flight: over each group's processes, the sum of
   (peak RSS during the in-flight run - RSS at rest just before it), divided by
   the requests in flight and by the response size (headers and body), so 1.0
