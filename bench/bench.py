@@ -46,6 +46,10 @@ SLO_P99_MS = 50.0
 SATURATED = 0.7
 GIVE_UP_P99_MS = 1000.0
 PROMPT = "a lighthouse at dusk"
+# A lone request: one client at this rate, each request alone on an idle machine.
+LONE_RPS = 20
+# Large requests in flight at once (closed loop), per worker.
+LARGE_PER_WORKER = 4
 
 
 @dataclass(frozen=True)
@@ -55,10 +59,15 @@ class Timing:
     max_s: float
     large_s: float
     rates: tuple[int, ...]
+    lone_s: float
+    # Large requests each client sends with all in flight: a count, not a duration, so
+    # that the CPU measured is that of the requests counted, every one answered.
+    large_each: int
 
 
-FULL = Timing(3.0, 2.5, 3.0, 3.0, (100, 250, 500, 1000, 1500, 2000, 3000, 4000, 6000, 8000))
-QUICK = Timing(0.5, 0.5, 0.5, 1.0, (100, 500))
+RATES = (100, 250, 500, 1000, 1500, 2000, 3000, 4000, 6000, 8000)
+FULL = Timing(3.0, 2.5, 3.0, 3.0, RATES, 3.0, 10)
+QUICK = Timing(0.5, 0.5, 0.5, 1.0, (100, 500), 0.5, 2)
 
 
 @dataclass
@@ -72,6 +81,10 @@ class Target:
     # For gRPC, whose HTTP status is 200 whatever the call's outcome: the calls that
     # succeeded, read from the ledger (settled reservations).
     settled: Callable[[], int] | None = None
+    # Longest event-loop stall per imagegate group over a wall-clock window.
+    stalls: Callable[[float, float], dict[str, float]] | None = None
+    # Large requests in flight at once.
+    large_clients: int = 4
 
 
 @dataclass
@@ -79,6 +92,7 @@ class Result:
     key: str
     label: str
     sequential: dict[str, float] = field(default_factory=dict)
+    lone: dict[str, float] = field(default_factory=dict)
     steps: list[dict[str, float]] = field(default_factory=list)
     max_rps: float = 0.0
     slo_rate: int = 0
@@ -86,6 +100,13 @@ class Result:
     cpu_ms: dict[str, float] = field(default_factory=dict)
     cpu_at_rate: float = 0.0
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    # Large payload: CPU ms per request, (RSS added per request in flight) / response
+    # size, and the longest event-loop stall in ms (one at a time; all in flight), per
+    # process group.
+    large_cpu_ms: dict[str, float] = field(default_factory=dict)
+    memory_per_flight: dict[str, float] = field(default_factory=dict)
+    stall_ms: dict[str, float] = field(default_factory=dict)
+    stall_loaded_ms: dict[str, float] = field(default_factory=dict)
     errors: int = 0
     note: str = ""
 
@@ -144,7 +165,8 @@ def pin(pids: list[int], cpus: str | None) -> None:
 def run(targets: list[str], timing: Timing, workers: int) -> tuple[list[Result], dict[str, object]]:
     generator_cpus, server_cpus = cpu_layout()
     machine = report.machine()
-    machine.update(workers=workers, generator_cpus=generator_cpus, server_cpus=server_cpus)
+    machine.update(workers=workers, generator_cpus=generator_cpus, server_cpus=server_cpus,
+                   lone_rps=LONE_RPS, large_per_worker=LARGE_PER_WORKER)  # fmt: skip
     with (
         tempfile.TemporaryDirectory(prefix="imagegate-bench-") as tmp,
         contextlib.ExitStack() as ex,
@@ -180,6 +202,8 @@ def run(targets: list[str], timing: Timing, workers: int) -> tuple[list[Result],
                 Request(f"{gate.rest_url}/v1/images/generations", rest_h, bodies["rest"]),
                 Request(f"{gate.rest_url}/v1/images/generations", rest_h, bodies["rest_large"]),
                 lambda: {"front": gate.fronts, "service": gate.services, "fake": [fake.pid]},
+                stalls=lambda start, end: stack.longest_stalls(
+                    work, {"front": gate.fronts, "service": gate.services}, start, end),
             )  # fmt: skip
             grpc_url = f"http://127.0.0.1:{gate.grpc_port}/imagegate.v1.ImageService/GenerateImages"
             grpc_h = ("content-type: application/grpc", "te: trailers", auth)
@@ -189,6 +213,8 @@ def run(targets: list[str], timing: Timing, workers: int) -> tuple[list[Result],
                 Request(grpc_url, grpc_h, bodies["grpc_large"], h1=False),
                 lambda: {"service": gate.services, "fake": [fake.pid]},
                 settled=lambda: stack.settled_count(gate.data_dir),
+                stalls=lambda start, end: stack.longest_stalls(
+                    work, {"service": gate.services}, start, end),
             )  # fmt: skip
             if "envoy" in targets:
                 base, envoy_pid = ex.enter_context(stack.envoy(gate, concurrency=workers))
@@ -198,6 +224,8 @@ def run(targets: list[str], timing: Timing, workers: int) -> tuple[list[Result],
                     Request(f"{base}/v1/images/generations", rest_h, bodies["rest"]),
                     Request(f"{base}/v1/images/generations", rest_h, bodies["rest_large"]),
                     lambda: {"envoy": [envoy_pid], "service": gate.services, "fake": [fake.pid]},
+                    stalls=lambda start, end: stack.longest_stalls(
+                        work, {"service": gate.services}, start, end),
                 )  # fmt: skip
         if "litellm" in targets:
             try:
@@ -218,6 +246,8 @@ def run(targets: list[str], timing: Timing, workers: int) -> tuple[list[Result],
                 lambda: {"litellm": stack.descendants(litellm.pid), "fake": [fake.pid]},
             )  # fmt: skip
         results = []
+        for target in catalog.values():
+            target.large_clients = LARGE_PER_WORKER * workers
         for key in targets:
             print(f"bench: {catalog[key].label} ...", flush=True)
             results.append(measure(catalog[key], timing, generator_cpus))
@@ -292,6 +322,8 @@ def measure(target: Target, timing: Timing, cpus: str | None) -> Result:
     result.errors = 0
     seq = load(target.small, clients=1, seconds=timing.sequential_s)
     result.sequential = {"p50_ms": seq.p50_ms, "p99_ms": seq.p99_ms, "rps": seq.rps}
+    lone = load(target.small, clients=1, seconds=timing.lone_s, rps_per_client=LONE_RPS)
+    result.lone = {"p50_ms": lone.p50_ms, "p99_ms": lone.p99_ms}
     within_slo = True
     for rate in timing.rates:
         clients = max(2, min(200, rate // 20))
@@ -314,19 +346,60 @@ def measure(target: Target, timing: Timing, cpus: str | None) -> Result:
             break
     closed = load(target.small, clients=32, seconds=timing.max_s)
     result.max_rps = closed.rps
-    groups = target.groups()
-    reset_peak_rss(groups)
-    large = load(target.large, clients=4, seconds=timing.large_s)
-    result.large = {"mb_per_s": large.bytes_per_s / 1e6, "rps": large.rps,
-                    "p50_ms": large.p50_ms, "p99_ms": large.p99_ms}  # fmt: skip
-    result.peak_rss_mb = peak_rss_mb(groups)
+    measure_large(target, timing, result, load)
     print(f"  sequential p50 {seq.p50_ms:.2f} ms, SLO rate {result.slo_rate}, "
           f"max {result.max_rps:.0f} req/s, large {result.large['mb_per_s']:.0f} MB/s, "
           f"errors {result.errors}", flush=True)  # fmt: skip
     return result
 
 
+def measure_large(target: Target, timing: Timing, result: Result, load: Callable[..., Run]) -> None:
+    """n=4 large images: one at a time for the latency and the loop's longest stall, then
+    `large_clients` in flight (closed loop) for MB/s, CPU, the memory each adds and the
+    longest stall again (then with the cores oversubscribed, a wait for a core counts)."""
+    time.sleep(1)  # the stall watch's one-second lines start afresh
+    one_start = time.time()
+    one = load(target.large, clients=1, seconds=timing.large_s)
+    one_end = time.time()
+    groups = target.groups()
+    time.sleep(1)  # at rest; and the stall watch's lines start afresh again
+    reset_peak_rss(groups)
+    rest = rss_kb(groups)
+    start, busy_before = time.time(), machine_busy_s()
+    with cpu_meter(groups) as cpu:
+        large = load(target.large, clients=target.large_clients, seconds=60,
+                     count=target.large_clients * timing.large_each)  # fmt: skip
+    end, busy_after = time.time(), machine_busy_s()
+    peaks = hwm_kb(groups)
+    response_bytes = large.bytes_per_s / large.rps if large.rps else 0.0
+    result.large = {"mb_per_s": large.bytes_per_s / 1e6, "rps": large.rps,
+                    "p50_ms": large.p50_ms, "p99_ms": large.p99_ms,
+                    "one_p50_ms": one.p50_ms, "in_flight": target.large_clients,
+                    "response_mb": response_bytes / 1e6,
+                    "machine_cores_busy": (busy_after - busy_before) / (end - start)}  # fmt: skip
+    result.large_cpu_ms = {g: ms / max(large.succeeded, 1) for g, ms in cpu.items()}
+    result.peak_rss_mb = {g: max(kb.values()) / 1024 for g, kb in peaks.items() if kb}
+    if response_bytes:
+        # Summed over the group's processes: however the kernel spread the connections.
+        result.memory_per_flight = {
+            g: sum(max(0, kb - rest[g].get(pid, kb)) for pid, kb in peaks[g].items())
+            * 1024
+            / target.large_clients
+            / response_bytes
+            for g in groups
+        }
+    if target.stalls is not None:
+        result.stall_ms = target.stalls(one_start, one_end)
+        result.stall_loaded_ms = target.stalls(start, end)
+
+
 TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every process on the machine has used (all but idle and iowait)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    return (sum(fields) - fields[3] - fields[4]) * TICK_MS / 1000
 
 
 def cpu_ms(pid: int) -> float:
@@ -353,16 +426,26 @@ def reset_peak_rss(groups: dict[str, list[int]]) -> None:
                 Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
-def peak_rss_mb(groups: dict[str, list[int]]) -> dict[str, float]:
-    """The largest peak RSS (VmHWM) among each group's processes, in MB."""
-    peaks: dict[str, float] = {}
+def _status_kb(groups: dict[str, list[int]], field: str) -> dict[str, dict[int, int]]:
+    """`field` of /proc/PID/status (kB) for each process of each group."""
+    values: dict[str, dict[int, int]] = {}
     for g, pids in groups.items():
+        values[g] = {}
         for pid in pids:
             with contextlib.suppress(OSError):
                 for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        peaks[g] = max(peaks.get(g, 0.0), int(line.split()[1]) / 1024)
-    return peaks
+                    if line.startswith(f"{field}:"):
+                        values[g][pid] = int(line.split()[1])
+    return values
+
+
+def rss_kb(groups: dict[str, list[int]]) -> dict[str, dict[int, int]]:
+    return _status_kb(groups, "VmRSS")
+
+
+def hwm_kb(groups: dict[str, list[int]]) -> dict[str, dict[int, int]]:
+    """Peak RSS since the last reset_peak_rss()."""
+    return _status_kb(groups, "VmHWM")
 
 
 if __name__ == "__main__":

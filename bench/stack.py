@@ -152,7 +152,11 @@ def start_fake(work: Path) -> tuple[Proc, int]:
 
 
 def start_imagegate(work: Path, fake_port: int, workers: int) -> Imagegate:
+    """`serve --workers N`, each worker's event-loop stalls logged under work/stalls
+    (service/stall_watch.py)."""
     data_dir = work / "imagegate"
+    stalls = work / "stalls"
+    stalls.mkdir(exist_ok=True)
     catalog = work / "catalog.toml"
     catalog.write_text(catalog_toml(fake_port))
     key = asyncio.run(_account(data_dir))
@@ -172,6 +176,7 @@ def start_imagegate(work: Path, fake_port: int, workers: int) -> Imagegate:
             "--metrics-address", "off",
         ],
         log,
+        env={"IMAGEGATE_STALL_LOG": str(stalls)},
     )  # fmt: skip
     wait_for(lambda: "Ctrl-C stops" in log.read_text(errors="replace"), "imagegate", proc, log)
     gate = Imagegate(proc, f"http://127.0.0.1:{rest}", grpc_port, key, data_dir)
@@ -201,6 +206,22 @@ async def _account(data_dir: Path) -> str:
     finally:
         await store.close()
     return key
+
+
+def longest_stalls(
+    work: Path, groups: dict[str, list[int]], start: float, end: float
+) -> dict[str, float]:
+    """The longest event-loop stall (ms) of each group's processes between `start` and
+    `end` (unix time), from the watch's one line per second."""
+    longest: dict[str, float] = {}
+    for group, pids in groups.items():
+        for pid in pids:
+            for log in (work / "stalls").glob(f"*-{pid}.log"):
+                for line in log.read_text().splitlines():
+                    second, ms = line.split()
+                    if int(start) <= int(second) <= end:
+                        longest[group] = max(longest.get(group, 0.0), float(ms))
+    return longest
 
 
 def settled_count(data_dir: Path) -> int:

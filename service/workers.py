@@ -42,7 +42,7 @@ from typing import Any
 
 from gateway.config import GatewayConfig
 from gateway.server import drain_gateway, start_gateway
-from service import aio, logs, metrics, tracing
+from service import aio, logs, metrics, stall_watch, tracing
 from service.admin_http import multiprocess_metrics, start_admin
 from service.config import Config
 from service.lifecycle import stop_signals
@@ -299,13 +299,13 @@ def _detach() -> None:
         sys.exit(1)
 
 
-def _run(plan: Plan, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+def _run(plan: Plan, main: Callable[[], Coroutine[Any, Any, None]], role: str) -> None:
     _detach()
     logs.setup(plan.log_level, plan.config.log_format)
     shutdown = tracing.configure()
     try:
         with asyncio.Runner(loop_factory=aio.loop_factory(plan.config.uvloop)) as runner:
-            runner.run(main())
+            runner.run(stall_watch.watched(main(), role))
     except (OSError, ValueError) as exc:
         print(f"imagegate: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
@@ -331,7 +331,7 @@ def _service_main(plan: Plan, slot: int, ready: Connection) -> None:
         finally:
             await service.stop()
 
-    _run(plan, main)
+    _run(plan, main, "service")
 
 
 def _front_main(plan: Plan, slot: int, ready: Connection) -> None:
@@ -347,4 +347,4 @@ def _front_main(plan: Plan, slot: int, ready: Connection) -> None:
         finally:
             await runner.cleanup()
 
-    _run(plan, main)
+    _run(plan, main, "front")

@@ -38,3 +38,25 @@ def test_quick_bench_writes_the_report_and_chart(tmp_path: Path) -> None:
     for label in ("(a) fake upstream", "(b) imagegate, aiohttp front", "(d) imagegate, gRPC"):
         assert page.count(f"| {label}") == 2, label  # the latency table and the payload table
     assert (tmp_path / "benchmarks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fixed_rate_clients_start_evenly_over_one_period() -> None:
+    from bench import loadgen
+
+    # 5 clients at 20 req/s: one every 10 ms, so that 100 req/s is one send every 10 ms.
+    assert loadgen.paced(5, 20) == ["-r", "1", "--rate-period=10ms"]
+    # 200 clients at 40 req/s (a period of 25 ms): 8 a millisecond.
+    assert loadgen.paced(200, 40) == ["-r", "8", "--rate-period=1ms"]
+
+
+def test_an_answer_slower_than_the_send_interval_counts_the_sends_it_held_up(
+    tmp_path: Path,
+) -> None:
+    from bench import loadgen
+
+    log = tmp_path / "requests.log"
+    # start (us), status, took (us): one answer of 120 ms, one of 5 ms, one failure.
+    log.write_text("1000\t200\t120000\n2000\t200\t5000\n3000\t500\t1000\n")
+    assert loadgen._latencies(log) == [5.0, 120.0]
+    # Sent every 50 ms: the 120 ms answer held up the send due at 50 ms, 70 ms late.
+    assert loadgen._latencies(log, interval_ms=50) == [5.0, 70.0, 120.0]
