@@ -203,6 +203,15 @@ class Config:
         "run the servers on uvloop (faster than asyncio's own loop); off: asyncio's loop",
         commands=(*SERVICE, "serve-rest"),
     )
+    # Measures what the bench reports as the longest event-loop stall; costs a wake-up
+    # every 2 ms, so it is never on by default.
+    stall_log: str = setting(
+        "",
+        "diagnostics: a folder where each `serve --workers` process writes its event loop's "
+        "longest stall of every second (the bench sets it); not set: off",
+        commands=("serve",),
+        metavar="DIR",
+    )
 
     def conflicts(self) -> Iterator[tuple[str, str]]:
         """Settings valid alone but not together."""

@@ -1,4 +1,5 @@
-"""An event-loop stall watch for the bench, off unless IMAGEGATE_STALL_LOG names a folder.
+"""An event-loop stall watch for the bench, off unless the `stall_log` setting
+(IMAGEGATE_STALL_LOG) names a folder.
 
 A task wakes every TICK_S and measures how late it woke: a stall of the loop (a
 callback that holds it) shows as that lateness, to within one tick. Each second
@@ -17,14 +18,12 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
-ENV = "IMAGEGATE_STALL_LOG"
 TICK_S = 0.002
 T = TypeVar("T")
 
 
-async def watched(work: Awaitable[T], role: str) -> T:
-    """`work`, with the watch running beside it while IMAGEGATE_STALL_LOG is set."""
-    folder = os.environ.get(ENV)
+async def watched(work: Awaitable[T], role: str, folder: str) -> T:
+    """`work`, with the watch running beside it when `folder` is set."""
     if not folder:
         return await work
     watch = asyncio.create_task(_watch(Path(folder) / f"{role}-{os.getpid()}.log"))

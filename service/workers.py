@@ -305,7 +305,7 @@ def _run(plan: Plan, main: Callable[[], Coroutine[Any, Any, None]], role: str) -
     shutdown = tracing.configure()
     try:
         with asyncio.Runner(loop_factory=aio.loop_factory(plan.config.uvloop)) as runner:
-            runner.run(stall_watch.watched(main(), role))
+            runner.run(stall_watch.watched(main(), role, plan.config.stall_log))
     except (OSError, ValueError) as exc:
         print(f"imagegate: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -1,4 +1,4 @@
-"""The bench's event-loop stall watch: off without IMAGEGATE_STALL_LOG; with it, a loop
+"""The bench's event-loop stall watch: off without a `stall_log` folder; with one, a loop
 held by a blocking call shows in the log as a stall at least that long."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from service import stall_watch
+from service.config import Config
 
 HOLD_S = 0.2
 
@@ -23,16 +24,16 @@ async def _hold_the_loop() -> str:
 
 
 async def test_off_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(stall_watch.ENV, raising=False)
     monkeypatch.chdir(tmp_path)
-    assert await stall_watch.watched(_hold_the_loop(), "front") == "done"
+    assert Config.from_env({}).stall_log == ""
+    assert await stall_watch.watched(_hold_the_loop(), "front", "") == "done"
     assert not any(tmp_path.iterdir())  # noqa: ASYNC240
 
 
-async def test_a_held_loop_is_logged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(stall_watch.ENV, str(tmp_path))
+async def test_a_held_loop_is_logged(tmp_path: Path) -> None:
+    folder = Config.from_env({"IMAGEGATE_STALL_LOG": str(tmp_path)}).stall_log
     started = time.time()
-    assert await stall_watch.watched(_hold_the_loop(), "service") == "done"
+    assert await stall_watch.watched(_hold_the_loop(), "service", folder) == "done"
     [log] = tmp_path.iterdir()  # noqa: ASYNC240
     assert log.name == f"service-{os.getpid()}.log"
     lines = [line.split() for line in log.read_text().splitlines()]
