@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import struct_pb2
@@ -25,6 +25,14 @@ from service.store.base import (
 
 log = logging.getLogger("imagegate.admin")
 T = TypeVar("T")
+
+
+class _HasId(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+R = TypeVar("R", bound=_HasId)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
@@ -132,14 +140,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             rows, has_more = await self._admin.requests(
                 request.account, request.limit, request.after
             )
-            records = [_request(row) for row in rows]
-            return admin_pb2.RequestList(
-                object="list",
-                data=records,
-                has_more=has_more,
-                first_id=records[0].id if records else "",
-                last_id=records[-1].id if records else "",
-            )
+            return admin_pb2.RequestList(**page([_request(row) for row in rows], has_more))
 
         return await self._run(context, call)
 
@@ -185,6 +186,17 @@ def key_info(view: KeyView) -> accounts_pb2.KeyInfo:
         last_used=int(view.last_used or 0),
         revoked=r.revoked_at is not None,
     )
+
+
+def page(records: Sequence[R], has_more: bool) -> dict[str, Any]:
+    """The fields of an OpenAI-shaped list page (`after` = the last page's last_id)."""
+    return {
+        "object": "list",
+        "data": records,
+        "has_more": has_more,
+        "first_id": records[0].id if records else "",
+        "last_id": records[-1].id if records else "",
+    }
 
 
 def key_list(views: Sequence[KeyView]) -> accounts_pb2.KeyList:

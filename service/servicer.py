@@ -18,7 +18,7 @@ from imagegate.v1 import accounts_pb2, images_pb2, images_pb2_grpc
 
 from service import observe
 from service.admin import Admin, route_text
-from service.admin_servicer import bucket_list, key_info, key_list, model_ids
+from service.admin_servicer import bucket_list, key_info, key_list, model_ids, page
 from service.aio import REPLY_SIZE, off_loop
 from service.catalog import ModelSpec
 from service.core import Caller, Generation, ImageCore, RequestContext
@@ -244,14 +244,7 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         async def call() -> images_pb2.UsageList:
             caller = await self._caller(context)
             rows, has_more = await self._core.usage(caller, request.limit, request.after)
-            records = [_usage_record(row) for row in rows]
-            return images_pb2.UsageList(
-                object="list",
-                data=records,
-                has_more=has_more,
-                first_id=records[0].id if records else "",
-                last_id=records[-1].id if records else "",
-            )
+            return images_pb2.UsageList(**page([_usage_record(row) for row in rows], has_more))
 
         return await self._run(context, call)
 
