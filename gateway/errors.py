@@ -39,6 +39,7 @@ BY_REASON: dict[str, Row] = {
     "IDEMPOTENCY_CONFLICT": Row(409, "invalid_request_error", "idempotency_key_conflict"),
     "RATE_LIMITED": Row(429, "requests", "rate_limit_exceeded"),
     "UPSTREAM_ERROR": Row(502, "upstream_error", "upstream_error"),
+    "DEADLINE_EXCEEDED": Row(504, "server_error", "timeout"),
     "IMAGE_NOT_FOUND": Row(404, "invalid_request_error", "image_not_found"),
     "MODEL_NOT_FOUND": Row(404, "invalid_request_error", "model_not_found"),
     # The admin API: an account's key where an admin key is needed, and what it manages.

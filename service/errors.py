@@ -146,6 +146,16 @@ class UpstreamError(ImagegateError):
         self.retry_after_s = retry_after_s
 
 
+class DeadlineExceeded(ImagegateError):
+    """The caller's deadline passed while the upstream was still working: the same 504
+    that gRPC itself answers when a deadline passes, whichever of the two ends first."""
+
+    reason = "DEADLINE_EXCEEDED"
+
+    def __init__(self) -> None:
+        super().__init__("The request timed out before the images were ready.")
+
+
 class UpstreamRejected(InvalidParameter):
     """The upstream refused the request itself (not a safety refusal): a 400 for the
     caller, never retried and never failed over, since every route would refuse it."""

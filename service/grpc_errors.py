@@ -26,6 +26,7 @@ CODES: dict[type[errors.ImagegateError], grpc.StatusCode] = {
     errors.IdempotencyInFlight: grpc.StatusCode.ABORTED,
     errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.UpstreamError: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.ImageNotFound: grpc.StatusCode.NOT_FOUND,
     errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
     errors.AdminRequired: grpc.StatusCode.PERMISSION_DENIED,
@@ -33,7 +34,8 @@ CODES: dict[type[errors.ImagegateError], grpc.StatusCode] = {
     errors.AccountTaken: grpc.StatusCode.ALREADY_EXISTS,
     errors.KeyNotFound: grpc.StatusCode.NOT_FOUND,
 }
-# DEADLINE_EXCEEDED (the caller's own deadline) comes from grpc itself, without a reason.
+# DEADLINE_EXCEEDED also comes from grpc itself, without a reason, when the deadline
+# passes before the dispatcher's own end (set to the same instant) does.
 
 
 def status_code(err: errors.ImagegateError) -> grpc.StatusCode:

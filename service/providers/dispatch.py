@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 
 from service.catalog import Route
 from service.catalog_settings import DispatchSettings, ProviderSettings
-from service.errors import ContentPolicy, UpstreamError, UpstreamRejected
+from service.errors import ContentPolicy, DeadlineExceeded, UpstreamError, UpstreamRejected
 from service.providers.base import (
     CompletedImage,
     GeneratedImage,
@@ -368,7 +368,7 @@ class Dispatcher:
             except _AfterEvents as exc:
                 if isinstance(exc.error, FINAL):
                     breaker.success()
-                elif isinstance(exc.error, _TimedOut) and job.caller_bound and left < route_timeout:
+                elif isinstance(exc.error, _TimedOut) and _cut_short(job, left, route_timeout):
                     breaker.abandon()
                 else:
                     breaker.failure(self._clock())
@@ -377,10 +377,10 @@ class Dispatcher:
                 breaker.success()  # the route answered; the request is what failed
                 raise
             except _TimedOut as exc:
-                if job.caller_bound and left < route_timeout:
+                if _cut_short(job, left, route_timeout):
                     # The caller's own deadline cut it short: no verdict on the route.
                     breaker.abandon()
-                    raise
+                    raise _CallerDeadline(exc.message) from None
                 error = exc
             except UpstreamError as exc:
                 error = exc
@@ -449,6 +449,16 @@ class Dispatcher:
 
 class _TimedOut(UpstreamError):
     """An attempt ran out of time (retryable: the route may answer faster next time)."""
+
+
+class _CallerDeadline(_TimedOut):
+    """An attempt that the caller's deadline, not the route's timeout, ended."""
+
+
+def _cut_short(job: _Job, left: float, route_timeout: float) -> bool:
+    """Whether an attempt that timed out was given the caller's remaining time, not
+    its route's timeout."""
+    return job.caller_bound and left < route_timeout
 
 
 class _AfterEvents(Exception):
@@ -530,6 +540,9 @@ def _summary(errors: list[Exception], model_id: str) -> Exception:
         for error in errors:
             if isinstance(error, kind):
                 return error
+    if any(isinstance(error, _CallerDeadline) for error in errors):
+        # Out of time: what the caller gets when gRPC's own deadline passes first.
+        return DeadlineExceeded()
     messages = list(dict.fromkeys(e.args[0] for e in errors if e.args))
     if len(messages) == 1:
         return errors[0]
