@@ -280,6 +280,57 @@ def test_operator_credits_an_account(console: Console) -> None:
     browser.shot("accounts")
 
 
+def test_operator_changes_a_keys_models_and_limits(console: Console) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    from service.admin import Admin
+
+    account = console.tenant.account
+    key, view = console.loop.run(
+        Admin(console.stack.service.store).create_key(account, "limited")
+    )
+    console.secrets.append(key)
+    client = console.sdk(key)
+    two = {"model": "local", "prompt": "two", "size": "256x256", "n": 2}
+    assert len(client.images.generate(**two).data or []) == 2  # type: ignore[arg-type]
+
+    browser = console.browser
+    browser.sign_in(_admin_key(console))
+    browser.page("keys")
+    Select(browser.css("#keys-account")).select_by_value(account)
+    row = f"#keys-table tr[data-key-id='{view.record.id}']"
+
+    def edit(models: str, max_n: str) -> None:
+        browser.wait_css(f"{row} button[data-edit-key]").click()
+        assert browser.unlabelled_controls() == []
+        for selector, value in (("#edit-models", models), ("#edit-max_n", max_n)):
+            field = browser.css(selector)
+            field.clear()
+            field.send_keys(value)
+        browser.css("#edit-save").click()
+        browser.wait(lambda _: f"Changed {view.record.prefix}" in text(browser, "#keys-status"))
+
+    edit("local", "1")
+    browser.wait(lambda _: "max_n 1" in browser.css(row).text)
+    assert "local" in browser.css(row).text
+    browser.css(f"{row} button[data-edit-key]").click()
+    assert browser.wait_css("#edit-max_n").get_attribute("value") == "1"
+    browser.shot("operator-key-edit")
+    browser.css("#edit-cancel").click()
+    # At once for the key's next request (the service drops it from its key cache).
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.images.generate(**two)  # type: ignore[arg-type]
+    assert refused.value.code == "invalid_value" and refused.value.param == "n"
+    with pytest.raises(openai.PermissionDeniedError):
+        client.images.generate(model=BROKEN_MODEL, prompt="not this one", size="1024x1024")
+    # Emptied: back to the default (no cap on n here), every model again.
+    edit("", "")
+    browser.wait(lambda _: "defaults" in browser.css(row).text)
+    assert "all" in browser.css(row).text
+    assert len(client.images.generate(**two).data or []) == 2  # type: ignore[arg-type]
+    client.close()
+
+
 def test_operator_sees_the_failing_route_as_open_breaker(console: Console) -> None:
     client = console.sdk(console.tenant.key)
     for _ in range(FAST_DISPATCH["breaker_failures"]):
@@ -288,6 +339,7 @@ def test_operator_sees_the_failing_route_as_open_breaker(console: Console) -> No
         assert failed.value.status_code == 502, failed.value.body
     client.close()
     browser = console.browser
+    browser.sign_in(_admin_key(console))
     browser.page("providers")
     rows = browser.all_css(f"#providers-table tr[data-model='{BROKEN_MODEL}']")
     assert [(r.get_attribute("data-provider"), r.get_attribute("data-breaker")) for r in rows] == [
@@ -338,6 +390,7 @@ def test_keyboard_navigation(console: Console) -> None:
     from selenium.webdriver.common.keys import Keys
 
     browser = console.browser
+    browser.sign_in(console.tenant.key)
     browser.page("playground")
     # Tab from the start of the page reaches the pages' links; Enter follows one.
     body = browser.css("body")
