@@ -24,7 +24,7 @@ from service import metrics
 from service.errors import InsufficientBalance
 from service.money import MAX_BALANCE_MICROS, check_credit, format_usd
 from service.private import private_dir, touch_private
-from service.store import migrations
+from service.store import migrations, sqlite_checkpoint
 from service.store.base import (
     LIMIT_FIELDS,
     Account,
@@ -77,12 +77,18 @@ _IDEMPOTENCY_SELECT = (
 
 
 class SqliteStore:
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        path: Path,
+        clock: Callable[[], float] = time.time,
+        checkpoint_interval_s: float = sqlite_checkpoint.INTERVAL_S,
+    ) -> None:
         self._path = path
         self._clock = clock
         self._db: sqlite3.Connection | None = None
         # One thread owns the connection: sqlite3 objects must stay on their thread.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imagegate-sqlite")
+        self._checkpoints = sqlite_checkpoint.Checkpointer(path, checkpoint_interval_s)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, partial(fn, *args))
@@ -104,11 +110,15 @@ class SqliteStore:
             _when_unlocked(lambda: db.execute("PRAGMA journal_mode=WAL"))
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
+            # Checkpoints (which sync to disk) run on their own thread, never in a
+            # request's commit (sqlite_checkpoint.py).
+            db.execute("PRAGMA wal_autocheckpoint=0")
             applied = _migrate(db, self._clock())
         except BaseException:
             db.close()
             raise
         self._db = db
+        self._checkpoints.start()
         return applied
 
     async def schema_version(self) -> int:
@@ -116,6 +126,7 @@ class SqliteStore:
         return int(rows[0][0])
 
     async def close(self) -> None:
+        await asyncio.to_thread(self._checkpoints.stop)
         if self._db is not None:
             await self._run(self._db.close)
             self._db = None
@@ -127,7 +138,9 @@ class SqliteStore:
 
     def _in_tx(self, fn: Callable[..., T], *args: Any) -> T:
         assert self._db is not None, "store not opened"
-        return _transaction(self._db, fn, *args)
+        result = _transaction(self._db, fn, *args)
+        self._checkpoints.dirty = True
+        return result
 
     async def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         def query() -> list[Any]:
