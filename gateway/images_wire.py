@@ -28,46 +28,54 @@ def split(raw: bytes) -> tuple[bytes, list[memoryview]]:
     view = memoryview(raw)
     skeleton = bytearray()
     images = []
-    for number, wire, start, value, end in _fields(view, 0, len(view)):
+    for number, wire, start, value, end in _fields(raw, 0, len(raw)):
         if number == _DATA and wire == _LEN:
-            image, b64 = _image(view, value, end)
+            image, b64 = _image(raw, value, end)
             skeleton += _DATA_KEY + _varint(len(image)) + image
             if b64 is not None:
-                images.append(b64)
+                images.append(view[b64[0] : b64[1]])
         else:
-            skeleton += view[start:end]
+            skeleton += raw[start:end]  # small: every large field is an image
     return bytes(skeleton), images
 
 
-def _image(view: memoryview, start: int, end: int) -> tuple[bytearray, memoryview | None]:
-    skeleton = bytearray()
+def _image(raw: bytes, start: int, end: int) -> tuple[bytes, tuple[int, int] | None]:
+    """An Image's skeleton, and where its b64_json's bytes are."""
+    skeleton = b""
     b64 = None
-    for number, wire, field_start, value, field_end in _fields(view, start, end):
+    for number, wire, field_start, value, field_end in _fields(raw, start, end):
         if number == _B64 and wire == _LEN:
-            b64 = view[value:field_end]  # a field repeated: the last wins, as when parsed
+            b64 = (value, field_end)  # a field repeated: the last wins, as when parsed
             skeleton += _EMPTY_B64
         else:
-            skeleton += view[field_start:field_end]
+            skeleton += raw[field_start:field_end]
     return skeleton, b64
 
 
-def _fields(view: memoryview, pos: int, end: int) -> list[tuple[int, int, int, int, int]]:
-    """(number, wire type, start, value start, end) of each field in view[pos:end]."""
+def _fields(raw: bytes, pos: int, end: int) -> list[tuple[int, int, int, int, int]]:
+    """(number, wire type, start, value start, end) of each field in raw[pos:end]."""
     fields = []
     while pos < end:
         start = pos
-        key, pos = _read_varint(view, pos, end)
+        key = raw[pos]
+        if key < 0x80:  # field numbers under 16: one byte, as all of ours
+            pos += 1
+        else:
+            key, pos = _read_varint(raw, pos, end)
         number, wire = key >> 3, key & 7
         value = pos
-        if wire == _VARINT:
-            _, pos = _read_varint(view, pos, end)
+        if wire == _LEN:
+            if pos < end and raw[pos] < 0x80:
+                length, value = raw[pos], pos + 1
+            else:
+                length, value = _read_varint(raw, pos, end)
+            pos = value + length
+        elif wire == _VARINT:
+            _, pos = _read_varint(raw, pos, end)
         elif wire == _I64:
             pos += 8
         elif wire == _I32:
             pos += 4
-        elif wire == _LEN:
-            length, value = _read_varint(view, pos, end)
-            pos = value + length
         else:  # groups: none in ImagesResponse
             raise ValueError(f"wire type {wire} at byte {start}")
         if number == 0 or pos > end:
@@ -76,10 +84,10 @@ def _fields(view: memoryview, pos: int, end: int) -> list[tuple[int, int, int, i
     return fields
 
 
-def _read_varint(view: memoryview, pos: int, end: int) -> tuple[int, int]:
+def _read_varint(raw: bytes, pos: int, end: int) -> tuple[int, int]:
     result = shift = 0
     while pos < end and shift < 64:
-        byte = view[pos]
+        byte = raw[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
         if byte < 0x80:

@@ -2,12 +2,13 @@
 
 An ImagesResponse may carry ten multi-megabyte images. Printing it whole on the
 loop (MessageToDict, then escaping the whole text) froze every other request
-for seconds; parsing it in a thread copied the images twice more and held the
-GIL against the loop for milliseconds. Here the images are never parsed: their
-places in the reply's bytes are found (gateway/images_wire.py), only the small
-skeleton goes through the JSON printer, and the images' base64, which never
-needs escaping, is encoded and written slice by slice as the client reads it,
-so the whole text never exists at once and the loop is never held for long.
+for seconds; parsing it in a thread copied the images twice more, held the GIL
+against the loop for 5-10 ms, and built the whole text before writing it. Here
+a large reply's images are never parsed: their places in the reply's bytes are
+found (gateway/images_wire.py), only the small skeleton goes through the JSON
+printer, and the images' base64, which never needs escaping, is encoded and
+written slice by slice on the loop, yielding between slices: the whole text
+never exists at once, and no step holds the loop for more than a millisecond.
 """
 
 from __future__ import annotations
@@ -37,28 +38,40 @@ _OPEN, _CLOSE = b'"b64_json":"', b'"'
 def images_body(raw: bytes) -> bytes | ImagesPayload:
     """The JSON of a serialised ImagesResponse: whole when small, else as a payload
     that encodes the images while it writes them (the same bytes)."""
-    skeleton, images = images_wire.split(raw)
-    pieces = json_text.message_json(images_pb2.ImagesResponse.FromString(skeleton)).split(_MARK)
-    if len(pieces) != len(images) + 1:
+    if len(raw) > INLINE_BYTES:
+        skeleton, views = images_wire.split(raw)
+        skeleton_json = json_text.message_json(images_pb2.ImagesResponse.FromString(skeleton))
+        return ImagesPayload(_pieces(skeleton_json, len(views)), views)
+    # Copies of a few kilobytes cost nothing, and upb's parser finds the images in
+    # less time than walking the wire format in Python.
+    message, images = _parsed(raw)
+    pieces = _pieces(json_text.message_json(message), len(images))
+    parts = [pieces[0]]
+    for image, piece in zip(images, pieces[1:], strict=True):
+        parts += [_OPEN, _base64(image), _CLOSE, piece]
+    return b"".join(parts)
+
+
+def _pieces(skeleton_json: bytes, images: int) -> list[bytes]:
+    """The skeleton's JSON around each emptied b64_json."""
+    pieces = skeleton_json.split(_MARK)
+    if len(pieces) != images + 1:
         raise AssertionError("b64_json marks do not match the images")
-    # texts[i] comes before images[i]; the last text after them all.
-    texts = [pieces[0]]
-    for piece in pieces[1:]:
-        texts[-1] += _OPEN
-        texts.append(_CLOSE + piece)
-    if len(raw) <= INLINE_BYTES:
-        return b"".join(_interleaved(texts, [_base64(image) for image in images]))
-    return ImagesPayload(texts, images)
+    return pieces
 
 
-def _interleaved(texts: list[bytes], encoded: list[bytes]) -> list[bytes]:
-    parts = [texts[0]]
-    for base64, text in zip(encoded, texts[1:], strict=True):
-        parts += [base64, text]
-    return parts
+def _parsed(raw: bytes) -> tuple[images_pb2.ImagesResponse, list[bytes]]:
+    """The reply with every b64_json emptied (still set, so it prints its key), and them."""
+    message = images_pb2.ImagesResponse.FromString(raw)
+    images = []
+    for item in message.data:
+        if item.HasField("b64_json"):
+            images.append(item.b64_json)
+            item.b64_json = b""
+    return message, images
 
 
-def _base64(data: memoryview) -> bytes:
+def _base64(data: bytes | memoryview) -> bytes:
     """Standard padded base64, as protobuf's JSON printer writes bytes."""
     return binascii.b2a_base64(data, newline=False)
 
@@ -68,19 +81,24 @@ def _base64_length(size: int) -> int:
 
 
 class ImagesPayload(payload.Payload):
-    """A reply's JSON written text, image slices, text...: each slice of base64 is
+    """A reply's JSON written piece, image slices, piece...: each slice of base64 is
     encoded just before it is written, and the write waits while the client is slow,
     so a request holds the reply's bytes and about one slice, not the whole text.
     Its size is known beforehand (Content-Length), as base64's length is."""
 
-    def __init__(self, texts: list[bytes], images: list[memoryview], **kwargs: Any) -> None:
-        super().__init__(texts, **kwargs)
-        self._texts = texts
+    def __init__(self, pieces: list[bytes], images: list[memoryview], **kwargs: Any) -> None:
+        super().__init__(pieces, **kwargs)
+        # texts[i] comes before images[i]; the last one after them all.
+        self._texts = [pieces[0] + _OPEN if images else pieces[0]]
+        for i, piece in enumerate(pieces[1:], 1):
+            self._texts.append(_CLOSE + piece + (_OPEN if i < len(images) else b""))
         self._images = images
-        self._size = sum(map(len, texts)) + sum(_base64_length(len(i)) for i in images)
+        self._size = sum(map(len, self._texts)) + sum(_base64_length(len(i)) for i in images)
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        parts = _interleaved(self._texts, [_base64(image) for image in self._images])
+        parts = [self._texts[0]]
+        for image, text in zip(self._images, self._texts[1:], strict=True):
+            parts += [_base64(image), text]
         return b"".join(parts).decode(encoding, errors)
 
     async def write(self, writer: AbstractStreamWriter) -> None:
