@@ -24,7 +24,7 @@ from imagegate.v1 import images_pb2
 from gateway import images_wire, json_text
 
 # Bytes per base64 slice: a multiple of 3, so the slices' base64 joins without padding,
-# and short enough to encode and write in a fraction of a millisecond.
+# and short enough to encode and write in about half a millisecond (binascii: ~1 GB/s).
 _SLICE = 3 * 128 * 1024
 # A reply this small is printed in one piece and written with the headers: tens of
 # microseconds, less than the writes of a stream cost.
