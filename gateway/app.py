@@ -38,7 +38,7 @@ log = logging.getLogger("imagegate.gateway")
 STUB: web.AppKey[images_pb2_grpc.ImageServiceStub] = web.AppKey("stub")
 ADMIN_STUB: web.AppKey[admin_pb2_grpc.AdminServiceStub] = web.AppKey("admin_stub")
 UPLOADS: web.AppKey[uploads.UploadCalls] = web.AppKey("uploads")
-# GenerateImages returning the raw reply, which response_json parses off the loop.
+# GenerateImages returning the raw reply, which response_json prints without parsing its images.
 GENERATE: web.AppKey[grpc.aio.UnaryUnaryMultiCallable] = web.AppKey("generate")
 # ListModels returning the raw reply, whose JSON is remembered (_models_json).
 LIST_MODELS: web.AppKey[grpc.aio.UnaryUnaryMultiCallable] = web.AppKey("list_models")
@@ -160,7 +160,9 @@ async def generate_images(request: web.Request) -> web.StreamResponse:
         call = request.app[STUB].StreamImages(message, **_call_options(request))
         return await sse.relay(request, call, {REQUEST_ID: request[REQUEST_ID_KEY]})
     reply = await request.app[GENERATE](message, **_call_options(request))
-    return _parts(await response_json.images_parts(reply))
+    return web.Response(
+        body=response_json.images_body(reply), headers={"Content-Type": "application/json"}
+    )
 
 
 async def edit_images(request: web.Request) -> web.StreamResponse:
@@ -425,17 +427,6 @@ def _call_options(request: web.Request) -> dict[str, object]:
 
 def _json(message: Message) -> web.Response:
     return _json_bytes(200, json_text.message_json(message))
-
-
-def _parts(parts: list[bytes]) -> web.Response:
-    if len(parts) == 1:
-        return _json_bytes(200, parts[0])
-    if sum(len(part) for part in parts) <= response_json.INLINE_BYTES:
-        # One write with the headers, rather than a socket write per part.
-        return _json_bytes(200, b"".join(parts))
-    return web.Response(
-        body=response_json.PartsPayload(parts), headers={"Content-Type": "application/json"}
-    )
 
 
 def _json_bytes(status: int, body: bytes, headers: dict[str, str] | None = None) -> web.Response:

@@ -6,9 +6,10 @@ large images (42 MB) come back as base64 JSON. This bounds a stall, it claims
 no speed: printing such a reply on the loop froze it for 3.6-4.2 s here.
 
 What remains are single C calls that copy the whole 42 MB message while holding
-the GIL, in a thread or not: upb's serialise and parse, and grpc's own send and
-receive (a bare grpc.aio server and client stall 75-85 ms each for such a
-message on this shared 2-core machine). Hence a bound well above a few ms.
+the GIL, in a thread or not: upb's serialise in the service (the front no longer
+parses it), and grpc's own send and receive (a bare grpc.aio server and client
+stall 75-85 ms each for such a message on this shared 2-core machine). Hence a
+bound well above a few ms.
 """
 
 from __future__ import annotations
