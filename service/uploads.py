@@ -9,7 +9,6 @@ limit); the parts are bounded here in number and, for text fields, in size.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import re
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 
 import multipart
 
+from service import b64
 from service.errors import InvalidBody, InvalidParameter
 from service.requests import GenerationParams
 
@@ -233,7 +233,7 @@ def _data_url(param: str, url: str) -> bytes:
             param=param,
         )
     try:
-        return base64.b64decode(url[match.end() :], validate=True)
+        return b64.decode(url[match.end() :])
     except (binascii.Error, ValueError):
         raise InvalidParameter(
             f"Invalid '{param}.image_url': the data: URL is not valid base64.", param=param
