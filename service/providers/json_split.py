@@ -66,7 +66,7 @@ async def read_reply(
     if length is not None and length > limit:
         raise reply_too_large(provider_id)
     chunks: list[bytes] = []
-    size, busy = 0, 0.0
+    size = 0
     split: SplitJson | None = None
     async for chunk in response.content.iter_chunked(READ_CHUNK):
         size += len(chunk)
@@ -78,12 +78,13 @@ async def read_reply(
                 continue
             split, chunk = SplitJson(), b"".join(chunks)
             chunks.clear()
-        started = time.perf_counter()
+            resumed = time.perf_counter()
         split.feed(chunk)
-        busy += time.perf_counter() - started
-        if busy > SLICE_S:
+        # Chunks already received come without a pause: make one. (Reading from the
+        # network may have paused already; then this one costs a few microseconds.)
+        if time.perf_counter() - resumed > SLICE_S:
             await asyncio.sleep(0)
-            busy = 0.0
+            resumed = time.perf_counter()
     return b"".join(chunks) if split is None else split
 
 
