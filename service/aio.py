@@ -4,9 +4,7 @@ and work that goes to a thread only when it is big enough to stall the loop."""
 from __future__ import annotations
 
 import asyncio
-import contextvars
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -20,20 +18,6 @@ async def off_loop(size: int, fn: Callable[..., T], *args: Any) -> T:
     if size <= INLINE_BYTES:
         return fn(*args)
     return await asyncio.to_thread(fn, *args)
-
-
-@dataclass
-class ReplySize:
-    """The encoded size of the reply a handler built, when it knows (None: unknown)."""
-
-    bytes: int | None = None
-
-
-# Set around a handler by the server's codec; the servicer fills it in, so small
-# replies are encoded on the loop (server.py).
-REPLY_SIZE: contextvars.ContextVar[ReplySize | None] = contextvars.ContextVar(
-    "reply_size", default=None
-)
 
 
 async def uninterrupted(work: Awaitable[T]) -> T:

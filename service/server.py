@@ -20,7 +20,6 @@ from imagegate.v1 import admin_pb2_grpc, images_pb2_grpc
 from service import metrics
 from service.admin import Admin
 from service.admin_servicer import AdminServicer
-from service.aio import INLINE_BYTES, REPLY_SIZE, ReplySize, off_loop
 from service.catalog import Catalog, InputRules, load_catalog
 from service.config import Config
 from service.core import Caller, ImageCore
@@ -254,9 +253,8 @@ def url_secret(config: Config) -> bytes:
     return load_or_create_secret(config.data_dir / "url_secret")
 
 
-# Replies that may carry megabytes of images: serialised in a thread (upb holds
-# the GIL while it copies them; grpc's own send of them holds it again), unless
-# the servicer says the reply is small (service/aio.py REPLY_SIZE).
+# Replies that may carry megabytes of images: encoded by the servicer (the
+# generations), or here in a thread (upb holds the GIL while it copies them).
 _LARGE_REPLIES = frozenset(f"/{SERVICE_NAME}/{method}" for method in ("GenerateImages", "GetImage"))
 
 
@@ -321,15 +319,11 @@ def _codec(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler
         encode = serialize
 
         async def large_reply(arg: Any, context: grpc.aio.ServicerContext) -> Any:
-            size = ReplySize()
-            token = REPLY_SIZE.set(size)
-            try:
-                reply = await behavior(await request(arg, context), context)
-            finally:
-                REPLY_SIZE.reset(token)
-            # Unknown (a replay, an image file): a thread, as it may be megabytes.
-            known = INLINE_BYTES + 1 if size.bytes is None else size.bytes
-            return await off_loop(known, encode, reply)
+            reply = await behavior(await request(arg, context), context)
+            if isinstance(reply, bytes):
+                return reply  # encoded by the servicer (ImageServicer._render)
+            # An image file (GetImage): a thread, as it may be megabytes.
+            return await asyncio.to_thread(encode, reply)
 
         wrapped, serialize = large_reply, None  # grpc sends our bytes as they are
     else:
@@ -411,14 +405,13 @@ class _RawUploads:
 
 
 def _raw(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """The same handler, without a request deserializer: it gets the message's bytes."""
+    """The same handler, without a request deserializer: it gets the message's bytes.
+    A unary one also returns its reply encoded (ImageServicer._render)."""
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
             handler.unary_stream, response_serializer=handler.response_serializer
         )
-    return grpc.unary_unary_rpc_method_handler(
-        handler.unary_unary, response_serializer=handler.response_serializer
-    )
+    return grpc.unary_unary_rpc_method_handler(handler.unary_unary)
 
 
 # A caller allowed every model: does the catalog serve any?

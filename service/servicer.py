@@ -19,9 +19,9 @@ from imagegate.v1 import accounts_pb2, images_pb2, images_pb2_grpc
 from service import observe
 from service.admin import Admin, route_text
 from service.admin_servicer import bucket_list, key_info, key_list, model_ids, page
-from service.aio import REPLY_SIZE, off_loop
+from service.aio import off_loop
 from service.catalog import ModelSpec
-from service.core import Caller, Generation, ImageCore, RequestContext
+from service.core import Caller, Generation, ImageCore, RequestContext, ResultImage
 from service.errors import ImagegateError, InvalidParameter
 from service.grpc_errors import (
     abort,
@@ -69,25 +69,21 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
 
     async def GenerateImages(
         self, request: images_pb2.GenerateImagesRequest, context: grpc.aio.ServicerContext
-    ) -> images_pb2.ImagesResponse:
-        async def call() -> images_pb2.ImagesResponse:
+    ) -> bytes:
+        async def call() -> bytes:
             caller = await self._caller(context)
-            idempotency = _idempotency(
-                context, "GenerateImages", request, images_pb2.ImagesResponse
-            )
+            idempotency = _idempotency(context, "GenerateImages", request)
             return await self._core.generate(
                 caller, _params(request), self._context(context), self._render, idempotency
             )
 
         return await self._run(context, call)
 
-    async def EditImages(
-        self, request: bytes, context: grpc.aio.ServicerContext
-    ) -> images_pb2.ImagesResponse:
+    async def EditImages(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """`request` is a serialized EditImagesRequest (service/server.py registers the
         upload RPCs raw), parsed here on a thread."""
 
-        async def call() -> images_pb2.ImagesResponse:
+        async def call() -> bytes:
             caller = await self._caller(context)
             content_type, data = await _upload_body(images_pb2.EditImagesRequest, request)
             idempotency = await _upload_idempotency(context, "EditImages", request)
@@ -112,10 +108,10 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
 
     async def CreateImageVariation(
         self, request: bytes, context: grpc.aio.ServicerContext
-    ) -> images_pb2.ImagesResponse:
+    ) -> bytes:
         """`request` is a serialized CreateImageVariationRequest, as for EditImages."""
 
-        async def call() -> images_pb2.ImagesResponse:
+        async def call() -> bytes:
             caller = await self._caller(context)
             content_type, data = await _upload_body(images_pb2.CreateImageVariationRequest, request)
             idempotency = await _upload_idempotency(context, "CreateImageVariation", request)
@@ -173,14 +169,11 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
                 await context.write(images_pb2.ImageEvent(type="error", error=error))
             await abort(context, internal_status())
 
-    async def _render(self, gen: Generation) -> images_pb2.ImagesResponse:
-        """The response as it will be sent; the core charges only once this succeeded."""
-        # Copying megabytes of images into the message, and measuring it (upb
-        # encodes it to know), hold the GIL: not on the loop (small ones are).
-        images = sum(len(image.data) for image in gen.images if image.data is not None)
-        response, size = await off_loop(images, _sized_response, gen)
-        if (reply_size := REPLY_SIZE.get()) is not None:
-            reply_size.bytes = size
+    async def _render(self, gen: Generation) -> bytes:
+        """The response as it will be sent, encoded; the core charges only once this
+        succeeded. Megabytes of images are joined on a thread (small replies here)."""
+        parts = _response_parts(gen)
+        size = sum(len(part) for part in parts)
         if size > self._max_message_bytes:
             # The caller's choice of n and format made it too big: a 400 they can act
             # on, not a 5xx that SDKs would retry into the same wall.
@@ -190,7 +183,7 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
                 "response_format 'url'.",
                 param="n" if len(gen.images) > 1 else "response_format",
             )
-        return response
+        return await off_loop(size, b"".join, parts)
 
     async def ListModels(
         self, request: images_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -355,37 +348,32 @@ def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
 
 
 def _idempotency(
-    context: grpc.aio.ServicerContext, rpc: str, request: Message, reply: type[M]
-) -> Idempotency[M] | None:
+    context: grpc.aio.ServicerContext, rpc: str, request: Message
+) -> Idempotency[bytes] | None:
     """The call's Idempotency-Key, with the hash of its canonical request: the message
     (both fronts and gRPC clients send the same one for the same body), not its JSON."""
     key = _metadata(context, "idempotency-key")
     if key is None:
         return None
     digest = hashlib.sha256(rpc.encode() + b"\0" + request.SerializeToString(deterministic=True))
-    return Idempotency(
-        key=key,
-        request_hash=digest.digest(),
-        encode=lambda message: message.SerializeToString(deterministic=True),
-        decode=reply.FromString,
-    )
+    return _stored_as_sent(key, digest.digest())
 
 
 async def _upload_idempotency(
     context: grpc.aio.ServicerContext, rpc: str, raw: bytes
-) -> Idempotency[images_pb2.ImagesResponse] | None:
+) -> Idempotency[bytes] | None:
     """As _idempotency, for the upload RPCs: their request arrives as bytes (both fronts
     build the same message for the same body), hashed as it came, on a thread (tens of MB)."""
     key = _metadata(context, "idempotency-key")
     if key is None:
         return None
     digest = await asyncio.to_thread(lambda: hashlib.sha256(rpc.encode() + b"\0" + raw).digest())
-    return Idempotency(
-        key=key,
-        request_hash=digest,
-        encode=lambda message: message.SerializeToString(deterministic=True),
-        decode=images_pb2.ImagesResponse.FromString,
-    )
+    return _stored_as_sent(key, digest)
+
+
+def _stored_as_sent(key: str, request_hash: bytes) -> Idempotency[bytes]:
+    """The reply is kept, and replayed, as the encoded ImagesResponse that was sent."""
+    return Idempotency(key=key, request_hash=request_hash, encode=bytes, decode=bytes)
 
 
 def _usage_record(row: UsageRow) -> images_pb2.UsageRecord:
@@ -464,23 +452,50 @@ def _event(event: ImageEvent, prefix: str) -> images_pb2.ImageEvent:
     return message
 
 
-def _sized_response(gen: Generation) -> tuple[images_pb2.ImagesResponse, int]:
-    response = _response(gen)
-    return response, response.ByteSize()
-
-
-def _response(gen: Generation) -> images_pb2.ImagesResponse:
-    response = images_pb2.ImagesResponse(created=gen.created, usage=_usage(gen.usage))
+def _response_parts(gen: Generation) -> list[bytes]:
+    """The ImagesResponse's encoding in parts, to be joined as they are: its images'
+    bytes go in between the small messages upb encodes, so that the join is their one
+    copy. (upb copies them into the message, then encodes it into a buffer it grows by
+    copying: 10 ms holding the GIL for 8 MB.) Protobuf takes fields in any order, and
+    appends the entries of a repeated field wherever they come."""
+    parts = [_response(gen, with_data=False).SerializeToString()]
     for image in gen.images:
-        item = response.data.add()
-        if image.url is not None:
-            item.url = image.url
-        if image.data is not None:
-            item.b64_json = image.data
-        if image.revised_prompt is not None:
-            item.revised_prompt = image.revised_prompt
+        item = _image(image).SerializeToString()
+        if image.data is None:
+            parts += (_DATA_TAG, _varint(len(item)), item)
+            continue
+        head = _B64_TAG + _varint(len(image.data))
+        length = len(item) + len(head) + len(image.data)
+        parts += (_DATA_TAG, _varint(length), item, head, image.data)
+    return parts
+
+
+# The tags of ImagesResponse.data (2) and Image.b64_json (2), both length-delimited.
+_DATA_TAG = _B64_TAG = bytes([2 << 3 | 2])
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _response(gen: Generation, *, with_data: bool = True) -> images_pb2.ImagesResponse:
+    response = images_pb2.ImagesResponse(created=gen.created, usage=_usage(gen.usage))
+    if with_data:
+        response.data.extend(_image(image, with_bytes=True) for image in gen.images)
     for name, allowed in REPORTABLE.items():
         value = getattr(gen, name)
         if value in allowed:
             setattr(response, name, value)
     return response
+
+
+def _image(image: ResultImage, *, with_bytes: bool = False) -> images_pb2.Image:
+    item = images_pb2.Image(url=image.url, revised_prompt=image.revised_prompt)
+    if with_bytes and image.data is not None:
+        item.b64_json = image.data
+    return item

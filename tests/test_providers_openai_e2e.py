@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
+import random
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -65,6 +67,7 @@ class Fakes:
     def reset(self) -> None:
         for fake in (self.oai, self.azure, self.compat):
             fake.faults.clear()
+            fake.raw_reply = None
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +254,23 @@ async def test_compatible_server_urls_are_downloaded_and_rehosted(
     assert url.startswith(fstack.fronts[front]) and fakes.compat.base_url not in url
     assert await url_images(result) == list(fakes.compat.files.values())[-1:]
     assert await balance(fstack.service, who.account) == CREDIT - 3 * COMPAT_PRICE
+
+
+async def test_large_base64_reply_end_to_end(
+    fstack: Stack, fakes: Fakes, front: str, who: Tenant
+) -> None:
+    # Read by the adapter as it arrives, spliced into the gRPC reply by the servicer.
+    images = [b"\x89PNG\r\n\x1a\n" + random.Random(i).randbytes(700_000) for i in range(2)]
+    items = [{"b64_json": base64.b64encode(image).decode(), "revised_prompt": "p"} for image in
+             images]  # fmt: skip
+    fakes.compat.raw_reply = json.dumps({"created": 1, "data": items}).encode()
+    fakes.compat.raw_piece = 50_000
+    client = sdk(fstack.fronts[front], who.key)
+    result = await client.images.generate(
+        model="flux-local", prompt=PROMPT, n=2, response_format="b64_json"
+    )
+    assert b64_images(result) == images
+    assert [item.revised_prompt for item in result.data] == ["p", "p"]
 
 
 # -- faults -----------------------------------------------------------------------------

@@ -6,10 +6,11 @@ import typing
 
 import openai.types
 import pytest
+from imagegate.v1 import images_pb2
 
 from service.core import Generation, ResultImage
 from service.providers.base import TokenUsage
-from service.servicer import REPORTABLE, _response
+from service.servicer import REPORTABLE, _response, _response_parts
 
 
 def _generation(usage: TokenUsage | None = None, **reported: str) -> Generation:
@@ -97,3 +98,22 @@ def test_reportable_values_are_in_the_sdk_enumerations() -> None:
     fields = openai.types.ImagesResponse.model_fields
     for name, values in REPORTABLE.items():
         assert values <= _literals(fields[name].annotation), name
+
+
+@pytest.mark.parametrize("length", [0, 1, 127, 128, 16_383, 16_384, 2_097_152])
+def test_the_encoded_reply_is_the_message_protobuf_would_send(length: int) -> None:
+    # The servicer splices the images' bytes into upb's encoding of the rest.
+    gen = Generation(
+        created=1_800_000_000,
+        images=[
+            ResultImage(data=bytes(range(256)) * (length // 256) + b"x" * (length % 256)),
+            ResultImage(url="https://example.test/i.png", revised_prompt=""),
+            ResultImage(data=b"png", revised_prompt="a lighthouse \u706f\u53f0"),
+        ],
+        usage=TokenUsage(input_text_tokens=5, output_tokens=100),
+        cost_micros=1000,
+        quality="high",
+    )
+    encoded = b"".join(_response_parts(gen))
+    assert images_pb2.ImagesResponse.FromString(encoded) == _response(gen)
+    assert len(encoded) == _response(gen).ByteSize()

@@ -84,14 +84,18 @@ async def read_body(
     """The whole body, refusing one over `limit` bytes without reading it all."""
     length = response.content_length
     if length is not None and length > limit:
-        raise UpstreamError(f"The upstream provider '{provider_id}' sent a reply too large.")
+        raise reply_too_large(provider_id)
     chunks, size = [], 0
     async for chunk in response.content.iter_chunked(1 << 16):
         size += len(chunk)
         if size > limit:
-            raise UpstreamError(f"The upstream provider '{provider_id}' sent a reply too large.")
+            raise reply_too_large(provider_id)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def reply_too_large(provider_id: str) -> UpstreamError:
+    return UpstreamError(f"The upstream provider '{provider_id}' sent a reply too large.")
 
 
 def status_error(
@@ -160,10 +164,14 @@ def decode_image_b64(value: object, provider_id: str) -> tuple[bytes, str]:
     try:
         data = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise UpstreamError(
-            f"The upstream provider '{provider_id}' sent an image that is not valid base64."
-        ) from None
+        raise invalid_base64(provider_id) from None
     return data, image_type(data, provider_id)
+
+
+def invalid_base64(provider_id: str) -> UpstreamError:
+    return UpstreamError(
+        f"The upstream provider '{provider_id}' sent an image that is not valid base64."
+    )
 
 
 def image_type(data: bytes, provider_id: str) -> str:

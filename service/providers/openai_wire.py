@@ -42,6 +42,7 @@ from service.providers.http import (
     status_error,
     upstream_errors,
 )
+from service.providers.json_split import Base64Value, SplitJson, read_reply
 
 log = logging.getLogger(__name__)
 
@@ -276,9 +277,8 @@ class Upstream:
                     await self._error_payload(response),
                     self.secrets,
                 )
-            raw = await read_body(response, self.provider_id)
-        # Parsing and decoding megabytes of base64 would stall the event loop.
-        items, usage = await off_loop(len(raw), self._parse, raw, n)
+            body = await read_reply(response, self.provider_id)
+        items, usage = await self._parsed(body, n)
         images = await self._images(items, url)
         return ProviderResult(images=images, usage=usage)
 
@@ -316,8 +316,7 @@ class Upstream:
                     self.secrets,
                 )
             if response.content_type != "text/event-stream":
-                raw = await read_body(response, self.provider_id)
-                items, usage = await off_loop(len(raw), self._parse, raw, n)
+                items, usage = await self._parsed(await read_reply(response, self.provider_id), n)
                 for i, image in enumerate(await self._images(items, url)):
                     yield CompletedImage(image, usage if i == 0 else TokenUsage())
                 return
@@ -360,9 +359,15 @@ class Upstream:
         except (UpstreamError, ValueError, UnicodeDecodeError):
             return None
 
-    def _parse(self, raw: bytes, n: int) -> tuple[list[_Item], TokenUsage]:
+    async def _parsed(self, body: bytes | SplitJson, n: int) -> tuple[list[_Item], TokenUsage]:
+        # A large reply's images are decoded already (read_reply); what is left is its
+        # structure, small unless the reply is made of many short strings: then a thread.
+        size = len(body) if isinstance(body, bytes) else body.frame_size
+        return await off_loop(size, self._parse, body, n)
+
+    def _parse(self, body: bytes | SplitJson, n: int) -> tuple[list[_Item], TokenUsage]:
         try:
-            payload = json.loads(raw)
+            payload = json.loads(body) if isinstance(body, bytes) else body.result()
         except (ValueError, UnicodeDecodeError):
             raise self._bad("a reply that is not JSON") from None
         if not isinstance(payload, dict):
@@ -385,6 +390,8 @@ class Upstream:
         revised = entry.get("revised_prompt")
         revised = revised if isinstance(revised, str) and revised else None
         b64, url = entry.get("b64_json"), entry.get("url")
+        if isinstance(b64, Base64Value):
+            return _Item(revised, image=b64.image(self.provider_id))
         if isinstance(b64, str) and b64:
             return _Item(revised, image=decode_image_b64(b64, self.provider_id))
         if isinstance(url, str) and url:

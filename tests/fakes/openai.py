@@ -164,6 +164,11 @@ class FakeOpenAI(EditEndpoints, FakeUpstream):
         # When set, a stream waits for it before its completed event (shows that the
         # previews reach the caller while the upstream is still working).
         self.stream_gate: asyncio.Event | None = None
+        # When set, every OpenAI-form generation gets this body (a compatible server's
+        # own JSON, right or wrong) with HTTP 200, sent in pieces of `raw_piece` bytes
+        # each written on its own, with no Content-Length.
+        self.raw_reply: bytes | None = None
+        self.raw_piece = 1 << 16
 
     @property
     def openai_base(self) -> str:
@@ -187,6 +192,8 @@ class FakeOpenAI(EditEndpoints, FakeUpstream):
         body = await _json_body(request)
         if isinstance(body, web.Response):
             return body
+        if self.raw_reply is not None:
+            return await self._raw(request, self.raw_reply)
         model = body.get("model", "dall-e-2")
         family = family_of(model) or ("generic" if model in self.compatible_models else None)
         if family is None:
@@ -359,7 +366,7 @@ class FakeOpenAI(EditEndpoints, FakeUpstream):
             elif fault is Fault.OVERSIZE:
                 item["url"] = f"{self.base_url}/files/oversize.png"
             elif wants_url:
-                item["url"] = self._host(blob, fmt)
+                item["url"] = self.host(blob, fmt)
             else:
                 item["b64_json"] = _b64(blob)
             if family == "dall-e-3":
@@ -419,7 +426,17 @@ class FakeOpenAI(EditEndpoints, FakeUpstream):
         blob = image_bytes(FORMATS[fmt], seed=1)
         yield _sse("image_generation.completed", b64_json=_b64(blob), **fields, usage=usage)
 
-    def _host(self, blob: bytes, fmt: str) -> str:
+    async def _raw(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        for start in range(0, len(body), self.raw_piece):
+            await response.write(body[start : start + self.raw_piece])
+            await asyncio.sleep(0)  # one piece at a time on the wire, as far as it goes
+        await response.write_eof()
+        return response
+
+    def host(self, blob: bytes, fmt: str = "png") -> str:
+        """The URL at which this server hands out `blob`."""
         name = f"img-{next(self._names)}.{fmt}"
         self.files[name] = blob
         return f"{'' if self.relative_urls else self.base_url}/files/{name}"
