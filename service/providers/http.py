@@ -14,7 +14,6 @@ credential from any upstream text before it can reach a caller or a log.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import contextlib
 import email.utils
@@ -25,6 +24,7 @@ from typing import Any
 
 import aiohttp
 
+from service import b64
 from service.errors import UpstreamError
 from service.providers.base import MissingCredentials
 
@@ -162,7 +162,7 @@ def decode_image_b64(value: object, provider_id: str) -> tuple[bytes, str]:
     if not isinstance(value, str) or not value:
         raise UpstreamError(f"The upstream provider '{provider_id}' sent an image that is empty.")
     try:
-        data = base64.b64decode(value, validate=True)
+        data = b64.decode(value)
     except (binascii.Error, ValueError):
         raise invalid_base64(provider_id) from None
     return data, image_type(data, provider_id)

@@ -12,7 +12,6 @@ replaced by a mark: a few hundred bytes.
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import json
 import secrets
@@ -21,7 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import pybase64
 
+from service import b64
 from service.aio import INLINE_BYTES
 from service.providers.http import (
     MAX_REPLY_BYTES,
@@ -273,7 +274,8 @@ class _Base64:
         whole = max(0, (len(data) - 5) // 4 * 4)
         if whole:
             try:
-                self.parts.append(binascii.a2b_base64(memoryview(data)[:whole], strict_mode=True))
+                # pybase64: SIMD, a tenth of binascii's time; strict as strict_mode.
+                self.parts.append(pybase64.b64decode(memoryview(data)[:whole], validate=True))
             except binascii.Error:
                 return self._refuse(data)
             # Strict mode takes padding at the end of a piece; the string goes on after it.
@@ -286,7 +288,7 @@ class _Base64:
         if not self.valid:
             return None
         try:
-            self.parts.append(base64.b64decode(self._rest, validate=True))
+            self.parts.append(b64.decode(self._rest))
         except (binascii.Error, ValueError):
             self._refuse(self._rest)
             return None
