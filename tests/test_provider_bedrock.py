@@ -364,10 +364,10 @@ async def test_stability_filters(provider: bedrock.BedrockImages, fake: BedrockF
 def test_stability_inference_error_is_retryable() -> None:
     reply = json.dumps({"seeds": [1], "finish_reasons": ["Inference error"], "images": []})
     with pytest.raises(UpstreamError, match="Inference error") as caught:
-        bedrock.parse_reply("stability", reply.encode(), "bedrock")
+        bedrock.parse_reply(reply.encode(), "stability", "bedrock")
     assert caught.value.retryable
     with pytest.raises(UpstreamError, match="without images"):
-        bedrock.parse_reply("nova-canvas", b'{"images": [], "error": null}', "bedrock")
+        bedrock.parse_reply(b'{"images": [], "error": null}', "nova-canvas", "bedrock")
 
 
 async def test_upstream_text_quoting_a_secret_is_scrubbed(
