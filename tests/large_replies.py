@@ -16,13 +16,15 @@ PNG = b"\x89PNG\r\n\x1a\n"
 LARGE = 300_000
 
 # Ways a large image's base64 is not base64: a character outside the alphabet, padding
-# inside, a length 1 mod 4, an escaped newline. (A raw newline is not even JSON.)
+# inside, a length 1 mod 4, a newline (which a fake's json.dumps sends escaped, "\\n").
 NOT_BASE64: dict[str, Callable[[str], str]] = {
     "bad-char": lambda s: s[:70_001] + "!" + s[70_002:],
     "inner-padding": lambda s: s[:80_000] + "==" + s[80_002:],
     "length": lambda s: s + "A",
-    "escape": lambda s: s[:90_000] + "\\n" + s[90_000:],
+    "newline": lambda s: s[:90_000] + "\n" + s[90_000:],
 }
+# A small image's base64 that is not base64: the error the large ones must get.
+SMALL_NOT_BASE64 = "iVBORw0KGgo!"
 
 
 def large_image(size: int = LARGE, seed: int = 0) -> bytes:
