@@ -56,7 +56,7 @@ DOCUMENTS: list[Any] = [
         "seeds": [1],
         "finish_reasons": [None, "Filter reason: x"],
         "images": [Image(text(1)), None, 7, Image(text(2))],
-    },  # fmt: skip
+    },
     # A short string equal to the key inside the array; the key's plain value.
     {"images": ["images", Image(text(1))], "b": {"images": Image(text(2))}},
     # Nested arrays and objects are not its strings; neither is what follows them.
