@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -26,6 +26,7 @@ from service.providers.download import SafeDownloader
 from tests.fakes.base import Fault, image_bytes
 from tests.fakes.bedrock import BLOCKED_WORD, INPUT_FILTER, OUTPUT_FILTER, BedrockFake
 from tests.fakes.calls import model_spec, upstream_call
+from tests.large_replies import NOT_BASE64, SMALL_NOT_BASE64, b64, decoded_on_arrival, large_image
 
 ACCESS_KEY = "AKIAFAKEIMAGEGATE0001"
 SECRET_KEY = "fakeSecret/imagegate+Key0123456789abcdefgh"
@@ -364,10 +365,10 @@ async def test_stability_filters(provider: bedrock.BedrockImages, fake: BedrockF
 def test_stability_inference_error_is_retryable() -> None:
     reply = json.dumps({"seeds": [1], "finish_reasons": ["Inference error"], "images": []})
     with pytest.raises(UpstreamError, match="Inference error") as caught:
-        bedrock.parse_reply("stability", reply.encode(), "bedrock")
+        bedrock.parse_reply(reply.encode(), "stability", "bedrock")
     assert caught.value.retryable
     with pytest.raises(UpstreamError, match="without images"):
-        bedrock.parse_reply("nova-canvas", b'{"images": [], "error": null}', "bedrock")
+        bedrock.parse_reply(b'{"images": [], "error": null}', "nova-canvas", "bedrock")
 
 
 async def test_upstream_text_quoting_a_secret_is_scrubbed(
@@ -428,3 +429,45 @@ async def test_more_images_than_asked_are_not_an_error(
     fake.inject(Fault.EXTRA_IMAGES)
     result = await provider.generate(upstream_call(model, n=asked))
     assert len(result.images) == got
+
+
+@pytest.mark.parametrize(("model", "n"), [(NOVA, 3), (CORE, 1)])
+async def test_a_large_reply_is_read_as_it_arrives(
+    provider: bedrock.BedrockImages,
+    fake: BedrockFake,
+    monkeypatch: pytest.MonkeyPatch,
+    model: str,
+    n: int,
+) -> None:
+    decoded = decoded_on_arrival(monkeypatch)
+    images = [large_image(seed=i) for i in range(n)]
+    fake.image_texts = [b64(image) for image in images]
+    result = await provider.generate(upstream_call(model, n=n))
+    assert [image.data for image in result.images] == images
+    assert {image.content_type for image in result.images} == {"image/png"}
+    # The strings of the `images` array, taken from the reply as it came.
+    assert decoded == images
+
+
+@pytest.mark.parametrize("mangle", NOT_BASE64.values(), ids=NOT_BASE64)
+@pytest.mark.parametrize("model", [NOVA, CORE])
+async def test_a_large_image_not_base64_is_refused_as_a_small_one(
+    provider: bedrock.BedrockImages,
+    fake: BedrockFake,
+    monkeypatch: pytest.MonkeyPatch,
+    model: str,
+    mangle: Callable[[str], str],
+) -> None:
+    # Nova: the second image of two is the bad one (the first, small, is text to decode).
+    first = [image_bytes(seed=1)] if model == NOVA else []
+    n = len(first) + 1
+    fake.image_texts = [b64(image) for image in first] + [SMALL_NOT_BASE64]
+    with pytest.raises(UpstreamError) as small:
+        await provider.generate(upstream_call(model, n=n))
+    decoded = decoded_on_arrival(monkeypatch)
+    fake.image_texts = [b64(image) for image in first] + [mangle(b64(large_image()))]
+    with pytest.raises(UpstreamError) as large:
+        await provider.generate(upstream_call(model, n=n))
+    assert decoded == [None]
+    assert str(large.value) == str(small.value)
+    assert "not valid base64" in str(large.value) and not large.value.retryable

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import pytest
@@ -21,6 +21,7 @@ from tests.fakes.google import (
     RETRY_DELAY_S,
     GoogleFake,
 )
+from tests.large_replies import NOT_BASE64, SMALL_NOT_BASE64, b64, decoded_on_arrival, large_image
 
 KEY = "AIzaFAKE-gemini-key-0123456789"
 TOKEN = "ya29.fake-vertex-token"
@@ -273,3 +274,36 @@ async def test_more_images_than_asked_are_not_an_error(
     fake.inject(Fault.EXTRA_IMAGES)
     result = await provider.generate(upstream_call(MODEL, n=2))
     assert len(result.images) == 4
+
+
+async def test_a_large_reply_is_read_as_it_arrives(
+    provider: google.GeminiImagen, fake: GoogleFake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoded = decoded_on_arrival(monkeypatch)
+    images = [large_image(seed=i) for i in range(3)]
+    fake.image_texts = [b64(image) for image in images]
+    fake.revised_prompt = "a lighthouse at dusk, oil on canvas"
+    result = await provider.generate(upstream_call(MODEL, n=3))
+    assert [image.data for image in result.images] == images
+    assert {image.content_type for image in result.images} == {"image/png"}
+    assert {image.revised_prompt for image in result.images} == {fake.revised_prompt}
+    assert decoded == images  # taken from the reply as it came, not parsed whole
+
+
+@pytest.mark.parametrize("mangle", NOT_BASE64.values(), ids=NOT_BASE64)
+async def test_a_large_image_not_base64_is_refused_as_a_small_one(
+    provider: google.GeminiImagen,
+    fake: GoogleFake,
+    monkeypatch: pytest.MonkeyPatch,
+    mangle: Callable[[str], str],
+) -> None:
+    fake.image_texts = [SMALL_NOT_BASE64]
+    with pytest.raises(UpstreamError) as small:
+        await provider.generate(upstream_call(MODEL))
+    decoded = decoded_on_arrival(monkeypatch)
+    fake.image_texts = [mangle(b64(large_image()))]
+    with pytest.raises(UpstreamError) as large:
+        await provider.generate(upstream_call(MODEL))
+    assert decoded == [None]
+    assert str(large.value) == str(small.value)
+    assert "not valid base64" in str(large.value) and not large.value.retryable

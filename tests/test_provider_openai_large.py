@@ -29,17 +29,7 @@ from service.providers.download import SafeDownloader
 from service.providers.json_split import Base64Value, SplitJson, read_reply
 from tests.fakes.base import image_bytes
 from tests.fakes.openai import OPENAI_KEY, FakeOpenAI, image_call
-
-PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def image(size: int, seed: int) -> bytes:
-    """Bytes typed as PNG by their magic, `size` long, random (base64 of every digit)."""
-    return PNG + random.Random(seed).randbytes(size - len(PNG))
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
+from tests.large_replies import b64, large_image
 
 
 def reply_body(images: list[bytes], *, slashes: bool = False, **fields: Any) -> bytes:
@@ -79,7 +69,7 @@ def adapter(fake: FakeOpenAI, deps: AdapterDeps) -> StreamingProvider:
 async def test_large_reply_in_any_pieces_reads_as_whole(
     fake: FakeOpenAI, deps: AdapterDeps, piece: int, slashes: bool
 ) -> None:
-    images = [image(150_000, 1), image(90_001, 2), image(120_002, 3)]
+    images = [large_image(150_000, 1), large_image(90_001, 2), large_image(120_002, 3)]
     fake.raw_reply, fake.raw_piece = reply_body(images, slashes=slashes), piece
     result = await adapter(fake, deps).generate(image_call("flux", n=3))
     assert [img.data for img in result.images] == images
@@ -94,11 +84,13 @@ async def test_extra_images_are_dropped_and_urls_fetched(
     fake: FakeOpenAI, deps: AdapterDeps
 ) -> None:
     hosted = image_bytes(seed=9)  # downloads are decoded to be checked
-    body = json.loads(reply_body([image(100_000, 1), image(100_000, 2), image(100_000, 3)]))
+    body = json.loads(
+        reply_body([large_image(100_000, 1), large_image(100_000, 2), large_image(100_000, 3)])
+    )
     body["data"].insert(1, {"url": fake.host(hosted)})
     fake.raw_reply = json.dumps(body).encode()
     result = await adapter(fake, deps).generate(image_call("flux", n=2))
-    assert [img.data for img in result.images] == [image(100_000, 1), hosted]
+    assert [img.data for img in result.images] == [large_image(100_000, 1), hosted]
 
 
 @pytest.mark.parametrize(
@@ -117,8 +109,8 @@ async def test_extra_images_are_dropped_and_urls_fetched(
 async def test_a_large_image_that_is_not_base64(
     fake: FakeOpenAI, deps: AdapterDeps, mangle: Any, error: str
 ) -> None:
-    text = b64(image(120_000, 1))
-    body = reply_body([image(120_000, 1)]).decode().replace(text, mangle(text))
+    text = b64(large_image(120_000, 1))
+    body = reply_body([large_image(120_000, 1)]).decode().replace(text, mangle(text))
     fake.raw_reply, fake.raw_piece = body.encode(), 5000
     with pytest.raises(UpstreamError, match=error) as caught:
         await adapter(fake, deps).generate(image_call("flux"))
@@ -129,7 +121,7 @@ async def test_a_large_image_that_is_not_base64(
 async def test_a_truncated_large_reply_is_not_json(
     fake: FakeOpenAI, deps: AdapterDeps, cut: int
 ) -> None:
-    body = reply_body([image(120_000, 1)])
+    body = reply_body([large_image(120_000, 1)])
     fake.raw_reply, fake.raw_piece = body[:cut], 4096
     with pytest.raises(UpstreamError, match="sent a reply that is not JSON"):
         await adapter(fake, deps).generate(image_call("flux"))
@@ -155,7 +147,7 @@ async def test_large_error_with_http_200_is_a_refusal_and_scrubbed(
 async def test_a_filtered_entry_beside_large_ones_is_a_safety_refusal(
     fake: FakeOpenAI, deps: AdapterDeps
 ) -> None:
-    body = json.loads(reply_body([image(100_000, 1)]))
+    body = json.loads(reply_body([large_image(100_000, 1)]))
     body["data"].append({"content_filter_results": {"sexual": {"filtered": True}}})
     fake.raw_reply = json.dumps(body).encode()
     with pytest.raises(ContentPolicy):
@@ -165,7 +157,7 @@ async def test_a_filtered_entry_beside_large_ones_is_a_safety_refusal(
 async def test_a_stream_answered_with_large_json_yields_its_images(
     fake: FakeOpenAI, deps: AdapterDeps
 ) -> None:
-    images = [image(100_000, 1)]
+    images = [large_image(100_000, 1)]
     fake.raw_reply, fake.raw_piece = reply_body(images), 777
     call = image_call("gpt-image-1", quality="low", partial_images=1)
     got = [event async for event in adapter(fake, deps).stream(call)]
@@ -175,7 +167,7 @@ async def test_a_stream_answered_with_large_json_yields_its_images(
 
 
 async def test_a_reply_over_the_limit_is_refused(fake: FakeOpenAI, deps: AdapterDeps) -> None:
-    body = reply_body([image(100_000, 1)])
+    body = reply_body([large_image(100_000, 1)])
     fake.raw_reply = body
     headers = {"Authorization": f"Bearer {OPENAI_KEY}"}
     url = f"{fake.openai_base}/images/generations"
@@ -185,7 +177,7 @@ async def test_a_reply_over_the_limit_is_refused(fake: FakeOpenAI, deps: Adapter
     async with deps.http.post(url, json={"model": "flux", "prompt": "p"}, headers=headers) as r:
         whole = await read_reply(r, "oai", limit=len(body))
         assert isinstance(whole, SplitJson)
-        assert whole.result()["data"][0]["b64_json"] == Base64Value(image(100_000, 1))
+        assert whole.result()["data"][0]["b64_json"] == Base64Value(large_image(100_000, 1))
 
 
 # -- every cut, on a document small enough to try them all ------------------------------

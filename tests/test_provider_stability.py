@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from PIL import Image
@@ -15,6 +15,7 @@ from service.providers.base import MissingCredentials, Provider, TokenUsage
 from tests import adapter_kit as kit
 from tests.fakes.base import Fault
 from tests.fakes.stability import FakeStability
+from tests.large_replies import NOT_BASE64, SMALL_NOT_BASE64, b64, decoded_on_arrival, large_image
 
 KEY = "sk-stab-FAKE-3f9a27c1d0"
 
@@ -198,3 +199,37 @@ def stability_settings(base_url: str) -> stability.ProviderSettings:
 def kit_deps_without_http(env: dict[str, str]) -> stability.AdapterDeps:
     # The factory fails on the credential before it touches the session or downloader.
     return stability.AdapterDeps(http=None, download=None, env=env)  # type: ignore[arg-type]
+
+
+async def test_a_large_reply_is_read_as_it_arrives(
+    fake: FakeStability, provider: Provider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoded = decoded_on_arrival(monkeypatch)
+    fake.image_texts = [b64(large_image())]
+    [image] = (await provider.generate(kit.call("stable-image-core"))).images
+    assert (image.data, image.content_type) == (large_image(), "image/png")
+    assert decoded == [large_image()]  # taken from the reply as it came, not parsed whole
+    # A large stand-in for a filtered image is never delivered either.
+    fake.safety = "filtered"
+    fake.inject(Fault.SAFETY)
+    with pytest.raises(ContentPolicy):
+        await provider.generate(kit.call("stable-image-core"))
+
+
+@pytest.mark.parametrize("mangle", NOT_BASE64.values(), ids=NOT_BASE64)
+async def test_a_large_image_not_base64_is_refused_as_a_small_one(
+    fake: FakeStability,
+    provider: Provider,
+    monkeypatch: pytest.MonkeyPatch,
+    mangle: Callable[[str], str],
+) -> None:
+    fake.image_texts = [SMALL_NOT_BASE64]
+    with pytest.raises(UpstreamError) as small:
+        await provider.generate(kit.call("stable-image-core"))
+    decoded = decoded_on_arrival(monkeypatch)
+    fake.image_texts = [mangle(b64(large_image()))]
+    with pytest.raises(UpstreamError) as large:
+        await provider.generate(kit.call("stable-image-core"))
+    assert decoded == [None]
+    assert str(large.value) == str(small.value)
+    assert "not valid base64" in str(large.value) and not large.value.retryable

@@ -24,6 +24,7 @@ from service.providers.download import SafeDownloader
 from tests.fakes.base import Fault, image_bytes
 from tests.fakes.calls import upstream_call
 from tests.fakes.google import OUTPUT_REFUSAL, RETRY_DELAY_S, GoogleFake
+from tests.large_replies import b64, decoded_on_arrival, large_image
 
 TOKEN = "ya29.fake-vertex-token-abcdef"
 PROJECT = "proj-1"
@@ -324,3 +325,14 @@ async def test_partial_filter_and_extra_images(
     fake.inject(Fault.EXTRA_IMAGES)
     extra = await provider.generate(upstream_call(MODEL, n=1))
     assert len(extra.images) == 3
+
+
+async def test_a_large_reply_is_read_as_it_arrives(
+    provider: vertex.VertexImagen, fake: GoogleFake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoded = decoded_on_arrival(monkeypatch)
+    images = [large_image(seed=i) for i in range(2)]
+    fake.image_texts = [b64(image) for image in images]
+    result = await provider.generate(upstream_call(MODEL, n=2))
+    assert [image.data for image in result.images] == images
+    assert decoded == images

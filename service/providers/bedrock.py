@@ -47,11 +47,16 @@ from service.providers.base import (
     UpstreamCall,
 )
 from service.providers.http import (
-    decode_image_b64,
-    read_body,
     scrub,
     status_error,
     upstream_errors,
+)
+from service.providers.json_split import (
+    SplitJson,
+    image_of,
+    loads,
+    parsed,
+    read_reply_or_raise,
 )
 
 log = logging.getLogger(__name__)
@@ -76,6 +81,8 @@ STABILITY_RATIOS = {
 STABILITY_FORMATS = ("png", "jpeg")
 CONTENT_FILTER = "blocked by our content filters"
 BAD_MODEL_ID = "model identifier is invalid"
+# Every family's images are the strings of this key's array, decoded as a large reply arrives.
+IMAGES_KEY = b"images"
 
 
 class BedrockImages:
@@ -113,10 +120,8 @@ class BedrockImages:
                 URL(url, encoded=True), data=body, headers=headers, timeout=self._timeout
             ) as response,
         ):
-            raw = await read_body(response, self.id)
-        if response.status != 200:
-            raise self._error(response.status, response.headers, raw)
-        images, refusal = await asyncio.to_thread(parse_reply, family, raw, self.id)
+            reply = await read_reply_or_raise(response, self.id, IMAGES_KEY, self._error)
+        images, refusal = await parsed(parse_reply, reply, family, self.id)
         if images:
             return ProviderResult(images)
         raise ContentPolicy(scrub(refusal, self._secrets))
@@ -260,10 +265,12 @@ def _nearest_ratio(width: int, height: int) -> str:
     return min(STABILITY_RATIOS, key=lambda r: abs(math.log(STABILITY_RATIOS[r]) - wanted))
 
 
-def parse_reply(family: str, raw: bytes, provider_id: str) -> tuple[list[GeneratedImage], str]:
+def parse_reply(
+    body: bytes | SplitJson, family: str, provider_id: str
+) -> tuple[list[GeneratedImage], str]:
     """The delivered images of a 200 reply, and the refusal text when there are none."""
     try:
-        reply = json.loads(raw)
+        reply = loads(body)
     except ValueError:
         raise UpstreamError(
             f"The upstream provider '{provider_id}' sent a reply that is not JSON (HTTP 200)."
@@ -305,7 +312,7 @@ def _stability(
 
 
 def _image(value: object, provider_id: str) -> GeneratedImage:
-    data, content_type = decode_image_b64(value, provider_id)
+    data, content_type = image_of(value, provider_id)
     return GeneratedImage(data, content_type)
 
 

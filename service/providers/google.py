@@ -21,7 +21,6 @@ allow_all) is passed through when set.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -42,12 +41,17 @@ from service.providers.base import (
 )
 from service.providers.http import (
     credential,
-    decode_image_b64,
-    read_body,
     retry_after,
     scrub,
     status_error,
     upstream_errors,
+)
+from service.providers.json_split import (
+    SplitJson,
+    image_of,
+    loads,
+    parsed,
+    read_reply_or_raise,
 )
 
 log = logging.getLogger(__name__)
@@ -75,6 +79,8 @@ SAFETY_MARKERS = (
 )
 ERROR_PREFIX = "Image generation failed with the following error:"
 ALL_FILTERED = "Imagen's safety filters blocked every image generated for this prompt."
+# The key of a prediction's image, decoded as a large reply arrives.
+IMAGE_KEY = b"bytesBase64Encoded"
 
 
 class GeminiImagen:
@@ -187,11 +193,13 @@ async def predict(
             timeout=client_timeout,
         ) as response,
     ):
-        raw = await read_body(response, provider_id)
-    if response.status != 200:
-        raise reply_error(provider_id, response.status, response.headers, raw, secrets)
-    # Decoding a few MB of base64 is CPU work: off the event loop.
-    images, reasons = await asyncio.to_thread(parse_predictions, raw, provider_id)
+        reply = await read_reply_or_raise(
+            response,
+            provider_id,
+            IMAGE_KEY,
+            lambda status, headers, raw: reply_error(provider_id, status, headers, raw, secrets),
+        )
+    images, reasons = await parsed(parse_predictions, reply, provider_id)
     if images:
         if reasons:
             log.info(
@@ -201,10 +209,12 @@ async def predict(
     raise ContentPolicy(scrub(reasons[0], secrets) if reasons else ALL_FILTERED)
 
 
-def parse_predictions(raw: bytes, provider_id: str) -> tuple[list[GeneratedImage], list[str]]:
+def parse_predictions(
+    body: bytes | SplitJson, provider_id: str
+) -> tuple[list[GeneratedImage], list[str]]:
     """The images of a 200 reply, and the reasons given for the ones filtered out."""
     try:
-        reply = json.loads(raw)
+        reply = loads(body)
     except ValueError:
         raise UpstreamError(
             f"The upstream provider '{provider_id}' sent a reply that is not JSON (HTTP 200)."
@@ -217,7 +227,7 @@ def parse_predictions(raw: bytes, provider_id: str) -> tuple[list[GeneratedImage
     reasons: list[str] = []
     for prediction in predictions:
         if "bytesBase64Encoded" in prediction:
-            data, content_type = decode_image_b64(prediction["bytesBase64Encoded"], provider_id)
+            data, content_type = image_of(prediction["bytesBase64Encoded"], provider_id)
             # Vertex returns the rewritten prompt when prompt enhancement ran.
             enhanced = prediction.get("prompt")
             revised = enhanced if isinstance(enhanced, str) and enhanced else None

@@ -11,7 +11,6 @@ ends or the dispatcher cancels the call at its deadline.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -22,6 +21,7 @@ from service.errors import UpstreamError
 from service.providers.base import Downloader, GeneratedImage
 from service.providers.download import HostPolicy
 from service.providers.http import decode_image_b64
+from service.providers.json_split import SplitJson, loads
 
 # First poll soon (fast models finish in a second or two), then back off to a steady pace.
 POLL_FIRST_S = 0.25
@@ -29,11 +29,11 @@ POLL_MAX_S = 2.0
 POLL_GROWTH = 1.5
 
 
-def json_object(body: bytes) -> dict[str, Any] | None:
+def json_object(body: bytes | SplitJson) -> dict[str, Any] | None:
     """The reply as a JSON object, or None for anything else (error bodies are best effort)."""
     try:
-        value = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        value = loads(body)
+    except ValueError:
         return None
     return value if isinstance(value, dict) else None
 

@@ -1,5 +1,6 @@
 """A large JSON reply read as it arrives: its structure kept as text, its long strings
-taken out piece by piece, and the values of `b64_json` decoded from base64 on the way.
+taken out piece by piece, and the images under one key (`b64_json`, `image`, ...: its
+value, or the strings of its array) decoded from base64 on the way.
 
 json.loads of an 8 MB reply of four images, then b64decode of each, are single C
 calls of 10-30 ms that hold the GIL (a thread does not spare the event loop) and
@@ -16,18 +17,21 @@ import binascii
 import json
 import secrets
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import pybase64
 
 from service import b64
-from service.aio import INLINE_BYTES
+from service.aio import INLINE_BYTES, off_loop
 from service.providers.http import (
     MAX_REPLY_BYTES,
+    decode_image_b64,
     image_type,
     invalid_base64,
+    read_body,
     reply_too_large,
 )
 
@@ -39,15 +43,16 @@ SLICE_S = 0.001
 # Long strings are marked "\u0000<nonce>:<index>": no upstream can guess the nonce.
 _MARK = "\x00" + secrets.token_hex(8) + ":"
 _MARK_JSON = _MARK.replace("\x00", "\\u0000").encode()
-# Short strings remembered as the key of the value that follows.
-_KEY_CHARS = 16
 _BACKSLASH = 0x5C
 _PAD = 0x3D
+# What may come between two strings of one array of strings (no bracket, no brace).
+_NESTING = (b"[", b"]", b"{", b"}")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Base64Value:
-    """A `b64_json` value decoded as it arrived: its bytes, or None if not valid base64."""
+    """An image's base64 decoded as it arrived: its bytes, or None if not valid base64."""
 
     data: bytes | None
 
@@ -58,11 +63,49 @@ class Base64Value:
         return self.data, image_type(self.data, provider_id)
 
 
+def image_of(value: object, provider_id: str) -> tuple[bytes, str]:
+    """An image in a reply read by read_reply (a Base64Value if it was long, else the
+    text): its bytes and MIME type, or the UpstreamError decode_image_b64 raises."""
+    if isinstance(value, Base64Value):
+        return value.image(provider_id)
+    return decode_image_b64(value, provider_id)
+
+
+def loads(body: bytes | SplitJson) -> Any:
+    """What read_reply read, as json.loads returns it (images as image_of takes them);
+    ValueError if it is not JSON."""
+    return json.loads(body) if isinstance(body, bytes) else body.result()
+
+
+async def parsed(fn: Callable[..., T], body: bytes | SplitJson, *args: Any) -> T:
+    """fn(body, *args) on the loop when what is left to parse is small (a small reply, or
+    a large one's structure, its images decoded already), else in a thread."""
+    size = len(body) if isinstance(body, bytes) else body.frame_size
+    return await off_loop(size, fn, body, *args)
+
+
+async def read_reply_or_raise(
+    response: aiohttp.ClientResponse,
+    provider_id: str,
+    decode_key: bytes,
+    failure: Callable[[int, Mapping[str, str], bytes], Exception],
+) -> bytes | SplitJson:
+    """A 200's body as read_reply reads it; any other status's body read whole (error
+    bodies are small) and raised as the error `failure` makes of it."""
+    if response.status != 200:
+        raise failure(response.status, response.headers, await read_body(response, provider_id))
+    return await read_reply(response, provider_id, decode_key)
+
+
 async def read_reply(
-    response: aiohttp.ClientResponse, provider_id: str, limit: int = MAX_REPLY_BYTES
+    response: aiohttp.ClientResponse,
+    provider_id: str,
+    decode_key: bytes = b"b64_json",
+    limit: int = MAX_REPLY_BYTES,
 ) -> bytes | SplitJson:
     """The body as bytes while it fits in INLINE_BYTES (json.loads is the cheapest there);
-    a longer one read into a SplitJson as it arrives, pausing for the loop every SLICE_S."""
+    a longer one read into a SplitJson(decode_key) as it arrives, pausing for the loop
+    every SLICE_S."""
     length = response.content_length
     if length is not None and length > limit:
         raise reply_too_large(provider_id)
@@ -77,7 +120,7 @@ async def read_reply(
             chunks.append(chunk)
             if size <= INLINE_BYTES:
                 continue
-            split, chunk = SplitJson(), b"".join(chunks)
+            split, chunk = SplitJson(decode_key), b"".join(chunks)
             chunks.clear()
             resumed = time.perf_counter()
         split.feed(chunk)
@@ -91,7 +134,8 @@ async def read_reply(
 
 class SplitJson:
     """Feed a JSON document chunk by chunk; `result()` is what json.loads would return,
-    except that `b64_json` values over LONG are Base64Value."""
+    except that strings over LONG that are decode_key's value, or strings of its array
+    value, are Base64Value."""
 
     def __init__(self, decode_key: bytes = b"b64_json") -> None:
         self._decode_key = decode_key
@@ -106,9 +150,14 @@ class SplitJson:
         self._long: _LongString | None = None
         # The string read so far ends in an odd run of backslashes: its next byte is escaped.
         self._escaped = False
-        # The last short string and where the frame stood after it (is it a key?).
-        self._key = b""
+        # Whether the last string was decode_key (a key, if a colon follows), and where
+        # the frame stood after it.
+        self._after_key = False
         self._key_end = 0
+        # Strings read so far are those of decode_key's array: the next one may be too.
+        self._in_array = False
+        # The string being read is decode_key's value or a string of its array.
+        self._decoded = False
 
     @property
     def frame_size(self) -> int:
@@ -123,6 +172,7 @@ class SplitJson:
                 if quote < 0:
                     return
                 self._in_string, self._escaped = True, False
+                self._open_string()
                 pos = quote + 1
                 continue
             quote = self._closing_quote(chunk, pos)
@@ -157,6 +207,20 @@ class SplitJson:
             quote = chunk.find(b'"', quote + 1)
         return -1
 
+    def _open_string(self) -> None:
+        """Whether the string opening is decode_key's value (`"key":` before it) or one
+        of its array's strings (`"key": [`, then strings, commas, scalars only)."""
+        if not (self._after_key or self._in_array):
+            self._decoded = False
+            return
+        gap = self._frame[self._key_end :]
+        if self._in_array and not any(mark in gap for mark in _NESTING):
+            self._decoded = True
+            return
+        after = b"".join(gap.split()) if self._after_key else b""
+        self._in_array = after == b":["
+        self._decoded = self._in_array or after == b":"
+
     def _piece(self, piece: bytes) -> None:
         if self._long is not None:
             self._long.feed(piece)
@@ -164,8 +228,7 @@ class SplitJson:
         self._pieces.append(piece)
         self._size += len(piece)
         if self._size > LONG:
-            follows_key = bytes(self._frame[self._key_end :]).strip() == b":"
-            self._long = _LongString(follows_key and self._key == self._decode_key)
+            self._long = _LongString(self._decoded)
             self._long.feed(b"".join(self._pieces))
             self._pieces = []
 
@@ -176,11 +239,11 @@ class SplitJson:
             self._invalid |= not valid
             self._frame += b'"' + _MARK_JSON + str(len(self._values)).encode() + b'"'
             self._values.append(value)
-            self._long, self._key, self._size = None, b"", 0
+            self._long, self._after_key, self._size = None, False, 0
         else:
             raw = b"".join(self._pieces)
             self._frame += b'"' + raw + b'"'
-            self._key = raw if len(raw) <= _KEY_CHARS else b""
+            self._after_key = raw == self._decode_key
             self._pieces, self._size = [], 0
         self._key_end = len(self._frame)
 
@@ -197,8 +260,8 @@ class SplitJson:
 
 
 class _LongString:
-    """One string over LONG, fed raw (still JSON-escaped): its text, or if it is a
-    `b64_json` value, its bytes decoded as they come while it has no escape."""
+    """One string over LONG, fed raw (still JSON-escaped): its text, or if it is an
+    image (SplitJson's decode_key), its bytes decoded as they come while it has no escape."""
 
     def __init__(self, base64_value: bool) -> None:
         self._base64 = _Base64() if base64_value else None

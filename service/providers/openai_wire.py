@@ -22,7 +22,6 @@ from urllib.parse import urljoin
 
 import aiohttp
 
-from service.aio import off_loop
 from service.errors import ContentPolicy, ImagegateError, UpstreamError, UpstreamRejected
 from service.providers import sse
 from service.providers.base import (
@@ -42,7 +41,14 @@ from service.providers.http import (
     status_error,
     upstream_errors,
 )
-from service.providers.json_split import Base64Value, SplitJson, read_reply
+from service.providers.json_split import (
+    Base64Value,
+    SplitJson,
+    image_of,
+    loads,
+    parsed,
+    read_reply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -360,15 +366,12 @@ class Upstream:
             return None
 
     async def _parsed(self, body: bytes | SplitJson, n: int) -> tuple[list[_Item], TokenUsage]:
-        # A large reply's images are decoded already (read_reply); what is left is its
-        # structure, small unless the reply is made of many short strings: then a thread.
-        size = len(body) if isinstance(body, bytes) else body.frame_size
-        return await off_loop(size, self._parse, body, n)
+        return await parsed(self._parse, body, n)
 
     def _parse(self, body: bytes | SplitJson, n: int) -> tuple[list[_Item], TokenUsage]:
         try:
-            payload = json.loads(body) if isinstance(body, bytes) else body.result()
-        except (ValueError, UnicodeDecodeError):
+            payload = loads(body)
+        except ValueError:
             raise self._bad("a reply that is not JSON") from None
         if not isinstance(payload, dict):
             raise self._bad("a reply that is not a JSON object")
@@ -390,10 +393,8 @@ class Upstream:
         revised = entry.get("revised_prompt")
         revised = revised if isinstance(revised, str) and revised else None
         b64, url = entry.get("b64_json"), entry.get("url")
-        if isinstance(b64, Base64Value):
-            return _Item(revised, image=b64.image(self.provider_id))
-        if isinstance(b64, str) and b64:
-            return _Item(revised, image=decode_image_b64(b64, self.provider_id))
+        if isinstance(b64, Base64Value) or (isinstance(b64, str) and b64):
+            return _Item(revised, image=image_of(b64, self.provider_id))
         if isinstance(url, str) and url:
             return _Item(revised, url=url)
         if _filtered(entry.get("content_filter_results")):

@@ -9,7 +9,6 @@ image then is a blurred stand-in, never delivered).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping
 
@@ -26,13 +25,12 @@ from service.providers.base import (
 )
 from service.providers.http import (
     credential,
-    decode_image_b64,
-    read_body,
     scrub,
     status_error,
     upstream_errors,
 )
 from service.providers.jobs import aspect_ratio, json_object
+from service.providers.json_split import SplitJson, image_of, parsed, read_reply_or_raise
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +41,8 @@ ASPECT_RATIOS = ("21:9", "16:9", "3:2", "5:4", "1:1", "4:5", "2:3", "9:16", "9:2
 ENDPOINTS = {"stable-image-core": "core", "stable-image-ultra": "ultra", "sd3": "sd3"}
 # Stability's form field names, as our request's parameter names.
 PARAMS = {"aspect_ratio": "size", "output_format": "output_format", "model": "model"}
+# The key of the reply's image, decoded as a large reply arrives.
+IMAGE_KEY = b"image"
 
 
 class StabilityProvider:
@@ -78,16 +78,12 @@ class StabilityProvider:
             upstream_errors(self.id),
             self._http.post(url, data=form, headers=headers, timeout=self._timeout) as response,
         ):
-            body = await read_body(response, self.id)
-            status, reply_headers = response.status, response.headers
-        if status != 200:
-            raise self._failure(status, reply_headers, body)
-        # A few MB of base64: parsed and decoded off the event loop.
-        image = await asyncio.to_thread(self._image, body)
+            body = await read_reply_or_raise(response, self.id, IMAGE_KEY, self._failure)
+        image = await parsed(self._image, body)
         log.debug("%s: %s image from %s", self.id, image.content_type, endpoint)
         return ProviderResult(images=[image])
 
-    def _image(self, body: bytes) -> GeneratedImage:
+    def _image(self, body: bytes | SplitJson) -> GeneratedImage:
         reply = json_object(body)
         if reply is None:
             raise UpstreamError(f"The upstream provider '{self.id}' sent a reply that is not JSON.")
@@ -101,7 +97,7 @@ class StabilityProvider:
                 f"The upstream provider '{self.id}' did not finish the image "
                 f"({scrub(str(finish), [self._key])})."
             )
-        data, content_type = decode_image_b64(reply.get("image"), self.id)
+        data, content_type = image_of(reply.get("image"), self.id)
         return GeneratedImage(data, content_type)
 
     def _failure(self, status: int, headers: Mapping[str, str], body: bytes) -> ImagegateError:

@@ -11,6 +11,7 @@ are played here, and the provider-specific ones (500 with the provider's error b
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.parser
 import email.policy
 import enum
@@ -71,6 +72,9 @@ class FakeUpstream:
     def __init__(self) -> None:
         self.requests: list[Seen] = []
         self.faults: deque[Fault] = deque()
+        # Base64 texts sent in place of the next reply's images, in order (a large image,
+        # or one that is not base64); images past the end are the fake's own.
+        self.image_texts: list[str] = []
         self._runner: web.AppRunner | None = None
         self.base_url = ""
 
@@ -91,6 +95,12 @@ class FakeUpstream:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    def b64(self, index: int, data: bytes) -> str:
+        """The base64 text of a reply's image `index`: `data`'s unless image_texts says."""
+        if index < len(self.image_texts):
+            return self.image_texts[index]
+        return base64.b64encode(data).decode()
 
     def inject(self, *faults: Fault) -> None:
         self.faults.extend(faults)

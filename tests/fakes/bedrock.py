@@ -12,7 +12,6 @@ Canvas / Titan, Stability) and refused with ValidationException messages.
 
 from __future__ import annotations
 
-import base64
 import datetime
 import hmac
 import json
@@ -149,7 +148,7 @@ class BedrockFake(FakeUpstream):
         kept = max(count - self.filter_next, 0)
         error = OUTPUT_FILTER if kept < count else None
         self.filter_next = 0
-        images = [base64.b64encode(image_bytes(seed=i)).decode() for i in range(kept)]
+        images = [self.b64(i, image_bytes(seed=i)) for i in range(kept)]
         return web.json_response({"images": images, "error": error})
 
     def _stability(self, data: Any, fault: Fault | None) -> web.Response:
@@ -167,7 +166,7 @@ class BedrockFake(FakeUpstream):
             )
         fmt = "JPEG" if data.get("output_format") == "jpeg" else "PNG"
         count = 3 if fault is Fault.EXTRA_IMAGES else 1
-        images = [base64.b64encode(image_bytes(fmt, seed=i)).decode() for i in range(count)]
+        images = [self.b64(i, image_bytes(fmt, seed=i)) for i in range(count)]
         return web.json_response(
             {
                 "seeds": [1234 + i for i in range(count)],

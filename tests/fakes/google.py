@@ -17,7 +17,6 @@ pointed at the fake through a key file's `token_uri`.
 
 from __future__ import annotations
 
-import base64
 import json
 from collections import deque
 from typing import Any
@@ -243,7 +242,7 @@ class GoogleFake(FakeUpstream):
                 continue
             prediction = {
                 "mimeType": f"image/{fmt.lower()}",
-                "bytesBase64Encoded": base64.b64encode(image_bytes(fmt, seed=index)).decode(),
+                "bytesBase64Encoded": self.b64(index, image_bytes(fmt, seed=index)),
             }
             if self.revised_prompt:
                 prediction["prompt"] = self.revised_prompt

@@ -8,7 +8,6 @@ Speaks the documented wire format: `Authorization: Bearer`, a multipart form
 
 from __future__ import annotations
 
-import base64
 import secrets
 
 from aiohttp import web
@@ -96,7 +95,7 @@ class FakeStability(FakeUpstream):
                 headers={"finish-reason": finish, "seed": str(seed)},
             )
         return web.json_response(
-            {"image": base64.b64encode(data).decode(), "finish_reason": finish, "seed": seed}
+            {"image": self.b64(0, data), "finish_reason": finish, "seed": seed}
         )
 
 
