@@ -379,8 +379,6 @@ async def _serve_rest(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 @contextlib.contextmanager
 def _tracing() -> Iterator[None]:
     """OpenTelemetry tracing when the OTEL_* variables ask for it; flushed at the end."""

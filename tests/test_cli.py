@@ -62,9 +62,7 @@ def run_on(
     return run_command
 
 
-def _one_line_error(
-    result: subprocess.CompletedProcess[str], *phrases: str, code: int = 1
-) -> None:
+def _one_line_error(result: subprocess.CompletedProcess[str], *phrases: str, code: int = 1) -> None:
     assert result.returncode == code, result
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("imagegate: "), result.stderr
     for phrase in phrases:

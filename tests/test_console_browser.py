@@ -286,9 +286,7 @@ def test_operator_changes_a_keys_models_and_limits(console: Console) -> None:
     from service.admin import Admin
 
     account = console.tenant.account
-    key, view = console.loop.run(
-        Admin(console.stack.service.store).create_key(account, "limited")
-    )
+    key, view = console.loop.run(Admin(console.stack.service.store).create_key(account, "limited"))
     console.secrets.append(key)
     client = console.sdk(key)
     two = {"model": "local", "prompt": "two", "size": "256x256", "n": 2}
