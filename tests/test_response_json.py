@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from imagegate.v1 import images_pb2
 
 from gateway import images_wire, json_text, response_json
@@ -124,3 +126,34 @@ def test_split_reads_as_a_parser_does() -> None:
 def test_split_refuses_what_is_not_the_wire_format(raw: bytes) -> None:
     with pytest.raises(ValueError):
         images_wire.split(raw)
+
+
+_TEXT = st.text(max_size=40)
+_IMAGE = st.builds(
+    lambda url, data, revised: images_pb2.Image(url=url, b64_json=data, revised_prompt=revised),
+    st.none() | _TEXT,
+    # Lengths around the one-byte varint limit (127) and the inline limit.
+    st.none() | st.binary(max_size=300) | st.sampled_from([b"x" * 127, b"y" * 128, b"z" * 70_000]),
+    st.none() | _TEXT,
+)
+
+
+@given(
+    images=st.lists(_IMAGE, max_size=5),
+    created=st.integers(0, 2**32 - 1),
+    size=st.none() | st.sampled_from(["256x256", "1024x1024"]),
+    tokens=st.integers(0, 2**32 - 1),
+)
+@settings(max_examples=150, deadline=None)
+def test_split_agrees_with_protobuf_on_any_reply(
+    images: list[images_pb2.Image], created: int, size: str | None, tokens: int
+) -> None:
+    message = images_pb2.ImagesResponse(created=created, data=images, size=size)
+    message.usage.total_tokens = tokens
+    raw = message.SerializeToString()
+    skeleton, views = images_wire.split(raw)
+    assert [bytes(v) for v in views] == [i.b64_json for i in message.data if i.HasField("b64_json")]
+    for item in message.data:
+        if item.HasField("b64_json"):
+            item.b64_json = b""
+    assert images_pb2.ImagesResponse.FromString(skeleton) == message
