@@ -21,6 +21,7 @@ from service.store.base import (
     KeyLimits,
     LedgerRow,
     UsageBucketRow,
+    UsageRow,
 )
 
 log = logging.getLogger("imagegate.admin")
@@ -260,8 +261,13 @@ def _ledger(e: LedgerRow) -> admin_pb2.LedgerEntry:
 
 
 def _request(item: AccountUsageRow) -> admin_pb2.RequestRecord:
-    row = item.row
-    return admin_pb2.RequestRecord(
+    return admin_pb2.RequestRecord(**usage_fields(item.row), account=item.account)
+
+
+def usage_fields(row: UsageRow) -> dict[str, Any]:
+    """A usage row as the fields of GET /v1/usage's UsageRecord (RequestRecord adds the
+    account)."""
+    return dict(
         id=row.id,
         object="usage_record",
         created=int(row.created_at),
@@ -276,7 +282,6 @@ def _request(item: AccountUsageRow) -> admin_pb2.RequestRecord:
         quoted_micros=row.quoted_micros,
         latency_ms=row.latency_ms or 0,
         status=row.status,
-        account=item.account,
     )
 
 

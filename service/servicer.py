@@ -17,8 +17,15 @@ from google.protobuf.message import DecodeError, Message
 from imagegate.v1 import accounts_pb2, images_pb2, images_pb2_grpc
 
 from service import observe
-from service.admin import Admin, route_text
-from service.admin_servicer import bucket_list, key_info, key_list, model_ids, page
+from service.admin import Admin
+from service.admin_servicer import (
+    bucket_list,
+    key_info,
+    key_list,
+    model_ids,
+    page,
+    usage_fields,
+)
 from service.aio import off_loop
 from service.catalog import ModelSpec
 from service.core import Caller, Generation, ImageCore, RequestContext, ResultImage
@@ -377,22 +384,7 @@ def _stored_as_sent(key: str, request_hash: bytes) -> Idempotency[bytes]:
 
 
 def _usage_record(row: UsageRow) -> images_pb2.UsageRecord:
-    return images_pb2.UsageRecord(
-        id=row.id,
-        object="usage_record",
-        created=int(row.created_at),
-        request_id=row.request_id,
-        key_id=row.key_id,
-        model=row.model,
-        route=route_text(row.provider, row.upstream_model),
-        n=row.n,
-        size=row.size,
-        quality=row.quality,
-        cost_micros=row.cost_micros,
-        quoted_micros=row.quoted_micros,
-        latency_ms=row.latency_ms or 0,
-        status=row.status,
-    )
+    return images_pb2.UsageRecord(**usage_fields(row))
 
 
 def _params(request: images_pb2.GenerateImagesRequest) -> GenerationParams:

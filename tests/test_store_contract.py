@@ -377,14 +377,14 @@ async def test_key_limits(make_store: MakeStore) -> None:
         "acme", keys.hash_key(keys.new_key()), "p", "", None, KeyLimits(rpm=5, max_n=0)
     )
     assert limited.limits == KeyLimits(rpm=5, max_n=0)
-    changed = await store.set_key_limits(limited.id, {"rpm": None, "ipm": 7, "concurrency": 2})
+    changed = await store.update_key(limited.id, {"rpm": None, "ipm": 7, "concurrency": 2})
     assert changed is not None and changed.limits == KeyLimits(None, 7, 2, 0)
     assert (await store.find_key(limited.key_hash)) == changed
     assert [k.limits for k in await store.list_keys("acme")] == [KeyLimits(), changed.limits]
-    assert await store.set_key_limits("key_missing", {"rpm": 1}) is None
+    assert await store.update_key("key_missing", {"rpm": 1}) is None
     for bad in ({"rpm": -1}, {"rpm": 1.5}, {"name": 1}):
         with pytest.raises(ValueError):
-            await store.set_key_limits(limited.id, bad)  # type: ignore[arg-type]
+            await store.update_key(limited.id, bad)  # type: ignore[arg-type]
 
 
 async def test_balance_counts_what_is_held(make_store: MakeStore) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 from dataclasses import dataclass
 from typing import Protocol
@@ -232,10 +233,6 @@ class Store(Protocol):
 
     async def revoke_key(self, key_id: str) -> bool: ...
 
-    async def set_key_limits(self, key_id: str, changes: dict[str, int | None]) -> KeyRecord | None:
-        """Set some of a key's LIMIT_FIELDS (None: back to the default); None if no such key."""
-        ...
-
     async def reserve(
         self,
         account_id: int,
@@ -401,6 +398,18 @@ def check_limit_changes(changes: dict[str, int | None]) -> None:
             raise ValueError(f"unknown key limit {name!r}")
         if value is not None and (type(value) is not int or value < 0):
             raise ValueError(f"limit {name} must be a non-negative integer, not {value!r}")
+
+
+def key_changes(
+    limits: dict[str, int | None], models: tuple[str, ...] | None, set_models: bool
+) -> dict[str, object]:
+    """update_key's column changes, checked: the limits, and the models as stored (JSON,
+    NULL for every model) when `set_models`. Column names come from LIMIT_FIELDS only."""
+    check_limit_changes(limits)
+    changes: dict[str, object] = dict(limits)
+    if set_models:
+        changes["models"] = None if models is None else json.dumps(list(models))
+    return changes
 
 
 def new_key_id() -> str:

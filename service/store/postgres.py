@@ -46,7 +46,7 @@ from service.store.base import (
     UnknownCursor,
     UsageBucketRow,
     UsageRow,
-    check_limit_changes,
+    key_changes,
     new_admin_key_id,
     new_key_id,
     new_reservation_id,
@@ -304,17 +304,6 @@ class PostgresStore:
         )
         return revoked is not None
 
-    async def set_key_limits(self, key_id: str, changes: dict[str, int | None]) -> KeyRecord | None:
-        check_limit_changes(changes)
-        if changes:
-            # Column names come from LIMIT_FIELDS only (checked above), never from input.
-            assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(changes, 2))
-            await self._db.execute(
-                f"UPDATE api_keys SET {assignments} WHERE id = $1", key_id, *changes.values()
-            )
-        records = await self._keys("WHERE k.id = $1", key_id)
-        return records[0] if records else None
-
     # Money
 
     async def reserve(
@@ -555,11 +544,8 @@ class PostgresStore:
         *,
         set_models: bool = False,
     ) -> KeyRecord | None:
-        check_limit_changes(limits)
-        # Column names come from LIMIT_FIELDS only (checked above), never from input.
-        changes: dict[str, object] = dict(limits)
-        if set_models:
-            changes["models"] = None if models is None else json.dumps(list(models))
+        # Column names come from LIMIT_FIELDS only (checked there), never from input.
+        changes = key_changes(limits, models, set_models)
         if changes:
             # One statement: the models and limits change together or not at all.
             assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(changes, 2))

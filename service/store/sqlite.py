@@ -45,7 +45,7 @@ from service.store.base import (
     UnknownCursor,
     UsageBucketRow,
     UsageRow,
-    check_limit_changes,
+    key_changes,
     new_admin_key_id,
     new_key_id,
     new_reservation_id,
@@ -241,21 +241,6 @@ class SqliteStore:
             return cur.rowcount == 1
 
         return await self._tx(revoke)
-
-    async def set_key_limits(self, key_id: str, changes: dict[str, int | None]) -> KeyRecord | None:
-        check_limit_changes(changes)
-        if changes:
-            # Column names come from LIMIT_FIELDS only (checked above), never from input.
-            assignments = ", ".join(f"{name} = ?" for name in changes)
-
-            def update(db: sqlite3.Connection) -> None:
-                db.execute(
-                    f"UPDATE api_keys SET {assignments} WHERE id = ?", (*changes.values(), key_id)
-                )
-
-            await self._tx(update)
-        records = await self._keys("WHERE k.id = ?", (key_id,))
-        return records[0] if records else None
 
     # Money
 
@@ -476,11 +461,8 @@ class SqliteStore:
         *,
         set_models: bool = False,
     ) -> KeyRecord | None:
-        check_limit_changes(limits)
-        # Column names come from LIMIT_FIELDS only (checked above), never from input.
-        changes: dict[str, object] = dict(limits)
-        if set_models:
-            changes["models"] = None if models is None else json.dumps(list(models))
+        # Column names come from LIMIT_FIELDS only (checked there), never from input.
+        changes = key_changes(limits, models, set_models)
         if changes:
             assignments = ", ".join(f"{name} = ?" for name in changes)
 
