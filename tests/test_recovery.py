@@ -110,13 +110,46 @@ async def _held(db: Path, account: str) -> set[str]:
     return {row[0] for row in rows}
 
 
-async def _until_held(db: Path, account: str) -> set[str]:
+async def _until_held(db: Path, account: str, count: int = 1) -> set[str]:
     async with asyncio.timeout(90):
         while True:
             # Polled: the holding happens in another process, with no event to await.
-            if held := await _held(db, account):
+            if len(held := await _held(db, account)) >= count:
                 return held
             await asyncio.sleep(0.01)
+
+
+def _writable(db: Path) -> bool:
+    with contextlib.closing(sqlite3.connect(db, timeout=0.2, isolation_level=None)) as conn:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:  # "database is locked"
+            return False
+        conn.execute("ROLLBACK")
+        return True
+
+
+def _state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
+async def _freeze_outside_a_write(db: Path, served: Served) -> None:
+    """SIGSTOP a process, but not inside a write transaction.
+
+    SQLite has one writer: a process frozen mid-transaction (a reservation, the
+    request log, the reaper) would hold every other process's writes until thawed.
+    """
+    async with asyncio.timeout(60):
+        while True:
+            served.proc.send_signal(signal.SIGSTOP)
+            if _state(served.proc.pid) != "T":  # the signal lands asynchronously
+                await asyncio.sleep(0.001)
+                continue
+            if await asyncio.to_thread(_writable, db):
+                return
+            served.proc.send_signal(signal.SIGCONT)
+            await asyncio.sleep(0.05)
 
 
 async def _money(db: Path, account: str) -> tuple[int, int, int]:
@@ -178,10 +211,10 @@ async def test_kill_9_is_recovered_at_start_up_and_a_live_process_is_left_alone(
         async with _calls(live.port, live_key, 2) as live_calls:
             # The live process holds money, then is frozen: alive, but neither
             # answering nor beating nor releasing anything while it is stopped.
-            await _until_held(db, "live")
-            live.proc.send_signal(signal.SIGSTOP)
+            await _until_held(db, "live", 2)
+            await _freeze_outside_a_write(db, live)
             live_held = await _held(db, "live")
-            assert live_held
+            assert len(live_held) == 2
 
             async with _calls(crashing.port, crashed_key, 2):
                 crashed_held = await _until_held(db, "crashed")
