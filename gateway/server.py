@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp import web
 
-from gateway import log_redaction
+from gateway import log_redaction, memory
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.protocol import make_runner
@@ -19,6 +19,7 @@ async def start_gateway(
     """Start on config.host:port (config.rest_port by default; 0 picks a free port).
     `reuse_port`: several front processes of `serve --workers N` share the port."""
     log_redaction.install()
+    memory.keep_large_blocks()
     runner = make_runner(create_app(config), config)
     await runner.setup()
     site = web.TCPSite(
