@@ -10,13 +10,9 @@ prints its key), a few hundred bytes that protobuf parses as usual.
 
 from __future__ import annotations
 
-from imagegate.v1 import images_pb2
+from imagegate.wire import B64, B64_KEY, DATA, DATA_KEY, I32, I64, LEN, VARINT, varint
 
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
-_DATA = images_pb2.ImagesResponse.DESCRIPTOR.fields_by_name["data"].number
-_B64 = images_pb2.Image.DESCRIPTOR.fields_by_name["b64_json"].number
-_DATA_KEY = bytes([_DATA << 3 | _LEN])
-_EMPTY_B64 = bytes([_B64 << 3 | _LEN, 0])
+_EMPTY_B64 = B64_KEY + b"\0"
 
 
 def split(raw: bytes) -> tuple[bytes, list[memoryview]]:
@@ -29,9 +25,9 @@ def split(raw: bytes) -> tuple[bytes, list[memoryview]]:
     skeleton = bytearray()
     images = []
     for number, wire, start, value, end in _fields(raw, 0, len(raw)):
-        if number == _DATA and wire == _LEN:
+        if number == DATA and wire == LEN:
             image, b64 = _image(raw, value, end)
-            skeleton += _DATA_KEY + _varint(len(image)) + image
+            skeleton += DATA_KEY + varint(len(image)) + image
             if b64 is not None:
                 images.append(view[b64[0] : b64[1]])
         else:
@@ -44,7 +40,7 @@ def _image(raw: bytes, start: int, end: int) -> tuple[bytes, tuple[int, int] | N
     skeleton = b""
     b64 = None
     for number, wire, field_start, value, field_end in _fields(raw, start, end):
-        if number == _B64 and wire == _LEN:
+        if number == B64 and wire == LEN:
             b64 = (value, field_end)  # a field repeated: the last wins, as when parsed
             skeleton += _EMPTY_B64
         else:
@@ -64,17 +60,17 @@ def _fields(raw: bytes, pos: int, end: int) -> list[tuple[int, int, int, int, in
             key, pos = _read_varint(raw, pos, end)
         number, wire = key >> 3, key & 7
         value = pos
-        if wire == _LEN:
+        if wire == LEN:
             if pos < end and raw[pos] < 0x80:
                 length, value = raw[pos], pos + 1
             else:
                 length, value = _read_varint(raw, pos, end)
             pos = value + length
-        elif wire == _VARINT:
+        elif wire == VARINT:
             _, pos = _read_varint(raw, pos, end)
-        elif wire == _I64:
+        elif wire == I64:
             pos += 8
-        elif wire == _I32:
+        elif wire == I32:
             pos += 4
         else:  # groups: none in ImagesResponse
             raise ValueError(f"wire type {wire} at byte {start}")
@@ -94,12 +90,3 @@ def _read_varint(raw: bytes, pos: int, end: int) -> tuple[int, int]:
             return result, pos
         shift += 7
     raise ValueError(f"malformed varint before byte {pos}")
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)

@@ -15,6 +15,7 @@ import grpc
 from google.api import httpbody_pb2
 from google.protobuf.message import DecodeError, Message
 from imagegate.v1 import accounts_pb2, images_pb2, images_pb2_grpc
+from imagegate.wire import B64_KEY, DATA_KEY, varint
 
 from service import observe
 from service.admin import Admin
@@ -454,25 +455,12 @@ def _response_parts(gen: Generation) -> list[bytes]:
     for image in gen.images:
         item = _image(image).SerializeToString()
         if image.data is None:
-            parts += (_DATA_TAG, _varint(len(item)), item)
+            parts += (DATA_KEY, varint(len(item)), item)
             continue
-        head = _B64_TAG + _varint(len(image.data))
+        head = B64_KEY + varint(len(image.data))
         length = len(item) + len(head) + len(image.data)
-        parts += (_DATA_TAG, _varint(length), item, head, image.data)
+        parts += (DATA_KEY, varint(length), item, head, image.data)
     return parts
-
-
-# The tags of ImagesResponse.data (2) and Image.b64_json (2), both length-delimited.
-_DATA_TAG = _B64_TAG = bytes([2 << 3 | 2])
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _response(gen: Generation, *, with_data: bool = True) -> images_pb2.ImagesResponse:
