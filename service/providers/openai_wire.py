@@ -12,6 +12,7 @@ variation_form), read back the same way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -22,6 +23,7 @@ from urllib.parse import urljoin
 
 import aiohttp
 
+from service.aio import off_loop
 from service.errors import ContentPolicy, ImagegateError, UpstreamError, UpstreamRejected
 from service.providers import sse
 from service.providers.base import (
@@ -261,6 +263,22 @@ class Upstream:
         params: Mapping[str, str] | None,
         **payload: Any,
     ) -> ProviderResult:
+        async with self._answer(url, headers, params, payload) as response:
+            body = await read_reply(response, self.provider_id)
+        items, usage = await self._parsed(body, n)
+        images = await self._images(items, url)
+        return ProviderResult(images=images, usage=usage)
+
+    @contextlib.asynccontextmanager
+    async def _answer(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        params: Mapping[str, str] | None,
+        payload: Mapping[str, Any],
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One POST's response once it is known to be a 200; any other status raised as
+        the domain error its body means, every transport failure as upstream_errors says."""
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         async with (
             upstream_errors(self.provider_id),
@@ -283,10 +301,7 @@ class Upstream:
                     await self._error_payload(response),
                     self.secrets,
                 )
-            body = await read_reply(response, self.provider_id)
-        items, usage = await self._parsed(body, n)
-        images = await self._images(items, url)
-        return ProviderResult(images=images, usage=usage)
+            yield response
 
     async def stream(
         self,
@@ -299,36 +314,17 @@ class Upstream:
         """One streaming POST (JSON, or an edit's multipart form): previews and images as
         the upstream sends them. A server that answers with plain JSON instead is read
         as `generate` reads it."""
-        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         payload = {"data": body} if isinstance(body, aiohttp.FormData) else {"json": body}
-        async with (
-            upstream_errors(self.provider_id),
-            self.http.post(
-                url,
-                **payload,
-                headers=headers,
-                params=params,
-                timeout=timeout,
-                allow_redirects=False,
-            ) as response,
-        ):
-            log.debug("provider %s answered HTTP %d", self.provider_id, response.status)
-            if response.status != 200:
-                raise refusal(
-                    self.provider_id,
-                    response.status,
-                    response.headers,
-                    await self._error_payload(response),
-                    self.secrets,
-                )
+        async with self._answer(url, headers, params, payload) as response:
             if response.content_type != "text/event-stream":
                 items, usage = await self._parsed(await read_reply(response, self.provider_id), n)
                 for i, image in enumerate(await self._images(items, url)):
                     yield CompletedImage(image, usage if i == 0 else TokenUsage())
                 return
             async for block in sse.read_blocks(response, self.provider_id):
-                # Text, JSON and base64 of megabytes: off the event loop.
-                item = await asyncio.to_thread(self._event, block)
+                # An image's event (megabytes of base64) in a thread; a progress
+                # event of a few hundred bytes right here, cheaper than the hop.
+                item = await off_loop(len(block), self._event, block)
                 if item is not None:
                     yield item
 
