@@ -11,7 +11,8 @@ overhead over (a), and the serve process's CPU ms per request of each target.
     .venv/bin/python bench/profile_path.py [--requests 2000] [--envoy]
         [--profile DIR]   # py-spy flame graphs (SVG) of serve under (b) and (c)
         [--env NAME=VALUE ...]   # IMAGEGATE_* settings for serve, e.g. IMAGEGATE_UVLOOP=false
-        [--compare NAME=VALUE ...]  # a second serve with these, (b) and (c) interleaved
+        [--compare NAME=VALUE ...]  # a second serve with these, (b) and (c) interleaved;
+                                    # BENCH_SERVE_BIN=PATH: that `imagegate` (another venv)
         [--wrk SECONDS]   # then wrk req/s through each aiohttp front (serve on core 0)
         [--envoy-b CONFIG]  # a second Envoy from CONFIG beside the committed one
     .venv/bin/python bench/profile_path.py --grpc-client   # CPU per call of gRPC clients
@@ -322,7 +323,8 @@ async def _serve(
         "IMAGEGATE_WORKERS": str(WORKERS),
     }
     env |= dict(pair.split("=", 1) for pair in extra)
-    serve = _spawn([str(BIN / "imagegate"), "serve"], env=env, log=tmp / f"{name}.log")
+    binary = env.pop("BENCH_SERVE_BIN", str(BIN / "imagegate"))
+    serve = _spawn([binary, "serve"], env=env, log=tmp / f"{name}.log")
     await _wait_port(rest_port, serve, "imagegate serve")
     return serve, grpc_port, rest_port
 
