@@ -5,6 +5,7 @@ front of it, side by side under the same load:
 
   (a) fake      the fake called directly: the floor
   (b) aiohttp   imagegate's aiohttp front (`serve --workers N`, billing on SQLite)
+  (b2) pinned   the same with `--pin-workers`: a second imagegate, each worker on a core
   (c) envoy     Envoy's gRPC-JSON transcoder in front of the same service workers
   (d) grpc      gRPC straight to the service workers
   (e) litellm   LiteLLM's proxy passing through to the same fake (bench/.venv)
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import loadgen, report, stack
 from bench.loadgen import Request, Run
 
-TARGETS = ("fake", "aiohttp", "envoy", "grpc", "litellm")
+TARGETS = ("fake", "aiohttp", "pinned", "envoy", "grpc", "litellm")
 SLO_P99_MS = 50.0
 # Offered rates go on past the SLO until the achieved rate falls below this share of
 # the offered one, or p99 passes GIVE_UP_P99_MS.
@@ -227,6 +228,24 @@ def run(targets: list[str], timing: Timing, workers: int) -> tuple[list[Result],
                     stalls=lambda start, end: stack.longest_stalls(
                         work, {"service": gate.services}, start, end),
                 )  # fmt: skip
+        if "pinned" in targets:
+            # A second imagegate, `--pin-workers`: started on the servers' cores (taskset)
+            # rather than pinned afterwards, which would undo each worker's own core.
+            pinned = stack.start_imagegate(
+                work / "pinned", fake_port, workers, "--pin-workers", cpus=server_cpus
+            )
+            ex.callback(pinned.proc.stop)
+            pinned_h = (*json_h, f"authorization: Bearer {pinned.key}")
+            catalog["pinned"] = Target(
+                "pinned", f"(b2) imagegate, aiohttp front, --pin-workers ({workers} workers)",
+                Request(f"{pinned.rest_url}/v1/images/generations", pinned_h, bodies["rest"]),
+                Request(f"{pinned.rest_url}/v1/images/generations", pinned_h,
+                        bodies["rest_large"]),
+                lambda: {"front": pinned.fronts, "service": pinned.services, "fake": [fake.pid]},
+                stalls=lambda start, end: stack.longest_stalls(
+                    work / "pinned", {"front": pinned.fronts, "service": pinned.services},
+                    start, end),
+            )  # fmt: skip
         if "litellm" in targets:
             try:
                 litellm, litellm_url = stack.start_litellm(work, fake_port, workers)

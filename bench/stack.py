@@ -151,9 +151,12 @@ def start_fake(work: Path) -> tuple[Proc, int]:
     return proc, port
 
 
-def start_imagegate(work: Path, fake_port: int, workers: int) -> Imagegate:
-    """`serve --workers N`, each worker's event-loop stalls logged under work/stalls
-    (service/stall_watch.py)."""
+def start_imagegate(
+    work: Path, fake_port: int, workers: int, *flags: str, cpus: str | None = None
+) -> Imagegate:
+    """`serve --workers N [flags]`, each worker's event-loop stalls logged under
+    work/stalls (service/stall_watch.py); on `cpus` alone when given (taskset)."""
+    work.mkdir(exist_ok=True)
     data_dir = work / "imagegate"
     stalls = work / "stalls"
     stalls.mkdir(exist_ok=True)
@@ -165,9 +168,11 @@ def start_imagegate(work: Path, fake_port: int, workers: int) -> Imagegate:
     proc = spawn(
         "imagegate",
         [
+            *(["taskset", "-c", cpus] if cpus else []),
             str(REPO / ".venv" / "bin" / "imagegate"),
             "--log-level", "warning",
             "serve",
+            *flags,
             "--workers", str(workers),
             "--data-dir", str(data_dir),
             "--catalog", str(catalog),

@@ -5,7 +5,10 @@ each. The service workers share the public gRPC port and the fronts the public
 REST port (SO_REUSEPORT: the kernel spreads connections over them); each
 service worker also listens on a private loopback port, and every front
 round-robins its calls over all of those, so a front is never tied to one
-service worker and skips one that is down. They share the database (SQLite in
+service worker and skips one that is down. With `pin_workers`, worker i's
+service and front run on core i alone and the front calls its own service
+(the others only while it does not answer): no hop of a request wakes
+another core. They share the database (SQLite in
 WAL mode takes several writer processes: every write is a BEGIN IMMEDIATE
 transaction under a busy timeout, see store/sqlite.py).
 
@@ -76,10 +79,15 @@ class Plan:
     rest_url: str
     log_level: str
 
-    @property
-    def service_targets(self) -> str:
-        """Every service worker's private address, for the fronts' round robin."""
-        return "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in self.private_ports)
+    def front_config(self, slot: int) -> GatewayConfig:
+        """What front `slot` dials: every service worker's private address, in turn;
+        with pin_workers, its own service's first and the next ones only while that one
+        does not answer (gRPC's pick_first goes down the list in order), so a request
+        stays on one core."""
+        ports = self.private_ports[slot:] + self.private_ports[:slot]
+        target = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports)
+        pinned = self.config.pin_workers
+        return replace(self.gateway, grpc_target=target, grpc_round_robin=not pinned)
 
 
 @dataclass
@@ -124,7 +132,7 @@ async def supervise(
     plan = Plan(
         # The supervisor serves every worker's metrics; the workers serve none.
         config=replace(config, grpc_port=grpc_port, metrics_address="off"),
-        gateway=replace(gateway, rest_port=rest_port, grpc_round_robin=True),
+        gateway=replace(gateway, rest_port=rest_port),
         private_ports=tuple(free_port("127.0.0.1") for _ in range(count)),
         rest_url=rest_url,
         log_level=log_level,
@@ -299,8 +307,10 @@ def _detach() -> None:
         sys.exit(1)
 
 
-def _run(plan: Plan, main: Callable[[], Coroutine[Any, Any, None]], role: str) -> None:
+def _run(plan: Plan, main: Callable[[], Coroutine[Any, Any, None]], role: str, slot: int) -> None:
     _detach()
+    if plan.config.pin_workers:
+        pin(slot)
     logs.setup(plan.log_level, plan.config.log_format)
     shutdown = tracing.configure()
     try:
@@ -312,6 +322,15 @@ def _run(plan: Plan, main: Callable[[], Coroutine[Any, Any, None]], role: str) -
     finally:
         if shutdown is not None:
             shutdown()
+
+
+def pin(slot: int) -> None:
+    """This process (and the threads it starts from now on) onto one core: the slot-th of
+    those it may use, counting round when there are more slots than cores. Nothing where
+    the system has no CPU affinity (macOS)."""
+    if hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[slot % len(cores)]})
 
 
 def _service_main(plan: Plan, slot: int, ready: Connection) -> None:
@@ -331,13 +350,13 @@ def _service_main(plan: Plan, slot: int, ready: Connection) -> None:
         finally:
             await service.stop()
 
-    _run(plan, main, "service")
+    _run(plan, main, "service", slot)
 
 
 def _front_main(plan: Plan, slot: int, ready: Connection) -> None:
     async def main() -> None:
         stop, force = stop_signals()
-        config = replace(plan.gateway, grpc_target=plan.service_targets)
+        config = plan.front_config(slot)
         runner = await start_gateway(config, reuse_port=True)
         try:
             ready.send(True)
@@ -347,4 +366,4 @@ def _front_main(plan: Plan, slot: int, ready: Connection) -> None:
         finally:
             await runner.cleanup()
 
-    _run(plan, main, "front")
+    _run(plan, main, "front", slot)

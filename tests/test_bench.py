@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TARGETS = ("fake", "aiohttp", "grpc")
+TARGETS = ("fake", "aiohttp", "pinned", "grpc")
 
 
 def _need_the_load_generators() -> None:
@@ -43,7 +43,12 @@ def test_quick_bench_writes_the_report_and_chart(tmp_path: Path) -> None:
     assert data["machine"]["cores"] >= 1 and data["machine"]["ceiling"]["wrk_rps"] > 0
     page = (tmp_path / "benchmarks.md").read_text()
     assert "Quick mode" in page and "![p50 and p99 latency" in page
-    for label in ("(a) fake upstream", "(b) imagegate, aiohttp front", "(d) imagegate, gRPC"):
+    for label in (
+        "(a) fake upstream",
+        "(b) imagegate, aiohttp front",
+        "(b2) imagegate",
+        "(d) imagegate, gRPC",
+    ):
         assert page.count(f"| {label}") == 2, label  # the latency table and the payload table
     assert (tmp_path / "benchmarks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -263,3 +263,61 @@ async def test_a_busy_port_stops_them_all_with_a_message(tmp_path: Path) -> None
     # The service workers that did start were stopped with the supervisor.
     for m in READY_RE.finditer(out.decode()):
         assert _gone(int(m[3]))
+
+
+def _core_list(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split()[1]
+    raise AssertionError(f"no Cpus_allowed_list for {pid}")
+
+
+def _remote_ports(pid: int) -> set[int]:
+    """The loopback ports pid's established TCP connections lead to (from /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if (m := re.fullmatch(r"socket:\[(\d+)\]", os.readlink(fd))) is not None:
+                inodes.add(m[1])
+    ports = set()
+    for table in ("tcp", "tcp6"):  # gRPC's sockets are IPv6 ones, IPv4-mapped
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "01" and cols[9] in inodes:  # ESTABLISHED
+                ports.add(int(cols[2].split(":")[1], 16))
+    return ports
+
+
+async def test_pinned_workers_keep_a_request_on_its_core_and_fail_over(tmp_path: Path) -> None:
+    async with serve_workers(tmp_path, "--pin-workers") as served:
+        assert await _burst(served, 20) == [200] * 20
+        ready = served.ready()
+        cores = sorted(os.sched_getaffinity(0))
+        private = {n: int(str(a).rsplit(":", 1)[1]) for n, (_, a) in ready.items() if a}
+        for slot in (0, 1):
+            core = str(cores[slot % len(cores)])
+            front, service = ready[f"front-{slot}"][0], ready[f"service-{slot}"][0]
+            # The worker's service and front both on its one core...
+            assert _core_list(front) == _core_list(service) == core
+            # ...and the front dials its own service alone (round robin would dial both).
+            dialled = _remote_ports(front) & set(private.values())
+            assert dialled == {private[f"service-{slot}"]}
+        # A front whose own service is down calls the next one. The supervisor is held
+        # stopped meanwhile, so that service-0 stays down rather than coming back.
+        served.process.send_signal(signal.SIGSTOP)
+        try:
+            os.kill(ready["service-0"][0], signal.SIGKILL)
+
+            async def noticed() -> bool:  # front-0 saw its connection end
+                return private["service-0"] not in _remote_ports(ready["front-0"][0])
+
+            await poll(noticed)
+            assert await _burst(served, 20) == [200] * 20
+            assert _remote_ports(ready["front-0"][0]) & set(private.values()) == {
+                private["service-1"]
+            }
+        finally:
+            served.process.send_signal(signal.SIGCONT)
+        balance, ledger, settled, _ = await asyncio.to_thread(_money, served.db)
+        assert settled == 40 and balance == ledger == DEMO_CREDIT - 40 * PRICE
+        await _sigterm_exits_0(served)
