@@ -17,7 +17,7 @@ from typing import Any, TypeAlias
 
 # The CLI is the one place the two halves meet: `serve` runs both in one process.
 from gateway.server import bound_port, drain_gateway, start_gateway
-from service import aio, logs, tracing, workers
+from service import aio, heap, logs, tracing, workers
 from service.admin import Admin, ModelInfo, model_infos, route_text
 from service.admin_http import Refresh, start_admin
 from service.catalog import load_catalog
@@ -335,14 +335,16 @@ async def _serve(args: argparse.Namespace) -> int:
         service.links.fallback_url = rest_url
         if args.demo:
             await _demo(service.store, rest_url)
-        print(
-            f"imagegate: REST on {rest_url}, gRPC on {config.host}:{service.port}. Ctrl-C stops.",
-            flush=True,
-        )
+        _ready(f"REST on {rest_url}, gRPC on {config.host}:{service.port}")
         await stop.wait()
         grace = config.drain_grace_s
         await asyncio.gather(service.drain(grace, force), drain_gateway(runner, grace, force))
     return 0
+
+
+def _ready(listening: str) -> None:
+    heap.freeze_start_up()
+    print(f"imagegate: {listening}. Ctrl-C stops.", flush=True)
 
 
 async def _serve_grpc(args: argparse.Namespace) -> int:
@@ -355,7 +357,7 @@ async def _serve_grpc(args: argparse.Namespace) -> int:
         service = await start_service(config, rest_url=f"http://{url_host(config.host)}:8080")
         stack.push_async_callback(service.stop)
         await _admin(stack, config.metrics_address, service.refresh_gauges)
-        print(f"imagegate: gRPC on {service.config.host}:{service.port}. Ctrl-C stops.", flush=True)
+        _ready(f"gRPC on {service.config.host}:{service.port}")
         await stop.wait()
         await service.drain(config.drain_grace_s, force)
     return 0
@@ -369,11 +371,7 @@ async def _serve_rest(args: argparse.Namespace) -> int:
         runner = await start_gateway(config)
         stack.push_async_callback(runner.cleanup)
         await _admin(stack, config.rest_metrics_address)
-        print(
-            f"imagegate: REST on {config.host}:{config.rest_port} -> gRPC {config.grpc_target}. "
-            "Ctrl-C stops.",
-            flush=True,
-        )
+        _ready(f"REST on {config.host}:{config.rest_port} -> gRPC {config.grpc_target}")
         await stop.wait()
         await drain_gateway(runner, config.drain_grace_s, force)
     return 0

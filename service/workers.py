@@ -45,7 +45,7 @@ from typing import Any
 
 from gateway.config import GatewayConfig
 from gateway.server import drain_gateway, start_gateway
-from service import aio, logs, metrics, stall_watch, tracing
+from service import aio, heap, logs, metrics, stall_watch, tracing
 from service.admin_http import multiprocess_metrics, start_admin
 from service.config import Config
 from service.lifecycle import stop_signals
@@ -333,6 +333,12 @@ def pin(slot: int) -> None:
         os.sched_setaffinity(0, {cores[slot % len(cores)]})
 
 
+def _ready(ready: Connection) -> None:
+    heap.freeze_start_up()
+    ready.send(True)
+    ready.close()
+
+
 def _service_main(plan: Plan, slot: int, ready: Connection) -> None:
     async def main() -> None:
         stop, force = stop_signals()
@@ -343,8 +349,7 @@ def _service_main(plan: Plan, slot: int, ready: Connection) -> None:
             reuse_port=True,
         )
         try:
-            ready.send(True)
-            ready.close()
+            _ready(ready)
             await stop.wait()
             await service.drain(plan.config.drain_grace_s, force)
         finally:
@@ -359,8 +364,7 @@ def _front_main(plan: Plan, slot: int, ready: Connection) -> None:
         config = plan.front_config(slot)
         runner = await start_gateway(config, reuse_port=True)
         try:
-            ready.send(True)
-            ready.close()
+            _ready(ready)
             await stop.wait()
             await drain_gateway(runner, config.drain_grace_s, force)
         finally:
