@@ -30,6 +30,7 @@ from gateway import (
     telemetry,
     uploads,
 )
+from gateway.channels import Channels, Unary
 from gateway.config import GatewayConfig
 from gateway.request_json import InvalidJson, parse_request
 
@@ -39,9 +40,9 @@ STUB: web.AppKey[images_pb2_grpc.ImageServiceStub] = web.AppKey("stub")
 ADMIN_STUB: web.AppKey[admin_pb2_grpc.AdminServiceStub] = web.AppKey("admin_stub")
 UPLOADS: web.AppKey[uploads.UploadCalls] = web.AppKey("uploads")
 # GenerateImages returning the raw reply, which response_json prints without parsing its images.
-GENERATE: web.AppKey[grpc.aio.UnaryUnaryMultiCallable] = web.AppKey("generate")
+GENERATE: web.AppKey[Unary] = web.AppKey("generate")
 # ListModels returning the raw reply, whose JSON is remembered (_models_json).
-LIST_MODELS: web.AppKey[grpc.aio.UnaryUnaryMultiCallable] = web.AppKey("list_models")
+LIST_MODELS: web.AppKey[Unary] = web.AppKey("list_models")
 CONFIG: web.AppKey[GatewayConfig] = web.AppKey("config")
 REQUEST_ID = "x-request-id"
 REQUEST_ID_KEY: web.RequestKey[str] = web.RequestKey("request_id")
@@ -116,30 +117,21 @@ def create_app(config: GatewayConfig) -> web.Application:
 
 
 async def _channel(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
-    size = config.max_message_bytes
-    options: list[tuple[str, object]] = [
-        ("grpc.max_receive_message_length", size),
-        ("grpc.max_send_message_length", size),
-    ]
-    if config.grpc_round_robin:
-        options.append(("grpc.lb_policy_name", "round_robin"))
-    channel = grpc.aio.insecure_channel(config.grpc_target, options=options)
+    channels = Channels(app[CONFIG])
+    channel = channels.spread
     app[STUB] = images_pb2_grpc.ImageServiceStub(channel)
     app[ADMIN_STUB] = admin_pb2_grpc.AdminServiceStub(channel)
     app[health.STUB] = health_pb2_grpc.HealthStub(channel)
     app[UPLOADS] = uploads.UploadCalls(channel)
     service = images_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
-    app[GENERATE] = channel.unary_unary(
-        f"/{service}/GenerateImages",
-        request_serializer=images_pb2.GenerateImagesRequest.SerializeToString,
+    app[GENERATE] = channels.unary(
+        f"/{service}/GenerateImages", images_pb2.GenerateImagesRequest.SerializeToString
     )
-    app[LIST_MODELS] = channel.unary_unary(
-        f"/{service}/ListModels",
-        request_serializer=images_pb2.ListModelsRequest.SerializeToString,
+    app[LIST_MODELS] = channels.unary(
+        f"/{service}/ListModels", images_pb2.ListModelsRequest.SerializeToString
     )
     yield
-    await channel.close()
+    await channels.close()
 
 
 async def generate_images(request: web.Request) -> web.StreamResponse:

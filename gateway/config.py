@@ -83,16 +83,28 @@ class GatewayConfig:
     )
     drain_grace_s: float = shared.drain_grace_s()
     trusted_proxies: str = shared.trusted_proxies()
-    # `serve --workers N` sets it for its fronts, which dial every service worker.
+    # `serve --workers N` sets both for its fronts, which dial every service worker,
+    # their own worker's first (gateway/channels.py).
     grpc_round_robin: bool = setting(
         False,
         "`serve-rest`: spread calls over every address `grpc_target` resolves to, rather "
         "than the first that answers",
         commands=REST_ONLY,
     )
+    grpc_prefer_first: bool = setting(
+        False,
+        "`serve-rest`, with grpc_round_robin: a generation or model listing goes to the first "
+        "address that answers while this front has no other such call there, else is spread",
+        commands=REST_ONLY,
+    )
 
     def conflicts(self) -> Iterator[tuple[str, str]]:
         """Settings valid alone but not together."""
+        if self.grpc_prefer_first and not self.grpc_round_robin:
+            yield (
+                "grpc_prefer_first",
+                "needs grpc_round_robin: without it every call goes to the first address",
+            )
         if self.max_upload_bytes >= self.max_message_bytes:
             yield (
                 "max_upload_bytes",

@@ -190,14 +190,12 @@ class Config:
         commands=("serve",),
     )
     # docs/performance.md: a hop between threads or processes that wakes another core
-    # costs far more than one on the same core (about 1 ms of a generation through the
-    # aiohttp front here). Off by default: a pinned worker cannot move off a core that
-    # something else keeps busy, so on a shared machine it loses requests per second.
+    # costs far more than one on the same core. Off by default: a pinned worker cannot
+    # move off a core that something else keeps busy.
     pin_workers: bool = setting(
         False,
         "`serve --workers N`: pin worker i (its service and its front) to the i-th core this "
-        "process may use, and have each front call its own service first; for a machine "
-        "that runs nothing else busy",
+        "process may use; for a machine that runs nothing else busy",
         commands=("serve",),
     )
     # How long a revocation, or a change of a key's models or limits, takes to reach

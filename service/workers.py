@@ -4,13 +4,13 @@ Python runs one core per process, so `serve` on a machine of N cores runs N of
 each. The service workers share the public gRPC port and the fronts the public
 REST port (SO_REUSEPORT: the kernel spreads connections over them); each
 service worker also listens on a private loopback port, and every front
-round-robins its calls over all of those, so a front is never tied to one
-service worker and skips one that is down. With `pin_workers`, worker i's
-service and front run on core i alone and the front calls its own service
-(the others only while it does not answer): no hop of a request wakes
-another core. They share the database (SQLite in
-WAL mode takes several writer processes: every write is a BEGIN IMMEDIATE
-transaction under a busy timeout, see store/sqlite.py).
+dials all of those: a request alone goes to its own worker's service, and
+calls at once are spread over every service (gateway/channels.py), so a front
+is never tied to one service worker and skips one that is down. With
+`pin_workers`, worker i's service and front also run on core i alone. They
+share the database (SQLite in WAL mode takes several writer processes: every
+write is a BEGIN IMMEDIATE transaction under a busy timeout, see
+store/sqlite.py).
 
 The supervisor starts them, starts again any that dies (with a backoff if it
 keeps dying), and on SIGTERM or SIGINT passes the signal on, so that each
@@ -80,14 +80,14 @@ class Plan:
     log_level: str
 
     def front_config(self, slot: int) -> GatewayConfig:
-        """What front `slot` dials: every service worker's private address, in turn;
-        with pin_workers, its own service's first and the next ones only while that one
-        does not answer (gRPC's pick_first goes down the list in order), so a request
-        stays on one core."""
+        """What front `slot` dials: every service worker's private address, its own
+        worker's first (the one a lone call prefers, then the next while it does not
+        answer: gRPC's pick_first goes down the list in order)."""
         ports = self.private_ports[slot:] + self.private_ports[:slot]
         target = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports)
-        pinned = self.config.pin_workers
-        return replace(self.gateway, grpc_target=target, grpc_round_robin=not pinned)
+        return replace(
+            self.gateway, grpc_target=target, grpc_round_robin=True, grpc_prefer_first=True
+        )
 
 
 @dataclass

@@ -91,6 +91,10 @@ def test_front_values_and_relations_are_checked() -> None:
     # Valid alone, not together: an upload travels to the service in one gRPC message.
     too_big = _error(GatewayConfig, {"IMAGEGATE_MAX_MESSAGE_BYTES": str(2**20)})
     assert "max_upload_bytes (its default): 62914560 is not below max_message_bytes" in too_big
+    alone = _error(GatewayConfig, {"IMAGEGATE_GRPC_PREFER_FIRST": "true"})
+    assert "grpc_prefer_first (IMAGEGATE_GRPC_PREFER_FIRST='true'): needs grpc_round_robin" in alone
+    both = {"IMAGEGATE_GRPC_PREFER_FIRST": "true", "IMAGEGATE_GRPC_ROUND_ROBIN": "true"}
+    assert load(GatewayConfig, both).grpc_prefer_first
     shared = _error(Config, {"IMAGEGATE_IMAGE_STORE": "s3://bucket/images"})
     assert "invalid setting url_secret (its default): required with an s3:// image_store" in shared
 

@@ -288,9 +288,60 @@ def _remote_ports(pid: int) -> set[int]:
     return ports
 
 
+def _holders(db: Path, after: int) -> set[int]:
+    """The pids of the service workers that held the reservations after rowid `after`."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute(
+            "SELECT DISTINCT i.pid FROM reservations r JOIN instances i ON i.id = r.owner "
+            "WHERE r.rowid > ?",
+            (after,),
+        ).fetchall()
+    return {pid for (pid,) in rows}
+
+
+def _last_reservation(db: Path) -> int:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        (rowid,) = conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM reservations").fetchone()
+    return int(rowid)
+
+
+async def _lone_requests_stay_with_their_worker(served: Served) -> int:
+    """Generations one at a time on one connection, from new client ports until both
+    fronts have had one: each front's all went to its own worker's service. Returns how
+    many were sent."""
+    ready = served.ready()
+    seen: set[int] = set()
+    first = await asyncio.to_thread(_last_reservation, served.db)
+    for _ in range(30):
+        client_port = _free_port()
+        after = await asyncio.to_thread(_last_reservation, served.db)
+        connector = aiohttp.TCPConnector(limit=1, local_addr=("127.0.0.1", client_port))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for _ in range(5):
+                assert await _generate(session, served) == 200
+            (slot,) = [s for s in (0, 1) if client_port in _remote_ports(ready[f"front-{s}"][0])]
+        holders = await asyncio.to_thread(_holders, served.db, after)
+        assert holders == {ready[f"service-{slot}"][0]}, (slot, holders)
+        seen.add(slot)
+        if seen == {0, 1}:
+            return await asyncio.to_thread(_last_reservation, served.db) - first
+    raise AssertionError(f"the kernel gave every connection to front {seen}")
+
+
+async def test_a_lone_request_stays_with_its_worker_and_a_burst_reaches_all(
+    tmp_path: Path,
+) -> None:
+    async with serve_workers(tmp_path) as served:
+        await _lone_requests_stay_with_their_worker(served)
+        after = await asyncio.to_thread(_last_reservation, served.db)
+        assert await _burst(served, 40) == [200] * 40
+        services = {served.ready()[f"service-{s}"][0] for s in (0, 1)}
+        assert await asyncio.to_thread(_holders, served.db, after) == services
+        await _sigterm_exits_0(served)
+
+
 async def test_pinned_workers_keep_a_request_on_its_core_and_fail_over(tmp_path: Path) -> None:
     async with serve_workers(tmp_path, "--pin-workers") as served:
-        assert await _burst(served, 20) == [200] * 20
         ready = served.ready()
         cores = sorted(os.sched_getaffinity(0))
         private = {n: int(str(a).rsplit(":", 1)[1]) for n, (_, a) in ready.items() if a}
@@ -299,9 +350,8 @@ async def test_pinned_workers_keep_a_request_on_its_core_and_fail_over(tmp_path:
             front, service = ready[f"front-{slot}"][0], ready[f"service-{slot}"][0]
             # The worker's service and front both on its one core...
             assert _core_list(front) == _core_list(service) == core
-            # ...and the front dials its own service alone (round robin would dial both).
-            dialled = _remote_ports(front) & set(private.values())
-            assert dialled == {private[f"service-{slot}"]}
+        # ...and a request alone stays there.
+        lone = await _lone_requests_stay_with_their_worker(served)
         # A front whose own service is down calls the next one. The supervisor is held
         # stopped meanwhile, so that service-0 stays down rather than coming back.
         served.process.send_signal(signal.SIGSTOP)
@@ -319,5 +369,5 @@ async def test_pinned_workers_keep_a_request_on_its_core_and_fail_over(tmp_path:
         finally:
             served.process.send_signal(signal.SIGCONT)
         balance, ledger, settled, _ = await asyncio.to_thread(_money, served.db)
-        assert settled == 40 and balance == ledger == DEMO_CREDIT - 40 * PRICE
+        assert settled == lone + 20 and balance == ledger == DEMO_CREDIT - settled * PRICE
         await _sigterm_exits_0(served)
