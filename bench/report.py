@@ -189,9 +189,10 @@ run by `make bench` ([bench/bench.py](../bench/bench.py)).{quick}
   (c) Envoy (the committed envoy.yaml, `--concurrency {workers}`) in front of
   `imagegate serve --workers {workers}`; (b2) the aiohttp front of a second
   `serve --workers {workers} --pin-workers` (worker i's service and front on
-  core i alone, each front calling its own service: a request never wakes
-  another core; here its worker on the generator's core cannot move off it,
-  so under load it loses to (b), see docs/performance.md); (d) gRPC straight
+  core i alone: a lone request never wakes another core; here its worker on
+  the generator's core cannot move off it, see docs/performance.md); in both,
+  a front's lone request goes to its own worker's service and calls at once
+  are spread over all; (d) gRPC straight
   to the service workers; (e) LiteLLM's proxy ({_litellm(results)}, `--num_workers {workers}`,
   pass-through, no database, master key) to the same fake.
 - Load: h2load (nghttp2, compiled) for every latency figure, HTTP/1.1 for the
