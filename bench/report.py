@@ -195,6 +195,11 @@ run by `make bench` ([bench/bench.py](../bench/bench.py)).{quick}
   are spread over all; (d) gRPC straight
   to the service workers; (e) LiteLLM's proxy ({_litellm(results)}, `--num_workers {workers}`,
   pass-through, no database, master key) to the same fake.
+- Each target's servers run only while it is measured (the fake throughout;
+  (b), (c) and (d) share one imagegate): with every stack up at once, the idle
+  ones' wake-ups (LiteLLM's background tasks, the other imagegate's timers)
+  showed in the measured one's figures on these 2 cores, most in Envoy's
+  sequential overhead (+3.3-3.6 ms with every stack up, +1.5-1.8 ms alone).
 - Load: h2load (nghttp2, compiled) for every latency figure, HTTP/1.1 for the
   REST targets and h2c for gRPC. Percentiles from h2load's per-request log.
   "Sequential" is one client, one request at a time, back to back.
