@@ -24,8 +24,9 @@ def _report():
     while not gc.get_freeze_count():
         time.sleep(0.005)
     path = os.path.join(os.environ["HEAP_PROBE_DIR"], str(os.getpid()))
-    with open(path, "w") as out:
+    with open(path + ".part", "w") as out:
         out.write(str(gc.get_freeze_count()))
+    os.replace(path + ".part", path)  # whole, or not there: the test polls for it
 
 threading.Thread(target=_report, daemon=True).start()
 """
@@ -88,7 +89,7 @@ async def test_each_server_process_freezes_its_start_up_heap(
         assert len(servers) == (4 if "2" in command else 1)
 
         async def reported() -> bool:
-            return servers <= {int(p.name) for p in frozen.iterdir()}
+            return servers <= {int(p.name) for p in frozen.iterdir() if p.name.isdigit()}
 
         await poll(reported)
         for pid in servers:
