@@ -8,9 +8,8 @@ a model listing, takes the first channel while the front has no other such call 
 it, and the spread one otherwise. A request alone thus goes to its own worker's
 service, which the kernel learns to wake on the front's core: up to 1.1 ms and
 0.9 ms of CPU less a sequential request than round robin alone in same-run A/Bs,
-though not in every run (docs/performance.md). A burst
-still reaches every service, however unevenly the kernel spread the connections
-over the fronts.
+though not in every run (docs/performance.md). A burst still reaches every
+service, however unevenly the kernel spread the connections over the fronts.
 """
 
 from __future__ import annotations
@@ -35,9 +34,8 @@ class Channels:
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
         ]
-        balanced = [*options, ("grpc.lb_policy_name", "round_robin")]
-        spread_options = balanced if config.grpc_round_robin else options
-        self.spread = grpc.aio.insecure_channel(config.grpc_target, options=spread_options)
+        balance = [("grpc.lb_policy_name", "round_robin")] if config.grpc_round_robin else []
+        self.spread = grpc.aio.insecure_channel(config.grpc_target, options=options + balance)
         self.first = None
         if config.grpc_prefer_first:
             self.first = grpc.aio.insecure_channel(config.grpc_target, options=options)

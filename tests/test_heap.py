@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 
+from service.workers import free_port
 from tests.ops_kit import poll
+from tests.test_workers import READY_RE
 
 PROBE = """
 import gc, os, threading, time
@@ -30,15 +30,8 @@ def _report():
 
 threading.Thread(target=_report, daemon=True).start()
 """
-READY_RE = re.compile(r"imagegate: (?:service|front)-\d+ pid (\d+) ready")
 # grpc, protobuf, aiohttp and the rest leave far more than this behind at start-up.
 START_UP_OBJECTS = 50_000
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.parametrize(
@@ -59,12 +52,12 @@ async def test_each_server_process_freezes_its_start_up_heap(
     frozen.mkdir()
     (probe / "sitecustomize.py").write_text(PROBE)
     where = {
-        "serve": ["--data-dir", str(tmp_path), "--grpc-port", str(_port())],
-        "serve-grpc": ["--data-dir", str(tmp_path), "--grpc-port", str(_port())],
+        "serve": ["--data-dir", str(tmp_path), "--grpc-port", str(free_port("127.0.0.1"))],
+        "serve-grpc": ["--data-dir", str(tmp_path), "--grpc-port", str(free_port("127.0.0.1"))],
         "serve-rest": [],  # its service need not be up to start
     }[command[0]]
     if command[0] != "serve-grpc":
-        where += ["--rest-port", str(_port())]
+        where += ["--rest-port", str(free_port("127.0.0.1"))]
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "service.cli", *command, *where,
         stdout=asyncio.subprocess.PIPE,
@@ -85,7 +78,7 @@ async def test_each_server_process_freezes_its_start_up_heap(
                 line = (await process.stdout.readline()).decode()
                 assert line, f"{command} exited early:\n{output}"
                 output += line
-        servers = {int(pid) for pid in READY_RE.findall(output)} or {process.pid}
+        servers = {int(m[3]) for m in READY_RE.finditer(output)} or {process.pid}
         assert len(servers) == (4 if "2" in command else 1)
 
         async def reported() -> bool:
