@@ -13,8 +13,10 @@ overhead over (a), and the serve process's CPU ms per request of each target.
         [--env NAME=VALUE ...]   # IMAGEGATE_* settings for serve, e.g. IMAGEGATE_UVLOOP=false
         [--compare NAME=VALUE ...]  # a second serve with these, (b) and (c) interleaved;
                                     # BENCH_SERVE_BIN=PATH: that `imagegate` (another venv)
-        [--wrk SECONDS]   # then wrk req/s through each aiohttp front (serve on core 0)
+        [--wrk SECONDS]   # then wrk req/s through each aiohttp front (one worker: on core 0)
         [--envoy-b CONFIG]  # a second Envoy from CONFIG beside the committed one
+        [--skeleton]      # and bench/skeleton.py (the layout without imagegate's work),
+                          # as many workers as serve: compare them at --workers 2
     .venv/bin/python bench/profile_path.py --grpc-client   # CPU per call of gRPC clients
 
 This is a tool for profiling the single request path; `make bench` is the benchmark.
@@ -228,7 +230,7 @@ async def _measure(
 def _report(results: dict[str, tuple[list[float], float, float]]) -> str:
     floor = statistics.median(results["a. upstream direct"][0])
     lines = [
-        "| target | p50 ms | p99 ms | overhead p50 ms | serve CPU ms/req | Envoy CPU ms/req |",
+        "| target | p50 ms | p99 ms | overhead p50 ms | server CPU ms/req | Envoy CPU ms/req |",
         "|---|---|---|---|---|---|",
     ]
     for name, (samples, cpu, envoy_cpu) in results.items():
@@ -268,20 +270,22 @@ wrk.headers["Authorization"] = "Bearer %s"
 
 
 async def _throughput(
-    tmp: Path, key: str, fronts: dict[str, tuple[int, int]], seconds: int
+    tmp: Path, key: str, fronts: dict[str, tuple[int, int, bool]], seconds: int
 ) -> None:
-    """wrk (16 connections) on core 1, each serve pinned to core 0: req/s of the aiohttp front."""
+    """wrk (16 connections) on core 1: req/s of each aiohttp front (label: port, pid, whether
+    it serves GET /v1/models). With one worker, the front's processes are pinned to core 0."""
     post = tmp / "post.lua"
     post.write_text(_WRK_POST % (json.dumps(BODY), key))
-    print("| aiohttp front, one serve process on one core | req/s | p50 ms | p99 ms |")
+    where = "one worker on core 0" if WORKERS == 1 else f"{WORKERS} workers, unpinned"
+    print(f"| aiohttp front, {where} | req/s | p50 ms | p99 ms |")
     print("|---|---|---|---|", flush=True)
-    for label, (port, pid) in fronts.items():
-        _run(["taskset", "-a", "-p", "-c", "0", str(pid)])
+    for label, (port, pid, models) in fronts.items():
+        if WORKERS == 1:
+            _pin(pid, "0")
         url = f"http://127.0.0.1:{port}"
-        cases = {
-            "GET /v1/models": ["-H", f"Authorization: Bearer {key}", f"{url}/v1/models"],
-            "POST generations": ["-s", str(post), f"{url}/v1/images/generations"],
-        }
+        cases = {"POST generations": ["-s", str(post), f"{url}/v1/images/generations"]}
+        if models:
+            cases["GET /v1/models"] = ["-H", f"Authorization: Bearer {key}", f"{url}/v1/models"]
         for case, argv in cases.items():
             out = await asyncio.to_thread(
                 _run,
@@ -292,7 +296,15 @@ async def _throughput(
             p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
             per_s = float(rate[1]) if rate else 0.0
             print(f"| {case}{label} | {per_s:,.0f} | {_ms(p50)} | {_ms(p99)} |", flush=True)
-        _run(["taskset", "-a", "-p", "-c", "0,1", str(pid)])
+        if WORKERS == 1:
+            _pin(pid, "0,1")
+
+
+def _pin(pid: int, cores: str) -> None:
+    """pid and its descendants, every thread, to these cores."""
+    _run(["taskset", "-a", "-p", "-c", cores, str(pid)])
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        _pin(int(child), cores)
 
 
 def _ms(match: re.Match[str] | None) -> str:
@@ -367,6 +379,20 @@ async def main(args: argparse.Namespace) -> None:
                 name = f"d. Envoy front, {Path(args.envoy_b).name}"
                 targets[name] = (client.post(envoy_b.base_url), serve.pid)
                 envoy_pids[name] = envoy_b.pid
+            if args.skeleton:
+                bare_grpc, bare_rest = _free_port(), _free_port()
+                bare = _spawn(
+                    [sys.executable, str(Path(__file__).with_name("skeleton.py")), upstream_url],
+                    [str(bare_grpc), str(bare_rest), str(WORKERS)],
+                )
+                procs.append(bare)
+                await _wait_port(bare_grpc, bare, "skeleton services")
+                await _wait_port(bare_rest, bare, "skeleton fronts")
+                targets["f. skeleton, aiohttp front"] = (
+                    client.post(f"http://127.0.0.1:{bare_rest}"),
+                    bare.pid,
+                )
+                targets["g. skeleton, gRPC direct"] = (client.grpc(bare_grpc), bare.pid)
             if args.compare:
                 # The same, on a second serve with other settings, interleaved with the first.
                 other, grpc2, rest2 = await _serve(tmp, "b", catalog, key, args.compare)
@@ -386,9 +412,11 @@ async def main(args: argparse.Namespace) -> None:
             results = await _measure(targets, args.requests, envoy_pids)
             print(_report(results), flush=True)
             if args.wrk:
-                rest = {"": (rest_port, serve.pid)}
+                rest = {"": (rest_port, serve.pid, True)}
                 if args.compare:
-                    rest[", " + " ".join(args.compare)] = (rest2, other.pid)
+                    rest[", " + " ".join(args.compare)] = (rest2, other.pid, True)
+                if args.skeleton:
+                    rest[", skeleton"] = (bare_rest, bare.pid, False)
                 await _throughput(tmp, key, rest, args.wrk)
             if args.profile:
                 await _profile(Path(args.profile), serve.pid, targets, args.label, 15)
@@ -422,8 +450,9 @@ def health_server(port: int) -> None:
     uvloop.run(serve())
 
 
-async def client_variants(port: int, calls: int) -> None:
-    """CPU and wall time per unary call of each way the front could call the service."""
+async def client_variants(port: int, server_pid: int, calls: int) -> None:
+    """CPU (client's, server's) and wall time per unary call of each way the front could
+    call the service."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     request = health_pb2.HealthCheckRequest()
@@ -478,12 +507,13 @@ async def client_variants(port: int, calls: int) -> None:
     for name, call in variants.items():
         for _ in range(200):
             await call()
-        cpu, wall = time.process_time(), time.perf_counter()
+        cpu, served, wall = time.process_time(), _cpu_s(server_pid), time.perf_counter()
         for _ in range(calls):
             await call()
         cpu_ms = (time.process_time() - cpu) / calls * 1000
+        server_ms = (_cpu_s(server_pid) - served) / calls * 1000
         wall_ms = (time.perf_counter() - wall) / calls * 1000
-        print(f"| {name} | {cpu_ms:.3f} | {wall_ms:.3f} |", flush=True)
+        print(f"| {name} | {cpu_ms:.3f} | {server_ms:.3f} | {wall_ms:.3f} |", flush=True)
 
 
 async def grpc_client(calls: int) -> None:
@@ -491,8 +521,11 @@ async def grpc_client(calls: int) -> None:
     server = _spawn([sys.executable, __file__, "--health-server", str(port)])
     try:
         await _wait_port(port, server, "health server")
-        print("| client | CPU ms/call | wall ms/call |\n|---|---|---|", flush=True)
-        await client_variants(port, calls)
+        print(
+            "| client | CPU ms/call | server CPU ms/call | wall ms/call |\n|---|---|---|---|",
+            flush=True,
+        )
+        await client_variants(port, server.pid, calls)
     finally:
         server.terminate()
         server.wait(10)
@@ -515,6 +548,9 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=1, help="imagegate serve --workers")
     parser.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy --concurrency")
     parser.add_argument("--envoy-b", help="a second Envoy from this config, beside --envoy's")
+    parser.add_argument(
+        "--skeleton", action="store_true", help="and bench/skeleton.py: the layout, no work"
+    )
     parser.add_argument("--wrk", type=int, default=0, help="seconds of wrk per case (0: none)")
     parser.add_argument("--profile", help="folder for py-spy flame graphs")
     parser.add_argument("--label", default="profile", help="flame graph file name prefix")
