@@ -9,6 +9,8 @@ front of it, side by side under the same load:
   (c) envoy     Envoy's gRPC-JSON transcoder in front of the same service workers
   (d) grpc      gRPC straight to the service workers
   (e) litellm   LiteLLM's proxy passing through to the same fake (bench/.venv)
+  (f) skeleton  (b)'s processes and hops with none of imagegate's work (bench/skeleton.py):
+                what the layout and its libraries cost alone
 
 Figures: sequential latency and its overhead over (a); fixed offered rates with
 p50/p99; the highest offered rate with p99 under 50 ms; closed-loop maximum;
@@ -40,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import loadgen, report, stack
 from bench.loadgen import Request, Run
 
-TARGETS = ("fake", "aiohttp", "pinned", "envoy", "grpc", "litellm")
+TARGETS = ("fake", "aiohttp", "pinned", "envoy", "grpc", "litellm", "skeleton")
 SLO_P99_MS = 50.0
 # Offered rates go on past the SLO until the achieved rate falls below this share of
 # the offered one, or p99 passes GIVE_UP_P99_MS.
@@ -272,6 +274,22 @@ def run(targets: list[str], timing: Timing, workers: int) -> tuple[list[Result],
                 )
             }  # fmt: skip
 
+        def skeleton_group(group: contextlib.ExitStack, wanted: list[str]) -> dict[str, Target]:
+            skeleton = stack.start_skeleton(work, fake_port, workers)
+            group.callback(skeleton.proc.stop)
+            pin(stack.descendants(skeleton.proc.pid), server_cpus)
+            url = f"{skeleton.rest_url}/v1/images/generations"
+            return {
+                "skeleton": Target(
+                    "skeleton",
+                    f"(f) skeleton: (b)'s processes without imagegate's work ({workers} workers)",
+                    Request(url, json_h, bodies["rest"]),
+                    Request(url, json_h, bodies["rest_large"]),
+                    lambda: {"front": skeleton.fronts, "service": skeleton.services,
+                             "fake": [fake.pid]},
+                )
+            }  # fmt: skip
+
         # Each group's servers run only while its targets are measured: an idle server
         # still wakes (timers, health checks, background tasks), and on 2 cores such
         # wake-ups showed in the other targets' figures (docs/benchmarks.md).
@@ -280,6 +298,7 @@ def run(targets: list[str], timing: Timing, workers: int) -> tuple[list[Result],
             (("aiohttp", "envoy", "grpc"), gate_group),
             (("pinned",), pinned_group),
             (("litellm",), litellm_group),
+            (("skeleton",), skeleton_group),
         )
         results = []
         for keys, start_group in groups:

@@ -194,7 +194,12 @@ run by `make bench` ([bench/bench.py](../bench/bench.py)).{quick}
   a front's lone request goes to its own worker's service and calls at once
   are spread over all; (d) gRPC straight
   to the service workers; (e) LiteLLM's proxy ({_litellm(results)}, `--num_workers {workers}`,
-  pass-through, no database, master key) to the same fake.
+  pass-through, no database, master key) to the same fake. (f) the skeleton
+  ([bench/skeleton.py](../bench/skeleton.py)): (b)'s processes and hops, {workers}
+  aiohttp fronts calling {workers} grpc.aio services (uvloop, SO_REUSEPORT, front
+  i calling service i) that call the fake, with none of imagegate's work: no
+  key, billing, validation, logging or metrics. What the layout and its
+  libraries cost alone; (b) less (f) is imagegate's own work.
 - Each target's servers run only while it is measured (the fake throughout;
   (b), (c) and (d) share one imagegate): with every stack up at once, the idle
   ones' wake-ups (LiteLLM's background tasks, the other imagegate's timers)
@@ -280,7 +285,10 @@ overhead p50 at most 1.0 ms through the aiohttp front and 1.5 ms through
 Envoy; at least 2,000 req/s through the aiohttp front with billing on SQLite,
 p99 at most 20 ms at 500 req/s; at least 10 times LiteLLM's req/s at a tenth of
 its overhead; memory added per large request in flight at most 3 times the
-response size, and no event-loop stall over 5 ms.
+response size, and no event-loop stall over 5 ms. Row (f) shows how far the
+layout itself lets them be reached: its overhead and its closed-loop maximum
+are those of a gateway that does nothing. (The skeleton parses and prints
+large replies the plain way, so its large-payload row is not a floor.)
 
 ## Reproduce
 

@@ -1,6 +1,7 @@
 """The processes the bench measures, all on 127.0.0.1: the fake upstream, `imagegate serve
---workers N` with billing on SQLite, Envoy in front of its service workers, and
-LiteLLM's proxy passing through to the same fake. Each is stopped by its pid."""
+--workers N` with billing on SQLite, Envoy in front of its service workers,
+LiteLLM's proxy passing through to the same fake, and the skeleton
+(bench/skeleton.py). Each is stopped by its pid."""
 
 from __future__ import annotations
 
@@ -261,6 +262,33 @@ def envoy(gate: Imagegate, concurrency: int) -> Iterator[tuple[str, int]]:
         yield front.base_url, front.pid
     finally:
         asyncio.run(front.stop())
+
+
+@dataclass
+class Skeleton:
+    proc: Proc
+    rest_url: str
+    fronts: list[int]
+    services: list[int]
+
+
+def start_skeleton(work: Path, fake_port: int, workers: int) -> Skeleton:
+    """bench/skeleton.py: the layout of `serve --workers N` with none of imagegate's work."""
+    grpc_port, rest_port = free_port(), free_port()
+    log = work / "skeleton.log"
+    fake_url = f"http://127.0.0.1:{fake_port}"
+    argv = [sys.executable, "bench/skeleton.py", fake_url, str(grpc_port), str(rest_port)]
+    proc = spawn("skeleton", [*argv, str(workers)], log)
+    # Each of its 2N processes says so once it listens.
+    wait_for(lambda: log.read_text().count(" ready") == 2 * workers, "skeleton", proc, log)
+    children = [p for p in descendants(proc.pid) if p != proc.pid]
+    roles = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in children}
+    return Skeleton(
+        proc,
+        f"http://127.0.0.1:{rest_port}",
+        fronts=[pid for pid, argv in roles.items() if b"--rest" in argv],
+        services=[pid for pid, argv in roles.items() if b"--grpc" in argv],
+    )
 
 
 def start_litellm(work: Path, fake_port: int, workers: int) -> tuple[Proc, str]:

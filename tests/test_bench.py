@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TARGETS = ("fake", "aiohttp", "pinned", "grpc")
+TARGETS = ("fake", "aiohttp", "pinned", "grpc", "skeleton")
 
 
 def _need_the_load_generators() -> None:
@@ -48,6 +48,7 @@ def test_quick_bench_writes_the_report_and_chart(tmp_path: Path) -> None:
         "(b) imagegate, aiohttp front",
         "(b2) imagegate",
         "(d) imagegate, gRPC",
+        "(f) skeleton",
     ):
         assert page.count(f"| {label}") == 2, label  # the latency table and the payload table
     assert (tmp_path / "benchmarks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
