@@ -16,7 +16,8 @@ overhead over (a), and the serve process's CPU ms per request of each target.
         [--wrk SECONDS]   # then wrk req/s through each aiohttp front (one worker: on core 0)
         [--envoy-b CONFIG]  # a second Envoy from CONFIG beside the committed one
         [--skeleton]      # and bench/skeleton.py (the layout without imagegate's work),
-                          # as many workers as serve: compare them at --workers 2
+                          # as many workers as serve: compare them at --workers 2;
+                          # with --envoy, an Envoy in front of its services too
     .venv/bin/python bench/profile_path.py --grpc-client   # CPU per call of gRPC clients
 
 This is a tool for profiling the single request path; `make bench` is the benchmark.
@@ -343,7 +344,7 @@ async def _serve(
 
 async def main(args: argparse.Namespace) -> None:
     procs: list[subprocess.Popen[bytes]] = []
-    envoy = envoy2 = envoy_b = None
+    envoy = envoy2 = envoy_b = envoy_bare = None
     envoy_pids: dict[str, int] = {}
     key = keys.new_key()
     client = Client(key)
@@ -393,6 +394,13 @@ async def main(args: argparse.Namespace) -> None:
                     bare.pid,
                 )
                 targets["g. skeleton, gRPC direct"] = (client.grpc(bare_grpc), bare.pid)
+                if args.envoy:
+                    from tests.envoy_harness import EnvoyFront
+
+                    envoy_bare = await EnvoyFront.start(bare_grpc, concurrency=ENVOY_CONCURRENCY)
+                    name = "h. skeleton, Envoy front"
+                    targets[name] = (client.post(envoy_bare.base_url), bare.pid)
+                    envoy_pids[name] = envoy_bare.pid
             if args.compare:
                 # The same, on a second serve with other settings, interleaved with the first.
                 other, grpc2, rest2 = await _serve(tmp, "b", catalog, key, args.compare)
@@ -422,7 +430,7 @@ async def main(args: argparse.Namespace) -> None:
                 await _profile(Path(args.profile), serve.pid, targets, args.label, 15)
         finally:
             await client.close()
-            for front in (envoy, envoy2, envoy_b):
+            for front in (envoy, envoy2, envoy_b, envoy_bare):
                 if front is not None:
                     await front.stop()
             for proc in reversed(procs):

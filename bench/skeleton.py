@@ -37,6 +37,7 @@ import grpc
 import orjson
 import uvloop
 from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from imagegate.v1 import images_pb2, images_pb2_grpc
 
 from bench.stack import free_port
@@ -62,9 +63,17 @@ class Service(images_pb2_grpc.ImageServiceServicer):
         return images_pb2.ImagesResponse(created=reply["created"], data=data)
 
 
+class Health(health_pb2_grpc.HealthServicer):
+    """SERVING, always: what Envoy's active health check asks before it routes a call."""
+
+    async def Check(self, request: Any, context: Any) -> Any:
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
 async def serve_grpc(upstream_url: str, shared_port: int, own_port: int) -> None:
     server = grpc.aio.server(options=[*LIMITS, ("grpc.so_reuseport", 1)])
     images_pb2_grpc.add_ImageServiceServicer_to_server(Service(upstream_url), server)
+    health_pb2_grpc.add_HealthServicer_to_server(Health(), server)
     server.add_insecure_port(f"127.0.0.1:{shared_port}")
     server.add_insecure_port(f"127.0.0.1:{own_port}")
     await server.start()
