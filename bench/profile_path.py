@@ -50,6 +50,7 @@ import grpc
 from aiohttp import web
 from imagegate.v1 import images_pb2, images_pb2_grpc
 
+from bench import stack
 from service import keys
 from service.config import Config
 from service.server import open_store
@@ -303,9 +304,8 @@ async def _throughput(
 
 def _pin(pid: int, cores: str) -> None:
     """pid and its descendants, every thread, to these cores."""
-    _run(["taskset", "-a", "-p", "-c", cores, str(pid)])
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-        _pin(int(child), cores)
+    for process in stack.descendants(pid):
+        _run(["taskset", "-a", "-p", "-c", cores, str(process)])
 
 
 def _ms(match: re.Match[str] | None) -> str:
@@ -381,25 +381,18 @@ async def main(args: argparse.Namespace) -> None:
                 targets[name] = (client.post(envoy_b.base_url), serve.pid)
                 envoy_pids[name] = envoy_b.pid
             if args.skeleton:
-                bare_grpc, bare_rest = _free_port(), _free_port()
-                bare = _spawn(
-                    [sys.executable, str(Path(__file__).with_name("skeleton.py")), upstream_url],
-                    [str(bare_grpc), str(bare_rest), str(WORKERS)],
-                )
-                procs.append(bare)
-                await _wait_port(bare_grpc, bare, "skeleton services")
-                await _wait_port(bare_rest, bare, "skeleton fronts")
-                targets["f. skeleton, aiohttp front"] = (
-                    client.post(f"http://127.0.0.1:{bare_rest}"),
-                    bare.pid,
-                )
-                targets["g. skeleton, gRPC direct"] = (client.grpc(bare_grpc), bare.pid)
+                bare = await asyncio.to_thread(stack.start_skeleton, tmp, up_port, WORKERS)
+                procs.append(bare.proc.popen)
+                targets["f. skeleton, aiohttp front"] = (client.post(bare.rest_url), bare.proc.pid)
+                targets["g. skeleton, gRPC direct"] = (client.grpc(bare.grpc_port), bare.proc.pid)
                 if args.envoy:
                     from tests.envoy_harness import EnvoyFront
 
-                    envoy_bare = await EnvoyFront.start(bare_grpc, concurrency=ENVOY_CONCURRENCY)
+                    envoy_bare = await EnvoyFront.start(
+                        bare.grpc_port, concurrency=ENVOY_CONCURRENCY
+                    )
                     name = "h. skeleton, Envoy front"
-                    targets[name] = (client.post(envoy_bare.base_url), bare.pid)
+                    targets[name] = (client.post(envoy_bare.base_url), bare.proc.pid)
                     envoy_pids[name] = envoy_bare.pid
             if args.compare:
                 # The same, on a second serve with other settings, interleaved with the first.
@@ -424,7 +417,7 @@ async def main(args: argparse.Namespace) -> None:
                 if args.compare:
                     rest[", " + " ".join(args.compare)] = (rest2, other.pid, True)
                 if args.skeleton:
-                    rest[", skeleton"] = (bare_rest, bare.pid, False)
+                    rest[", skeleton"] = (bare.rest_port, bare.proc.pid, False)
                 await _throughput(tmp, key, rest, args.wrk)
             if args.profile:
                 await _profile(Path(args.profile), serve.pid, targets, args.label, 15)

@@ -267,9 +267,14 @@ def envoy(gate: Imagegate, concurrency: int) -> Iterator[tuple[str, int]]:
 @dataclass
 class Skeleton:
     proc: Proc
-    rest_url: str
+    rest_port: int
+    grpc_port: int
     fronts: list[int]
     services: list[int]
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://127.0.0.1:{self.rest_port}"
 
 
 def start_skeleton(work: Path, fake_port: int, workers: int) -> Skeleton:
@@ -285,7 +290,8 @@ def start_skeleton(work: Path, fake_port: int, workers: int) -> Skeleton:
     roles = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in children}
     return Skeleton(
         proc,
-        f"http://127.0.0.1:{rest_port}",
+        rest_port,
+        grpc_port,
         fronts=[pid for pid, argv in roles.items() if b"--rest" in argv],
         services=[pid for pid, argv in roles.items() if b"--grpc" in argv],
     )
